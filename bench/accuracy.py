@@ -1,0 +1,180 @@
+"""Accuracy through the service vs the model's own offline accuracy, on the same clips.
+
+    python bench/accuracy.py [--clips DIR_WITH_manifest.tsv] [--write docs/benchmarks.md]
+
+Starts an embedded Valkey, one gateway and one worker (tiny.en, CPU int8) in-process,
+streams every clip of the manifest (as fast as acknowledged, 4 at a time), and compares
+normalised WER (jiwer + whisper-normalizer's English normalizer) with faster-whisper on
+the whole clip in one call. Prints a table; with --write, replaces the accuracy section
+of the benchmarks document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway.server import Gateway
+from shared.client import StreamingSession
+from shared.config import Config
+from shared.embedded import EmbeddedValkey
+from shared.envelope import Transcript
+from shared.protocol import SessionParams
+from shared.scoring import wer
+from shared.wavfile import read_wav
+from worker.audio import AudioConverter
+from worker.engine import WhisperEngine
+from worker.service import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_manifest(folder: Path) -> list[tuple[str, Path, str]]:
+    with open(folder / "manifest.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [(r["id"], folder / r["file"], r["reference"]) for r in rows]
+
+
+def offline(engine: WhisperEngine, path: Path) -> str:
+    audio = read_wav(path)
+    conv = AudioConverter(
+        SessionParams(
+            sample_rate=audio.sample_rate, encoding=audio.encoding, channels=audio.channels
+        )
+    )
+    samples = np.concatenate([conv.convert(audio.data), conv.flush()])
+    return " ".join(
+        s.text
+        for s in engine.transcribe(samples, language="en", word_timestamps=False, beam_size=1)
+    )
+
+
+async def streamed(url: str, path: Path) -> str:
+    audio = read_wav(path)
+    finals: list[str] = []
+    async with StreamingSession(
+        url,
+        sample_rate=audio.sample_rate,
+        encoding=audio.encoding,
+        channels=audio.channels,
+        interim_results=False,
+    ) as s:
+        for frame in audio.frames(100):
+            await s.send_audio(frame)
+        await s.close_stream()
+        async for r in s.results():
+            if isinstance(r, Transcript) and r.is_final:
+                finals.append(r.text)
+    return " ".join(finals)
+
+
+async def measure(clips: list[tuple[str, Path, str]], concurrency: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        valkey = EmbeddedValkey(Path(tmp))
+        valkey.start()
+        engine = WhisperEngine("tiny.en", "cpu", "int8", 0)
+        config = Config(redis_url=valkey.url, port=0, certfile="none")
+        worker = Worker(config, engine=engine)
+        await worker.start()
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            t0 = time.monotonic()
+            off = [offline(engine, p) for _, p, _ in clips]
+            offline_s = time.monotonic() - t0
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(path: Path) -> str:
+                async with sem:
+                    return await streamed(gateway.url, path)
+
+            t0 = time.monotonic()
+            svc = await asyncio.gather(*(one(p) for _, p, _ in clips))
+            service_s = time.monotonic() - t0
+        finally:
+            await gateway.shutdown()
+            await worker.shutdown()
+            valkey.stop()
+    refs = [r for _, _, r in clips]
+    return {
+        "clips": len(clips),
+        "audio_s": sum(read_wav(p).duration_s for _, p, _ in clips),
+        "offline_wer": wer(refs, off),
+        "service_wer": wer(refs, svc),
+        "offline_s": offline_s,
+        "service_s": service_s,
+        "per_clip": [
+            (cid, wer([r], [o]), wer([r], [s]))
+            for (cid, _, r), o, s in zip(clips, off, svc, strict=True)
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--clips",
+        type=Path,
+        action="append",
+        help="folder with manifest.tsv (repeatable; default: the committed "
+        "fixtures and ../shared/audio/real if present)",
+    )
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--write", type=Path, help="update this markdown file's accuracy section")
+    args = parser.parse_args()
+    folders = args.clips or [
+        p
+        for p in (ROOT / "tests/fixtures/audio", ROOT.parent / "shared/audio/real")
+        if (p / "manifest.tsv").exists()
+    ]
+    lines = [
+        "| clip set | clips | audio s | offline WER | service WER | difference |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for folder in folders:
+        clips = [c for c in load_manifest(folder) if c[1].exists()]
+        print(f"measuring {len(clips)} clips from {folder} ...", flush=True)
+        r = asyncio.run(measure(clips, args.concurrency))
+        diff = float(r["service_wer"]) - float(r["offline_wer"])  # type: ignore[arg-type]
+        lines.append(
+            f"| {folder.name} | {r['clips']} | {float(r['audio_s']):.1f} | "  # type: ignore[arg-type]
+            f"{float(r['offline_wer']):.3f} | {float(r['service_wer']):.3f} | {diff:+.3f} |"
+        )  # type: ignore[arg-type]
+        for cid, o, s in r["per_clip"]:  # type: ignore[attr-defined]
+            print(f"  {cid:40s} offline {o:.3f} service {s:.3f}")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        stamp = datetime.date.today().isoformat()
+        section = (
+            f"## Accuracy: service vs offline model\n\nMeasured {stamp} on {platform.node()} "
+            f"({platform.machine()}, Python {platform.python_version()}), tiny.en int8 CPU, "
+            f"command `python bench/accuracy.py --write {args.write}`.\n\n{table}\n"
+        )
+        _replace_section(args.write, "## Accuracy: service vs offline model", section)
+
+
+def _replace_section(path: Path, heading: str, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

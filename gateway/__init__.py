@@ -1,0 +1,1 @@
+"""The streamscribe gateway: TLS WebSocket front door that writes audio to Redis."""

@@ -1,0 +1,443 @@
+"""One client connection: the async shell around `shared.protocol.ServerSession`.
+
+Four tasks per connection, all ending together:
+- reader: client frames -> ServerSession -> the pending queue (bounded: back-pressure);
+- writer: pending queue -> one atomic, idempotent Redis append per batch -> `ack`;
+- results: pub/sub + results stream -> `Delivery` -> transcripts and `session.closed`;
+- watchdog: idle timeout.
+Errors become an `error` message and a close code in `_fail`, the one place that maps
+the exception tree to the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.relay import Relay
+from shared import envelope
+from shared.config import Config
+from shared.delivery import Delivery
+from shared.envelope import AudioChunk, Closed, CloseReason, Control, Replaced, Transcript
+from shared.errors import (
+    BadRequest,
+    Forbidden,
+    FrameTooLarge,
+    Internal,
+    NotFound,
+    ProtocolViolation,
+    StreamscribeError,
+    Unauthorized,
+)
+from shared.keys import SessionId
+from shared.metrics import Metrics
+from shared.protocol import (
+    Ack,
+    CloseStream,
+    ConnectionState,
+    Finalize,
+    Keepalive,
+    Resume,
+    ServerMessage,
+    ServerSession,
+    SessionParams,
+    SessionResumed,
+    SessionStarted,
+    build_server_message,
+    error_message,
+    parse_query,
+)
+from shared.store import SeqGap, SessionGone, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_FRAMES = 64
+REDIS_RETRIES = 5
+
+
+def close_reason(text: str) -> str:
+    """A close frame's reason is at most 123 bytes of UTF-8."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+T = TypeVar("T")
+
+
+class CloseWithoutError(Exception):
+    """Close the socket with a code that is not an error, so no `error` message precedes."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def reconnect(reason: str) -> CloseWithoutError:
+    """1012: the client should reconnect (to any gateway) and resume."""
+    return CloseWithoutError(1012, reason)
+
+
+@dataclass(frozen=True)
+class GatewayContext:
+    config: Config
+    store: Store
+    relay: Relay
+    metrics: Metrics
+
+
+class Connection:
+    def __init__(self, ws: ServerConnection, ctx: GatewayContext) -> None:
+        self.ws = ws
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.conn_id = secrets.token_hex(8)
+        self.sid: SessionId | None = None
+        self.session: ServerSession | None = None
+        self.delivery = Delivery()
+        self.pending: asyncio.Queue[AudioChunk | Control] = asyncio.Queue(
+            self.cfg.max_pending_frames
+        )
+        self.events: asyncio.Queue[bytes] | None = None
+        self.loop = asyncio.get_running_loop()
+        self.last_activity = self.loop.time()
+        self.results_after = b"0-0"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.ctx.metrics.inc("connections_total")
+        try:
+            await self._open()
+            await self._serve()
+        except StreamscribeError as err:
+            await self._fail(err)
+        except CloseWithoutError as exc:
+            await self._close(exc.code, exc.reason)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("internal error on session %s", self.sid)
+            await self._fail(Internal("internal server error"))
+        finally:
+            await asyncio.shield(self._cleanup())
+
+    async def _open(self) -> None:
+        query = urlsplit(self.ws.request.path if self.ws.request else "").query
+        params = parse_query(query)
+        self._authenticate(params)
+        if params.model is not None and params.model != self.cfg.model:
+            raise BadRequest(
+                f"model {params.model!r} is not loaded; this service runs {self.cfg.model!r}"
+            )
+        if self.cfg.model.endswith(".en") and params.language not in (None, "en"):
+            raise BadRequest(
+                f"language {params.language!r} is not available: the model "
+                f"{self.cfg.model!r} is English-only"
+            )
+        if params.session_id is None:
+            await self._start_new(params)
+        else:
+            await self._resume(params)
+
+    def _authenticate(self, params: SessionParams) -> None:
+        if not self.cfg.api_keys:
+            return
+        presented = params.access_token
+        header = self.ws.request.headers.get("Authorization") if self.ws.request else None
+        if header is not None:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() == "bearer" and value:
+                presented = value.strip()
+        if presented is None:
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>' or access_token"
+            )
+        if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.api_keys):
+            raise Unauthorized("invalid API key")
+
+    async def _start_new(self, params: SessionParams) -> None:
+        sid = SessionId(secrets.token_hex(16))
+        token = secrets.token_urlsafe(24)
+        self.sid = sid
+        self.events = await self.ctx.relay.subscribe(sid)
+        await self.ctx.store.create_session(sid, params, hash_token(token), self.conn_id)
+        self.session = ServerSession(params, resuming=False)
+        self.delivery = Delivery(interim_results=params.interim_results)
+        self.ctx.metrics.inc("sessions_started_total")
+        log.info(
+            "session %s started (%d Hz %s x%d)",
+            sid,
+            params.sample_rate,
+            params.encoding,
+            params.channels,
+        )
+        await self._send(SessionStarted(sid, token, params.sample_rate))
+
+    async def _resume(self, params: SessionParams) -> None:
+        self.session = ServerSession(params, resuming=True)
+        try:
+            first = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
+        except TimeoutError:
+            raise Forbidden("no 'resume' message arrived") from None
+        if not isinstance(first, str):
+            raise Forbidden("connection opened with session_id must send 'resume' before audio")
+        msg = self.session.receive_text(first)
+        assert isinstance(msg, Resume)  # receive_text raises otherwise
+        if msg.session_id != params.session_id:
+            raise Forbidden("resume session_id does not match the session_id in the URL")
+        sid = SessionId(msg.session_id)
+        meta = await self.ctx.store.load_meta(sid)
+        if meta is None:
+            raise NotFound("unknown or expired session")
+        if not hmac.compare_digest(meta.token_hash, hash_token(msg.resume_token)):
+            raise Forbidden("resume token does not match the session")
+        if msg.last_result_id >= meta.finals:
+            raise BadRequest(
+                f"last_result_id {msg.last_result_id} was never sent: the session has "
+                f"{meta.finals} final result(s)"
+            )
+        self.sid = sid
+        self.session.params = meta.params
+        self.events = await self.ctx.relay.subscribe(sid)
+        previous = await self.ctx.store.attach(sid, self.conn_id)
+        if previous:
+            await self.ctx.store.publish_replaced(sid, self.conn_id)
+        self.session.resumed(meta.next_seq, open_=meta.state == "open")
+        self.delivery = Delivery(
+            next_result_id=msg.last_result_id + 1,
+            interim_results=meta.params.interim_results,
+            needs_catch_up=True,
+        )
+        self.ctx.metrics.inc("sessions_resumed_total")
+        log.info("session %s resumed at seq %d (state %s)", sid, meta.next_seq, meta.state)
+        await self._send(SessionResumed(sid, meta.next_seq))
+
+    async def _serve(self) -> None:
+        tasks = [
+            asyncio.create_task(self._reader(), name="reader"),
+            asyncio.create_task(self._writer(), name="writer"),
+            asyncio.create_task(self._results(), name="results"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise the first failure
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _cleanup(self) -> None:
+        if self.sid is None:
+            return
+        if self.events is not None:
+            await self.ctx.relay.unsubscribe(self.sid, self.events)
+        if not self.delivery.done:
+            with contextlib.suppress(RedisError, OSError):
+                if await self.ctx.store.detach(self.sid, self.conn_id, self.cfg.resume_grace_s):
+                    log.info(
+                        "session %s detached; resumable for %.0fs",
+                        self.sid,
+                        self.cfg.resume_grace_s,
+                    )
+
+    # --- the four tasks ------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        session = self._session()
+        async for message in self.ws:
+            self.last_activity = self.loop.time()
+            if isinstance(message, str):
+                size = len(message.encode())
+                if size > self.cfg.max_text_frame_bytes:
+                    raise FrameTooLarge(
+                        f"text message of {size} bytes exceeds {self.cfg.max_text_frame_bytes}"
+                    )
+                msg = session.receive_text(message)
+                if isinstance(msg, Keepalive) or session.server_ended:
+                    continue
+                if isinstance(msg, Finalize):
+                    await self.pending.put(Control(kind="finalize"))
+                elif isinstance(msg, CloseStream):
+                    await self.pending.put(Control(kind="close", reason="client_closed"))
+            else:
+                chunk = session.receive_audio(message)
+                if chunk is not None:
+                    self.ctx.metrics.inc("audio_frames_total")
+                    await self.pending.put(chunk)
+
+    async def _writer(self) -> None:
+        carry: AudioChunk | Control | None = None
+        while True:
+            item = carry if carry is not None else await self.pending.get()
+            carry = None
+            if isinstance(item, Control):
+                await self._store_control(item)
+                continue
+            if self._session().server_ended:
+                continue  # the server ended the stream: in-flight audio is dropped unacked
+            batch = [item]
+            while len(batch) < MAX_BATCH_FRAMES and not self.pending.empty():
+                nxt = self.pending.get_nowait()
+                if isinstance(nxt, Control):
+                    carry = nxt
+                    break
+                batch.append(nxt)
+            await self._store_audio(batch)
+
+    async def _store_audio(self, batch: list[AudioChunk]) -> None:
+        sid = self._sid()
+        try:
+            result = await self._with_retries(lambda: self.ctx.store.ingest(sid, batch))
+        except SessionGone as gone:
+            self._session_gone(gone)
+        except SeqGap as gap:
+            raise reconnect(
+                f"audio out of order; resume and resend from seq {gap.next_seq}"
+            ) from None
+        await self._send(Ack(seq=result.next_seq - 1))
+        limit = self.cfg.max_session_audio_s * self._session().params.bytes_per_second
+        if result.audio_bytes >= limit and not self._session().server_ended:
+            # Stored directly: the writer must never wait on its own (possibly full) queue.
+            self._session().mark_closing()
+            log.info("session %s: server ends the stream (max_duration)", self.sid)
+            await self._store_control(Control(kind="close", reason="max_duration"))
+
+    async def _store_control(self, control: Control) -> None:
+        sid = self._sid()
+        try:
+            await self._with_retries(lambda: self.ctx.store.append_control(sid, control))
+        except SessionGone as gone:
+            if control.reason in ("idle_timeout", "max_duration"):
+                return  # the session was closed meanwhile: nothing left to end
+            self._session_gone(gone)
+        log.info("session %s: %s (%s)", sid, control.kind, control.reason or "client")
+
+    async def _results(self) -> None:
+        assert self.events is not None
+        while True:
+            if self.delivery.needs_catch_up:
+                await self._catch_up()
+            if self.delivery.done:
+                break
+            try:
+                data = await asyncio.wait_for(self.events.get(), self.cfg.reconcile_interval_s)
+            except TimeoutError:
+                self.delivery.needs_catch_up = True
+                continue
+            item = envelope.decode(data)
+            if isinstance(item, Replaced):
+                if item.conn != self.conn_id:
+                    raise CloseWithoutError(
+                        4409, "replaced by a newer connection resuming the session"
+                    )
+                continue
+            if isinstance(item, Transcript | Closed):
+                for out in self.delivery.offer(item):
+                    await self._send(out)
+            if self.delivery.done:
+                break
+        await self._finish()
+
+    async def _catch_up(self) -> None:
+        self.delivery.needs_catch_up = False
+        sid = self._sid()
+        for entry_id, item in await self._with_retries(
+            lambda: self.ctx.store.read_results(sid, self.results_after)
+        ):
+            self.results_after = entry_id
+            for out in self.delivery.offer(item):
+                await self._send(out)
+
+    async def _watchdog(self) -> None:
+        session = self._session()
+        while True:
+            await asyncio.sleep(min(1.0, self.cfg.idle_timeout_s / 4))
+            if session.state is not ConnectionState.STREAMING:
+                continue
+            if self.loop.time() - self.last_activity >= self.cfg.idle_timeout_s:
+                await self._server_close("idle_timeout")
+
+    # --- helpers -------------------------------------------------------------------------
+
+    async def _server_close(self, reason: CloseReason) -> None:
+        self._session().mark_closing()
+        log.info("session %s: server ends the stream (%s)", self.sid, reason)
+        await self.pending.put(Control(kind="close", reason=reason))
+
+    async def _finish(self) -> None:
+        session = self._session()
+        session.mark_closed()
+        closed = self.delivery.closed
+        log.info(
+            "session %s closed (%s, %d finals)",
+            self.sid,
+            closed.reason if closed else "?",
+            self.delivery.next_result_id,
+        )
+        await self.ws.close(1000, "session closed")
+
+    def _session_gone(self, gone: SessionGone) -> NoReturn:
+        if gone.reason == "unknown":
+            raise NotFound("the session expired or no longer exists")
+        raise ProtocolViolation("the session has ended and accepts no more audio or commands")
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry idempotent Redis calls across brief outages, then ask for a resume."""
+        delay = 0.05
+        for attempt in range(REDIS_RETRIES):
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if attempt == REDIS_RETRIES - 1:
+                    raise reconnect(
+                        "storage temporarily unavailable; reconnect and resume"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _send(self, msg: ServerMessage) -> None:
+        await self.ws.send(build_server_message(msg))
+
+    async def _fail(self, err: StreamscribeError) -> None:
+        if isinstance(err, Internal):
+            self.ctx.metrics.inc('errors_total{code="internal"}')
+        else:
+            self.ctx.metrics.inc(f'errors_total{{code="{err.code}"}}')
+            log.info("session %s: %s (%d): %s", self.sid, err.code, err.close_code, err.message)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(error_message(err))
+        await self._close(err.close_code, err.message)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(code, close_reason(reason))
+
+    def _session(self) -> ServerSession:
+        assert self.session is not None
+        return self.session
+
+    def _sid(self) -> SessionId:
+        assert self.sid is not None
+        return self.sid

@@ -1,0 +1,165 @@
+"""The gateway process: WebSocket server, health endpoints, relay and reaper.
+
+Shutdown is a method (`Gateway.shutdown`); signals only trigger it. It is staged and
+bounded: stop accepting and tell clients to reconnect elsewhere (1012), wait up to
+`drain_timeout_s` for handlers to detach their sessions, then cancel what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import signal
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from gateway.connection import Connection, GatewayContext
+from gateway.relay import Relay
+from gateway.tls import TLSContext
+from shared.config import Config
+from shared.metrics import Metrics
+from shared.store import Store, connect
+
+log = logging.getLogger(__name__)
+
+LISTEN_PATH = "/v1/listen"
+
+
+class Gateway:
+    def __init__(self, config: Config, redis: aioredis.Redis | None = None) -> None:
+        self.config = config
+        self.redis = redis if redis is not None else connect(config.require_redis_url())
+        self.store = Store(self.redis)
+        self.relay = Relay(self.redis)
+        self.metrics = Metrics("streamscribe_gateway")
+        self.tls: TLSContext | None = None
+        if config.tls_enabled:
+            assert config.certfile is not None
+            self.tls = TLSContext(config.certfile, config.keyfile)
+        self.ctx = GatewayContext(config, self.store, self.relay, self.metrics)
+        self._server: Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        sock = next(iter(self._server.sockets))
+        return int(sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.tls else "ws"
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"{scheme}://{host}:{self.port}{LISTEN_PATH}"
+
+    async def start(self) -> None:
+        await self.relay.start()
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            ssl=self.tls.context if self.tls else None,
+            process_request=self._process_request,
+            max_size=self.config.max_frame_bytes,
+            ping_interval=self.config.ping_interval_s,
+            ping_timeout=self.config.ping_timeout_s,
+            compression=None,  # PCM barely compresses; deflate would only cost CPU
+            server_header="streamscribe",
+            close_timeout=5,
+        )
+        self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
+        log.info("gateway listening on %s", self.url)
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        if self.tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.tls.reload)
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, ask clients to reconnect (1012), wait (bounded), clean up."""
+        log.info("gateway draining")
+        if self._server is not None:
+            self._server.close(
+                close_connections=True, code=1012, reason="gateway draining; reconnect and resume"
+            )
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), self.config.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain timeout: cutting remaining connections")
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await self.relay.close()
+        await self.redis.aclose()
+        log.info("gateway stopped")
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await Connection(ws, self.ctx).run()
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == LISTEN_PATH:
+            return None
+        if path == "/healthz":
+            return _text(ws, http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ready, why = await self._readiness()
+            return _text(
+                ws, http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE, why
+            )
+        if path == "/metrics":
+            self.metrics.set(
+                "connections_open", len(self._server.connections) if self._server else 0
+            )
+            self.metrics.set("relay_dropped_messages", self.relay.dropped)
+            return _text(ws, http.HTTPStatus.OK, self.metrics.render())
+        return _text(
+            ws, http.HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {LISTEN_PATH}\n"
+        )
+
+    async def _readiness(self) -> tuple[bool, str]:
+        try:
+            await self.redis.ping()
+            workers = await self.store.alive_workers(self.config.worker_alive_s)
+        except (RedisError, OSError) as exc:
+            return False, f"redis unreachable: {exc}\n"
+        if workers < 1:
+            return False, "no worker alive\n"
+        return True, f"ready: {workers} worker(s) alive\n"
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for sid in await self.store.reap_detached():
+                    log.info("session %s abandoned: resume grace ended", sid)
+            except (RedisError, OSError) as exc:
+                log.debug("reaper: %s", exc)
+
+
+def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
+    response = ws.respond(status, body)
+    response.headers = Headers(
+        [(k, v) for k, v in response.headers.raw_items() if k.lower() != "content-type"]
+    )
+    response.headers["Content-Type"] = "text/plain; charset=utf-8"
+    return response
+
+
+async def run_gateway(config: Config) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    print(f"streamscribe gateway: {gateway.url}", flush=True)
+    await gateway.serve_forever()

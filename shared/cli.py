@@ -1,0 +1,272 @@
+"""The `streamscribe` command: up, gateway, worker, transcribe."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared import __version__
+from shared.config import COMMON, GATEWAY, WORKER, Config, add_arguments, env_name, load_config
+from shared.errors import ConfigError
+
+log = logging.getLogger("streamscribe")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Third-party loggers stay quiet at INFO: websockets would log per connection,
+    # faster-whisper once per decode.
+    for noisy in ("websockets", "faster_whisper"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def run_loop(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamscribe",
+        description="Real-time speech-to-text over TLS WebSockets, scaled out through Redis.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamscribe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="start everything locally: (embedded Valkey,) a gateway, a worker, a dev certificate",
+        description="Start a complete local service in one process tree. Without --redis-url "
+        "an embedded Valkey is started; without --certfile a self-signed development "
+        "certificate is made (pass --certfile none for plain ws://). Ctrl-C stops it all.",
+    )
+    add_arguments(up, COMMON, GATEWAY, WORKER)
+
+    gw = sub.add_parser(
+        "gateway",
+        help="run one gateway process",
+        description="Run one gateway (needs --redis-url).",
+    )
+    add_arguments(gw, COMMON, GATEWAY)
+
+    wk = sub.add_parser(
+        "worker",
+        help="run one worker process",
+        description="Run one worker (needs --redis-url). Loads the model "
+        "before it claims any session.",
+    )
+    add_arguments(wk, COMMON, WORKER)
+
+    tr = sub.add_parser(
+        "transcribe",
+        help="stream a WAV file to the service and print the transcript",
+        description="Stream a 16-bit or float WAV file (8-48 kHz, mono or stereo). Interim "
+        "results are shown in place, finals line by line. Without --url, uses the "
+        "service started by `streamscribe up` on this machine.",
+    )
+    tr.add_argument("file", help="WAV file to transcribe")
+    tr.add_argument("--url", help="gateway URL, e.g. wss://host:8765/v1/listen")
+    tr.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's TLS certificate"
+    )
+    tr.add_argument("--cafile", help="trust this CA/certificate file (PEM)")
+    tr.add_argument(
+        "--realtime",
+        action="store_true",
+        help="send at real-time pace (default: as fast as the service acknowledges)",
+    )
+    tr.add_argument("--api-key", help="API key (default: $STREAMSCRIBE_API_KEY)")
+    tr.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
+    tr.add_argument("--no-interim", action="store_true", help="ask for finals only")
+    tr.add_argument("--json", action="store_true", help="print every result as a JSON line")
+    tr.add_argument("--state-dir", default=None, help="where `up` wrote up.json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "transcribe":
+            from shared.transcribe_cli import transcribe_command
+
+            return transcribe_command(args)
+        config = load_config(_config_args(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    setup_logging(config.log_level)
+    if args.command == "gateway":
+        from gateway.server import run_gateway
+
+        config.require_redis_url()
+        try:
+            config.require_tls_choice()
+        except ConfigError as exc:
+            parser.error(str(exc))
+        run_loop(run_gateway(config))
+    elif args.command == "worker":
+        from worker.service import run_worker
+
+        config.require_redis_url()
+        run_loop(run_worker(config))
+    elif args.command == "up":
+        return up(config)
+    return 0
+
+
+def _config_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+# --- up ---------------------------------------------------------------------------------
+
+
+def _child_env(config: Config) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        if value is None:
+            env.pop(env_name(f.name), None)
+        elif isinstance(value, tuple):
+            env[env_name(f.name)] = ",".join(value)
+        else:
+            env[env_name(f.name)] = str(value)
+    return env
+
+
+def _wait_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{prefix.strip()} process exited with code {proc.returncode}")
+            continue
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    raise RuntimeError(f"timed out waiting for {prefix.strip()}")
+
+
+def up(config: Config) -> int:
+    """Start Valkey (if needed), a worker and a gateway as child processes; stop on signal."""
+    from shared.devcert import ensure_dev_cert
+    from shared.embedded import EmbeddedValkey
+
+    state = Path(config.state_dir).expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    valkey: EmbeddedValkey | None = None
+    cafile: str | None = None
+    if config.redis_url is None:
+        valkey = EmbeddedValkey(state / "valkey")
+        valkey.start()
+        config = dataclasses.replace(config, redis_url=valkey.url)
+        log.info("embedded Valkey on %s", valkey.url)
+    if config.certfile is None:
+        cert, key = ensure_dev_cert(state)
+        config = dataclasses.replace(config, certfile=str(cert), keyfile=str(key))
+        cafile = str(cert)
+    env = _child_env(config)
+    cmd = [sys.executable, "-m", "shared.cli"]
+    children: list[subprocess.Popen[str]] = []
+    stop = {"flag": False}
+
+    def _stop(_signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        worker = subprocess.Popen(
+            [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        children.append(worker)
+        gateway = subprocess.Popen(
+            [*cmd, "gateway"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        children.append(gateway)
+        url = _wait_line(gateway, "streamscribe gateway: ", 60)
+        print("loading the model...", flush=True)
+        _wait_line(worker, "streamscribe worker ", 300)
+        info = {
+            "url": url,
+            "redis_url": config.redis_url,
+            "cafile": cafile,
+            "pid": os.getpid(),
+            "api_key_required": bool(config.api_keys),
+        }
+        (state / "up.json").write_text(json.dumps(info, indent=2))
+        print(f"streamscribe is up\n  url:   {url}\n  redis: {config.redis_url}", flush=True)
+        if cafile:
+            print(f"  dev certificate (trust it or use --insecure): {cafile}", flush=True)
+        print("Try: streamscribe transcribe FILE.wav   (Ctrl-C stops everything)", flush=True)
+        while not stop["flag"]:
+            for child in children:
+                if child.poll() is not None:
+                    log.error("a child process exited (code %s); stopping", child.returncode)
+                    stop["flag"] = True
+            time.sleep(0.2)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        print("stopping...", flush=True)
+        for child in reversed(children):  # gateway drains first, then the worker
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(config.drain_timeout_s + 5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        if valkey is not None:
+            valkey.stop()
+        with_state = state / "up.json"
+        if with_state.exists():
+            with_state.unlink()
+    return 0
+
+
+def find_up(state_dir: str | None) -> dict[str, Any]:
+    """What a running `streamscribe up` on this machine wrote about itself."""
+    state = Path(state_dir or load_config({}).state_dir).expanduser()
+    path = state / "up.json"
+    if not path.exists():
+        raise ConfigError(f"no --url given and no running `streamscribe up` found ({path} missing)")
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info
+
+
+def http_get(url: str, cafile: str | None = None, timeout_s: float = 2.0) -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

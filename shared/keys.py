@@ -1,0 +1,96 @@
+"""Every Redis key, stream, consumer group and channel streamscribe uses, in one place.
+
+Call sites never build key strings themselves. All keys of one session share the hash tag
+`{<session_id>}`, so they live in one Redis Cluster slot and one Lua script may touch them
+all. Fleet-wide keys (dispatch stream, worker registry, detached set) have no session tag;
+no script touches both kinds. docs/redis-layout.md describes each key with the `redis-cli`
+commands that inspect it; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NewType
+
+SessionId = NewType("SessionId", str)
+WorkerId = NewType("WorkerId", str)
+
+PREFIX = "ss"
+_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_session_id(value: str) -> bool:
+    """Session IDs are 32 lowercase hex characters (128 random bits)."""
+    return bool(_SESSION_ID.fullmatch(value))
+
+
+# --- per session (one hash slot) -------------------------------------------------------
+# TTL: none while the session is live; `session_ttl_s` once it is closed, so that a late
+# resume can still read its finals. Set by the worker's CLOSE script on meta, audio and
+# results; the lease is deleted at close.
+
+
+def meta(sid: SessionId) -> str:
+    """Hash: parameters, state, next_seq, final count, owner, epoch, checkpoint."""
+    return f"{PREFIX}:{{{sid}}}:meta"
+
+
+def audio(sid: SessionId) -> str:
+    """Stream: the session's audio frames and control marks (finalize, close), in order."""
+    return f"{PREFIX}:{{{sid}}}:audio"
+
+
+def results(sid: SessionId) -> str:
+    """Stream: the durable record of every final result and the closing summary."""
+    return f"{PREFIX}:{{{sid}}}:results"
+
+
+def lease(sid: SessionId) -> str:
+    """String `<worker_id>:<epoch>` with a PX expiry: who may publish for the session now."""
+    return f"{PREFIX}:{{{sid}}}:lease"
+
+
+def events_channel(sid: SessionId) -> str:
+    """Pub/sub channel: interims, finals and the closing summary, as they happen."""
+    return f"{PREFIX}:{{{sid}}}:events"
+
+
+def session_keys(sid: SessionId) -> tuple[str, str, str, str]:
+    """The session's keys that expire together once it is closed."""
+    return meta(sid), audio(sid), results(sid), lease(sid)
+
+
+# --- fleet-wide -------------------------------------------------------------------------
+
+#: Stream: one entry per new session; workers claim entries through DISPATCH_GROUP.
+#: An entry stays pending (unacknowledged) while its session is owned, and is
+#: acknowledged when the session closes. Capped at DISPATCH_MAXLEN entries (approximate
+#: trim on every add; only acknowledged history is old enough to fall off).
+DISPATCH = f"{PREFIX}:dispatch"
+DISPATCH_MAXLEN = 100_000
+DISPATCH_GROUP = "workers"
+
+#: Sorted set: worker_id -> last heartbeat (unix ms). Entries older than
+#: `worker_alive_s` are dead workers; the heartbeat removes very old ones.
+WORKERS = f"{PREFIX}:workers"
+
+#: Sorted set: session_id -> unix ms when its resume grace ends. A session is in here
+#: while no client is connected to it and it is not closed.
+DETACHED = f"{PREFIX}:detached"
+
+
+#: Pub/sub channel every gateway subscribes to (fleet-wide notices; keeps the
+#: gateway's subscriber connection subscribed even with no sessions).
+GATEWAYS_CHANNEL = f"{PREFIX}:gateways"
+
+
+def worker_info(wid: WorkerId) -> str:
+    """Hash: a worker's model, slots, owned-session count, queued decodes, pid; expires
+    unless heartbeats renew it."""
+    return f"{PREFIX}:worker:{wid}"
+
+
+def parse_session_from_key(key: str) -> SessionId | None:
+    """The session ID inside a per-session key, or None."""
+    match = re.match(rf"^{PREFIX}:\{{([0-9a-f]{{32}})\}}:", key)
+    return SessionId(match.group(1)) if match else None

@@ -1,0 +1,150 @@
+"""Lua scripts: every multi-key write is atomic and each script touches one session's keys.
+
+Return conventions are documented per script; `shared.store` wraps them in typed methods.
+"""
+
+from __future__ import annotations
+
+# KEYS: meta, audio. ARGV: first_seq, then pairs (envelope, pcm_bytes) per frame.
+# Appends frames with seq == next_seq, skips already stored ones (idempotent on seq).
+# Returns {next_seq, stored, audio_bytes}; next_seq -1: unknown session,
+# -2: session no longer open, -3: gap (first_seq > next_seq; third value = next_seq).
+INGEST = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, 0, 0} end
+if state ~= 'open' then return {-2, 0, 0} end
+local next_seq = tonumber(redis.call('HGET', KEYS[1], 'next_seq'))
+local first = tonumber(ARGV[1])
+if first > next_seq then return {-3, 0, next_seq} end
+local stored, nbytes = 0, 0
+for i = 2, #ARGV, 2 do
+  local seq = first + (i - 2) / 2
+  if seq == next_seq then
+    redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[i])
+    next_seq = next_seq + 1
+    stored = stored + 1
+    nbytes = nbytes + tonumber(ARGV[i + 1])
+  end
+end
+local total = 0
+if stored > 0 then
+  redis.call('HSET', KEYS[1], 'next_seq', next_seq)
+  total = redis.call('HINCRBY', KEYS[1], 'audio_bytes', nbytes)
+else
+  total = tonumber(redis.call('HGET', KEYS[1], 'audio_bytes') or '0')
+end
+return {next_seq, stored, total}
+"""
+
+# KEYS: meta, audio. ARGV: envelope, new_state ('' keeps it).
+# Appends a control mark after the audio stored so far. Returns 1, or -1 unknown
+# session, -2 session no longer open.
+CONTROL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state ~= 'open' then return -2 end
+redis.call('XADD', KEYS[2], '*', 't', 'control', 'm', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end
+return 1
+"""
+
+# KEYS: meta, lease. ARGV: worker_id, lease_ms.
+# Takes ownership if the session is not closed and nobody else holds a live lease.
+# Bumps the epoch (fencing token).
+# Returns {epoch, ckpt_entry, ckpt_sample, finals, ckpt_base},
+# or {0} if another worker holds it, {-1} if the session is unknown or closed.
+CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'closed' then return {-1} end
+local holder = redis.call('GET', KEYS[2])
+if holder and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return {0} end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('SET', KEYS[2], ARGV[1] .. ':' .. epoch, 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+local m = redis.call('HMGET', KEYS[1], 'ckpt_entry', 'ckpt_sample', 'finals', 'ckpt_base')
+return {epoch, m[1] or '0-0', tonumber(m[2] or '0'), tonumber(m[3] or '0'), tonumber(m[4] or '0')}
+"""
+
+# KEYS: lease. ARGV: token, lease_ms. Returns 1 if renewed, 0 if the lease is lost.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: token, channel, envelope. Publishes an interim if the lease holds.
+# Returns 1, or 0 when fenced.
+PUBLISH_INTERIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS: meta, lease, results, audio.
+# ARGV: token, result_id, envelope, channel, ckpt_entry, ckpt_sample, ckpt_base.
+# (ckpt_entry: first audio entry still needed; ckpt_base: its first sample's index;
+# ckpt_sample: everything before it is transcribed. All indices at 16 kHz.)
+# Records a final durably, numbers it, moves the checkpoint, trims committed audio and
+# publishes. Returns the new final count, -1 when fenced, -2 when result_id is not the
+# next number (the worker's state is stale).
+PUBLISH_FINAL = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local finals = tonumber(redis.call('HGET', KEYS[1], 'finals') or '0')
+if tonumber(ARGV[2]) ~= finals then return -2 end
+redis.call('XADD', KEYS[3], '*', 't', 'final', 'rid', ARGV[2], 'm', ARGV[3])
+redis.call('HSET', KEYS[1], 'finals', finals + 1, 'ckpt_entry', ARGV[5], 'ckpt_sample', ARGV[6],
+           'ckpt_base', ARGV[7])
+redis.call('XTRIM', KEYS[4], 'MINID', ARGV[5])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return finals + 1
+"""
+
+# KEYS: meta, lease, results, audio. ARGV: token, envelope, channel, ttl_s, reason.
+# Ends the session: summary into the results stream, state closed, keys expire, lease
+# dropped, summary published. Returns 1, or -1 when fenced.
+CLOSE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+redis.call('XADD', KEYS[3], '*', 't', 'closed', 'm', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'closed', 'closed_reason', ARGV[5])
+redis.call('DEL', KEYS[2])
+for i = 1, 4 do
+  if i ~= 2 then redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+end
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: token. Gives the session up (worker shutdown): 1 if released.
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: meta. ARGV: connection id.
+# Marks a client connection as attached; returns the previous connection id or ''.
+ATTACH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local prev = redis.call('HGET', KEYS[1], 'conn') or ''
+redis.call('HSET', KEYS[1], 'conn', ARGV[1])
+return prev
+"""
+
+# KEYS: meta. ARGV: connection id. Clears the attachment if this connection still holds it.
+# Returns 1 if detached, 0 if a newer connection holds the session.
+DETACH = """
+if redis.call('HGET', KEYS[1], 'conn') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'conn', '')
+return 1
+"""
+
+# KEYS: meta, audio. ARGV: envelope.
+# Ends an abandoned session: only if it is still open and no client is attached.
+# Returns 1 if the close mark was appended, 0 otherwise.
+ABANDON = """
+local m = redis.call('HMGET', KEYS[1], 'state', 'conn')
+if m[1] ~= 'open' or (m[2] and m[2] ~= '') then return 0 end
+redis.call('XADD', KEYS[2], '*', 't', 'control', 'm', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'closing')
+return 1
+"""

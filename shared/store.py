@@ -1,0 +1,344 @@
+"""Typed access to the Redis layout of shared/keys.py, for gateways and workers.
+
+Every read and write of session state goes through `Store`; call sites see envelopes and
+small value objects, never raw replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared import envelope, keys, scripts
+from shared.envelope import AudioChunk, Closed, Control, Envelope, Transcript
+from shared.keys import SessionId, WorkerId
+from shared.protocol import SessionParams
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client with sane timeouts and reconnects; bytes in, bytes out."""
+    return cast(
+        aioredis.Redis,
+        aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,
+            retry_on_timeout=True,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    """The parts of a session's meta hash the gateway and worker read."""
+
+    session_id: SessionId
+    state: str
+    params: SessionParams
+    token_hash: str
+    next_seq: int
+    finals: int
+    audio_bytes: int
+    epoch: int
+    owner: str
+    conn: str
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.audio_bytes / self.params.bytes_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    next_seq: int
+    stored: int
+    audio_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    epoch: int
+    ckpt_entry: str
+    ckpt_sample: int
+    finals: int
+    ckpt_base: int
+
+
+class SessionGone(Exception):
+    """The session is unknown, expired, or no longer accepts what was sent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # "unknown" or "not_open"
+
+
+class SeqGap(Exception):
+    """Frames would leave a gap in the session's audio; resend from `next_seq`."""
+
+    def __init__(self, next_seq: int) -> None:
+        super().__init__(f"gap: next stored seq is {next_seq}")
+        self.next_seq = next_seq
+
+
+def _s(value: bytes | None, default: str = "") -> str:
+    return value.decode() if value is not None else default
+
+
+class Store:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._ingest = redis.register_script(scripts.INGEST)
+        self._control = redis.register_script(scripts.CONTROL)
+        self._claim = redis.register_script(scripts.CLAIM)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._interim = redis.register_script(scripts.PUBLISH_INTERIM)
+        self._final = redis.register_script(scripts.PUBLISH_FINAL)
+        self._close = redis.register_script(scripts.CLOSE)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._attach = redis.register_script(scripts.ATTACH)
+        self._detach = redis.register_script(scripts.DETACH)
+        self._abandon = redis.register_script(scripts.ABANDON)
+
+    # --- gateway side ----------------------------------------------------------------
+
+    async def create_session(
+        self, sid: SessionId, params: SessionParams, token_hash: str, conn: str
+    ) -> None:
+        """Write the session's meta, then announce it on the dispatch stream.
+
+        Two steps (the dispatch stream lives in another cluster slot). A worker that
+        claims a dispatch entry whose meta is missing simply acknowledges it.
+        """
+        mapping: dict[str, Any] = {
+            "state": "open",
+            "created_ms": now_ms(),
+            "sample_rate": params.sample_rate,
+            "encoding": params.encoding,
+            "channels": params.channels,
+            "language": params.language or "",
+            "interim": int(params.interim_results),
+            "model": params.model or "",
+            "token": token_hash,
+            "next_seq": 0,
+            "finals": 0,
+            "audio_bytes": 0,
+            "epoch": 0,
+            "conn": conn,
+        }
+        await cast(Awaitable[int], self.redis.hset(keys.meta(sid), mapping=mapping))
+        await self.redis.xadd(
+            keys.DISPATCH,
+            {"sid": sid, "m": envelope.encode(envelope.Dispatch(sid))},
+            maxlen=keys.DISPATCH_MAXLEN,
+            approximate=True,
+        )
+
+    async def load_meta(self, sid: SessionId) -> SessionMeta | None:
+        raw = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(keys.meta(sid)))
+        if not raw or b"state" not in raw:
+            return None
+        get = raw.get
+        params = SessionParams(
+            sample_rate=int(get(b"sample_rate", b"16000")),
+            encoding=_s(get(b"encoding"), "pcm_s16le"),
+            channels=int(get(b"channels", b"1")),
+            language=_s(get(b"language")) or None,
+            interim_results=get(b"interim", b"1") == b"1",
+            model=_s(get(b"model")) or None,
+        )
+        return SessionMeta(
+            session_id=sid,
+            state=_s(get(b"state")),
+            params=params,
+            token_hash=_s(get(b"token")),
+            next_seq=int(get(b"next_seq", b"0")),
+            finals=int(get(b"finals", b"0")),
+            audio_bytes=int(get(b"audio_bytes", b"0")),
+            epoch=int(get(b"epoch", b"0")),
+            owner=_s(get(b"owner")),
+            conn=_s(get(b"conn")),
+        )
+
+    async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:
+        """Append frames atomically; already stored seqs are skipped."""
+        args: list[Any] = [chunks[0].seq]
+        for chunk in chunks:
+            args += [envelope.encode(chunk), len(chunk.pcm)]
+        next_seq, stored, total = await self._ingest(
+            keys=[keys.meta(sid), keys.audio(sid)], args=args
+        )
+        if next_seq == -1:
+            raise SessionGone("unknown")
+        if next_seq == -2:
+            raise SessionGone("not_open")
+        if next_seq == -3:
+            raise SeqGap(int(total))
+        return IngestResult(next_seq=int(next_seq), stored=int(stored), audio_bytes=int(total))
+
+    async def append_control(self, sid: SessionId, control: Control) -> None:
+        new_state = "closing" if control.kind == "close" else ""
+        rc = await self._control(
+            keys=[keys.meta(sid), keys.audio(sid)], args=[envelope.encode(control), new_state]
+        )
+        if rc == -1:
+            raise SessionGone("unknown")
+        if rc == -2:
+            raise SessionGone("not_open")
+
+    async def attach(self, sid: SessionId, conn: str) -> str | None:
+        """Mark `conn` as the session's connection; returns the one it replaced ('' none)."""
+        prev = await self._attach(keys=[keys.meta(sid)], args=[conn])
+        await self.redis.zrem(keys.DETACHED, sid)
+        return None if prev is None else _s(prev)
+
+    async def detach(self, sid: SessionId, conn: str, grace_s: float) -> bool:
+        """Start the resume grace period if `conn` still holds the session."""
+        if not await self._detach(keys=[keys.meta(sid)], args=[conn]):
+            return False
+        await self.redis.zadd(keys.DETACHED, {sid: now_ms() + int(grace_s * 1000)})
+        return True
+
+    async def publish_replaced(self, sid: SessionId, conn: str) -> None:
+        """Tell whichever gateway holds the session's older connection to close it (4409)."""
+        await self.redis.publish(keys.events_channel(sid), envelope.encode(envelope.Replaced(conn)))
+
+    async def reap_detached(self, limit: int = 100) -> list[SessionId]:
+        """Close sessions whose resume grace has ended (reason `abandoned`).
+
+        Safe to run on every gateway at once: ZREM decides which caller handles an entry.
+        """
+        due = await self.redis.zrangebyscore(keys.DETACHED, "-inf", now_ms(), start=0, num=limit)
+        done: list[SessionId] = []
+        mark = envelope.encode(Control(kind="close", reason="abandoned"))
+        for raw in due:
+            sid = SessionId(_s(raw))
+            if not await self.redis.zrem(keys.DETACHED, sid):
+                continue  # another gateway took it
+            if await self._abandon(keys=[keys.meta(sid), keys.audio(sid)], args=[mark]):
+                done.append(sid)
+        return done
+
+    async def read_results(
+        self, sid: SessionId, after_id: bytes = b"0-0", count: int = 500
+    ) -> list[tuple[bytes, Transcript | Closed]]:
+        """Finals and the closing summary recorded after stream entry `after_id`."""
+        entries = await self.redis.xrange(keys.results(sid), min=b"(" + after_id, count=count)
+        out: list[tuple[bytes, Transcript | Closed]] = []
+        for entry_id, fields in entries:
+            item = envelope.decode_entry(fields)
+            if isinstance(item, Transcript | Closed):
+                out.append((entry_id, item))
+        return out
+
+    async def alive_workers(self, alive_s: float) -> int:
+        return int(await self.redis.zcount(keys.WORKERS, now_ms() - int(alive_s * 1000), "+inf"))
+
+    # --- worker side ------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(
+                keys.DISPATCH, keys.DISPATCH_GROUP, id="0", mkstream=True
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def claim(self, sid: SessionId, wid: WorkerId, lease_s: float) -> ClaimResult | None:
+        reply = await self._claim(
+            keys=[keys.meta(sid), keys.lease(sid)], args=[wid, int(lease_s * 1000)]
+        )
+        if int(reply[0]) <= 0:
+            return None
+        return ClaimResult(
+            epoch=int(reply[0]),
+            ckpt_entry=_s(reply[1]),
+            ckpt_sample=int(reply[2]),
+            finals=int(reply[3]),
+            ckpt_base=int(reply[4]),
+        )
+
+    async def renew(self, sid: SessionId, token: str, lease_s: float) -> bool:
+        return bool(await self._renew(keys=[keys.lease(sid)], args=[token, int(lease_s * 1000)]))
+
+    async def publish_interim(self, sid: SessionId, token: str, item: Transcript) -> bool:
+        return bool(
+            await self._interim(
+                keys=[keys.lease(sid)],
+                args=[token, keys.events_channel(sid), envelope.encode(item)],
+            )
+        )
+
+    async def publish_final(
+        self,
+        sid: SessionId,
+        token: str,
+        item: Transcript,
+        ckpt_entry: str,
+        ckpt_sample: int,
+        ckpt_base: int,
+    ) -> int:
+        """Record and publish a final. Returns the new count; -1 fenced; -2 stale numbering."""
+        return int(
+            await self._final(
+                keys=[keys.meta(sid), keys.lease(sid), keys.results(sid), keys.audio(sid)],
+                args=[
+                    token,
+                    item.result_id,
+                    envelope.encode(item),
+                    keys.events_channel(sid),
+                    ckpt_entry,
+                    ckpt_sample,
+                    ckpt_base,
+                ],
+            )
+        )
+
+    async def close_session(
+        self, sid: SessionId, token: str, summary: Closed, ttl_s: float
+    ) -> bool:
+        rc = await self._close(
+            keys=[keys.meta(sid), keys.lease(sid), keys.results(sid), keys.audio(sid)],
+            args=[
+                token,
+                envelope.encode(summary),
+                keys.events_channel(sid),
+                max(1, int(ttl_s)),
+                summary.reason,
+            ],
+        )
+        return int(rc) == 1
+
+    async def release(self, sid: SessionId, token: str) -> bool:
+        return bool(await self._release(keys=[keys.lease(sid)], args=[token]))
+
+    async def ack_dispatch(self, entry_id: bytes) -> None:
+        await self.redis.xack(keys.DISPATCH, keys.DISPATCH_GROUP, entry_id)
+
+    async def heartbeat(self, wid: WorkerId, info: dict[str, Any], alive_s: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS, {wid: now_ms()})
+        pipe.hset(keys.worker_info(wid), mapping=info)
+        pipe.expire(keys.worker_info(wid), max(1, int(alive_s * 3)))
+        # Forget workers silent for a day: the set must not grow without bound.
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms() - 86_400_000)
+        await pipe.execute()
+
+    async def unregister(self, wid: WorkerId) -> None:
+        await self.redis.zrem(keys.WORKERS, wid)
+        await self.redis.delete(keys.worker_info(wid))
+
+
+def decode_event(data: bytes) -> Envelope:
+    return envelope.decode(data)

@@ -1,0 +1,116 @@
+"""`streamscribe transcribe FILE.wav`: stream a file through the service, print results."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+from typing import TextIO
+
+from shared.client import SessionError, StreamingSession
+from shared.config import client_api_key
+from shared.envelope import Closed, Transcript
+from shared.errors import ConfigError
+from shared.wavfile import read_wav
+
+
+def _ssl_context(url: str, insecure: bool, cafile: str | None) -> ssl.SSLContext | None:
+    if not url.startswith("wss:"):
+        return None
+    ctx = ssl.create_default_context(cafile=cafile)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def stream_file(
+    args: argparse.Namespace, url: str, ctx: ssl.SSLContext | None, api_key: str | None, out: TextIO
+) -> int:
+    audio = read_wav(args.file)
+    frames = audio.frames(args.frame_ms)
+    tty = out.isatty() and not args.json
+    async with StreamingSession(
+        url,
+        sample_rate=audio.sample_rate,
+        encoding=audio.encoding,
+        channels=audio.channels,
+        interim_results=not args.no_interim,
+        api_key=api_key,
+        ssl_context=ctx,
+    ) as session:
+
+        async def send() -> None:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for i, frame in enumerate(frames):
+                if args.realtime:
+                    await asyncio.sleep(max(0.0, started + i * args.frame_ms / 1000 - loop.time()))
+                await session.send_audio(frame)
+            await session.close_stream()
+
+        sender = asyncio.create_task(send())
+        try:
+            async for result in session.results():
+                if args.json:
+                    out.write(json.dumps(_as_dict(result)) + "\n")
+                elif isinstance(result, Transcript) and not result.is_final:
+                    if tty:
+                        out.write("\r\x1b[2K" + f"... {result.text}"[-200:])
+                elif isinstance(result, Transcript):
+                    prefix = "\r\x1b[2K" if tty else ""
+                    out.write(f"{prefix}[{result.start:7.2f} - {result.end:7.2f}] {result.text}\n")
+                elif isinstance(result, Closed):
+                    sys.stderr.write(
+                        f"session closed ({result.reason}): {result.audio_seconds:.1f}s audio, "
+                        f"{result.final_results} final result(s)\n"
+                    )
+                out.flush()
+        finally:
+            sender.cancel()
+    return 0
+
+
+def _as_dict(result: Transcript | Closed) -> dict[str, object]:
+    if isinstance(result, Closed):
+        return {
+            "type": "session.closed",
+            "reason": result.reason,
+            "audio_seconds": result.audio_seconds,
+            "final_results": result.final_results,
+        }
+    return {
+        "type": "transcript",
+        "result_id": result.result_id,
+        "is_final": result.is_final,
+        "start": result.start,
+        "end": result.end,
+        "text": result.text,
+    }
+
+
+def transcribe_command(args: argparse.Namespace) -> int:
+    from shared.cli import find_up
+
+    url, cafile = args.url, args.cafile
+    if url is None:
+        info = find_up(args.state_dir)
+        url = info["url"]
+        cafile = cafile or info.get("cafile")
+    api_key = args.api_key or client_api_key()
+    try:
+        read_wav(args.file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return asyncio.run(
+            stream_file(args, url, _ssl_context(url, args.insecure, cafile), api_key, sys.stdout)
+        )
+    except SessionError as exc:
+        sys.stderr.write(f"streamscribe: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"streamscribe: cannot reach {url}: {exc}\n")
+        return 2

@@ -1,0 +1,169 @@
+"""End to end with the real faster-whisper model (tiny.en) through gateway, Valkey, worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.client import StreamingSession
+from shared.envelope import Closed, Transcript
+from shared.protocol import SessionParams
+from shared.scoring import wer
+from shared.wavfile import read_wav
+from tests.conftest import FIXTURES, ServiceFactory
+from tests.helpers import reference
+from worker.audio import AudioConverter
+from worker.engine import WhisperEngine
+
+pytestmark = pytest.mark.model
+CLIPS = ["s1", "s2", "s3", "s4", "s5", "s6"]
+
+
+@pytest.fixture(scope="session")
+def whisper() -> Iterator[WhisperEngine]:
+    engine = WhisperEngine("tiny.en", "cpu", "int8", 0)
+    engine.warm_up()
+    yield engine
+
+
+def offline_text(engine: WhisperEngine, name: str) -> str:
+    """The model's own transcript of the whole clip in one call (the offline reference)."""
+    audio = read_wav(FIXTURES / name)
+    params = SessionParams(
+        sample_rate=audio.sample_rate, encoding=audio.encoding, channels=audio.channels
+    )
+    converter = AudioConverter(params)
+    samples = np.concatenate([converter.convert(audio.data), converter.flush()])
+    segments = engine.transcribe(samples, language="en", word_timestamps=False, beam_size=1)
+    return " ".join(s.text for s in segments)
+
+
+async def stream(url: str, name: str, *, realtime: bool) -> tuple[list[Transcript], Closed]:
+    audio = read_wav(FIXTURES / name)
+    finals: list[Transcript] = []
+    async with StreamingSession(
+        url, sample_rate=audio.sample_rate, encoding=audio.encoding, channels=audio.channels
+    ) as session:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i, frame in enumerate(audio.frames(100)):
+            if realtime:
+                await asyncio.sleep(max(0.0, t0 + i * 0.1 - loop.time()))
+            await session.send_audio(frame)
+        await session.close_stream()
+        async for result in session.results():
+            if isinstance(result, Transcript) and result.is_final:
+                finals.append(result)
+            elif isinstance(result, Closed):
+                return finals, result
+    raise AssertionError("no session.closed")
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+async def test_four_realtime_sessions_get_only_their_own_words(
+    service_factory: ServiceFactory, whisper: WhisperEngine
+) -> None:
+    """Four sessions streaming different clips at real-time pace at once: each transcript
+    matches its own clip, holds no word that only another clip has, and its finals are
+    numbered 0..n-1 in order, each once."""
+    svc = await service_factory(engine=whisper, slots=8)
+    names = ["s1", "s2", "s3", "s4"]
+    results = await asyncio.gather(*(stream(svc.url, f"{n}.wav", realtime=True) for n in names))
+    refs = {n: reference(n) for n in names}
+    for name, (finals, closed) in zip(names, results, strict=True):
+        text = " ".join(f.text for f in finals)
+        assert [f.result_id for f in finals] == list(range(len(finals)))
+        assert closed.final_results == len(finals) >= 1
+        offline = wer([refs[name]], [offline_text(whisper, f"{name}.wav")])
+        assert wer([refs[name]], [text]) <= offline + 0.2, (name, text)
+        own = _words(refs[name])
+        foreign = set().union(*(_words(refs[o]) for o in names if o != name)) - own
+        leaked = {w for w in _words(text) & foreign if len(w) >= 5}
+        assert not leaked, f"{name} got words of other sessions: {leaked}"
+
+
+async def test_service_accuracy_matches_offline_model(
+    service_factory: ServiceFactory, whisper: WhisperEngine
+) -> None:
+    """Normalised WER through the service is within 0.05 (absolute) of the model's own
+    offline WER on the same committed clips."""
+    svc = await service_factory(engine=whisper)
+    refs = [reference(n) for n in CLIPS]
+    offline = [offline_text(whisper, f"{n}.wav") for n in CLIPS]
+    streamed = await asyncio.gather(*(stream(svc.url, f"{n}.wav", realtime=False) for n in CLIPS))
+    service = [" ".join(f.text for f in finals) for finals, _ in streamed]
+    offline_wer, service_wer = wer(refs, offline), wer(refs, service)
+    print(f"\nWER offline {offline_wer:.3f} service {service_wer:.3f} on {len(CLIPS)} fixtures")
+    assert service_wer <= offline_wer + 0.05
+
+
+@pytest.mark.parametrize("variant", ["s1_8k_stereo.wav", "s1_44k_stereo.wav", "s1_f32_16k.wav"])
+async def test_other_rates_channels_and_float_are_resampled(
+    service_factory: ServiceFactory, whisper: WhisperEngine, variant: str
+) -> None:
+    """8 kHz stereo, 44.1 kHz stereo and float32 input are downmixed/resampled to 16 kHz and
+    transcribed as well as the model does offline on the same file (WER within 0.1)."""
+    svc = await service_factory(engine=whisper)
+    other, closed = await stream(svc.url, variant, realtime=False)
+    ref = [reference("s1")]
+    offline = wer(ref, [offline_text(whisper, variant)])
+    assert wer(ref, [" ".join(f.text for f in other)]) <= offline + 0.1
+    assert abs(closed.audio_seconds - read_wav(FIXTURES / variant).duration_s) < 0.01
+
+
+def test_newcomer_up_then_transcribe(tmp_path: Path) -> None:
+    """`streamscribe up` (embedded Valkey, dev certificate, gateway, worker) then
+    `streamscribe transcribe FILE.wav` prints the right words; Ctrl-C stops everything."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--port", "0", "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if line.startswith("streamscribe is up"):
+                break
+        else:
+            raise AssertionError("".join(lines))
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shared.cli",
+                "transcribe",
+                str(FIXTURES / "s1.wav"),
+                "--state-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+        assert wer([reference("s1")], [re.sub(r"\[[^\]]*\]", "", out.stdout)]) <= 0.25, out.stdout
+        assert "session closed (client_closed)" in out.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, "".join(lines) + rest
+    assert "wss://127.0.0.1:" in "".join(lines)
+    assert not (tmp_path / "up.json").exists()

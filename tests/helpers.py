@@ -1,0 +1,73 @@
+"""Small helpers for tests that speak the protocol over a real WebSocket."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from shared.wavfile import WavAudio, read_wav
+from tests.conftest import FIXTURES
+
+
+@dataclass
+class Outcome:
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    code: int | None = None
+    reason: str = ""
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m["type"] == kind]
+
+    @property
+    def finals(self) -> list[dict[str, Any]]:
+        return [m for m in self.of_type("transcript") if m["is_final"]]
+
+    @property
+    def text(self) -> str:
+        return " ".join(m["text"] for m in self.finals)
+
+
+async def open_ws(
+    url: str,
+    query: str = "",
+    *,
+    ssl_ctx: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> ClientConnection:
+    full = f"{url}?{query}" if query else url
+    return await connect(
+        full, ssl=ssl_ctx, additional_headers=headers, compression=None, max_size=2**22
+    )
+
+
+async def drain(ws: ClientConnection) -> Outcome:
+    """Read every message until the server closes; record the close code and reason."""
+    out = Outcome()
+    try:
+        async for raw in ws:
+            assert isinstance(raw, str), "the server only sends text frames"
+            out.messages.append(json.loads(raw))
+    except ConnectionClosed:
+        pass
+    out.code = ws.close_code
+    out.reason = ws.close_reason or ""
+    return out
+
+
+async def started(ws: ClientConnection) -> dict[str, Any]:
+    msg = json.loads(await ws.recv())
+    assert msg["type"] == "session.started", msg
+    return dict(msg)
+
+
+def fixture(name: str) -> WavAudio:
+    return read_wav(FIXTURES / name)
+
+
+def reference(name: str) -> str:
+    return (FIXTURES / f"{name}.txt").read_text().strip()

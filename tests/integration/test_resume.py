@@ -1,0 +1,106 @@
+"""Resume over a real gateway: replay of missed finals, next_seq, 4409 for the old socket."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import ServiceFactory
+from tests.helpers import drain, fixture, open_ws, started
+
+
+async def test_resume_replays_missed_finals_and_continues(service_factory: ServiceFactory) -> None:
+    """A client that drops after sending audio resumes: session.resumed with next_seq equal
+    to the frames stored, every final after last_result_id, then the rest of the session."""
+    svc = await service_factory()
+    frames = fixture("s1.wav").frames(100)
+    ws = await open_ws(svc.url)
+    first = await started(ws)
+    half = len(frames) // 2
+    for frame in frames[:half]:
+        await ws.send(frame)
+    acked = -1
+    while acked < half - 1:
+        msg = json.loads(await ws.recv())
+        if msg["type"] == "ack":
+            acked = msg["seq"]
+    await ws.close()
+    ws2 = await open_ws(svc.url, f"session_id={first['session_id']}")
+    await ws2.send(
+        json.dumps(
+            {
+                "type": "resume",
+                "session_id": first["session_id"],
+                "resume_token": first["resume_token"],
+                "last_result_id": -1,
+            }
+        )
+    )
+    resumed = json.loads(await ws2.recv())
+    assert resumed == {
+        "type": "session.resumed",
+        "session_id": first["session_id"],
+        "next_seq": half,
+    }
+    for frame in frames[half:]:
+        await ws2.send(frame)
+    await ws2.send(json.dumps({"type": "close_stream"}))
+    out = await drain(ws2)
+    assert out.code == 1000
+    assert [f["result_id"] for f in out.finals] == list(range(len(out.finals)))
+    assert out.messages[-1]["final_results"] == len(out.finals) >= 2
+    assert out.of_type("ack")[-1]["seq"] == len(frames) - 1
+
+
+async def test_resume_of_a_closed_session_replays_then_closes(
+    service_factory: ServiceFactory,
+) -> None:
+    """Resuming a session that already closed replays the missed finals, then
+    session.closed, then close 1000."""
+    svc = await service_factory()
+    ws = await open_ws(svc.url)
+    first = await started(ws)
+    for frame in fixture("s2.wav").frames(100):
+        await ws.send(frame)
+    await ws.send(json.dumps({"type": "close_stream"}))
+    original = await drain(ws)
+    ws2 = await open_ws(svc.url, f"session_id={first['session_id']}")
+    await ws2.send(
+        json.dumps(
+            {
+                "type": "resume",
+                "session_id": first["session_id"],
+                "resume_token": first["resume_token"],
+                "last_result_id": 0,
+            }
+        )
+    )
+    out = await drain(ws2)
+    assert out.code == 1000
+    assert out.messages[0]["type"] == "session.resumed"
+    assert [f["result_id"] for f in out.finals] == [f["result_id"] for f in original.finals[1:]]
+    assert out.messages[-1]["type"] == "session.closed"
+
+
+async def test_newer_connection_replaces_older_with_4409(service_factory: ServiceFactory) -> None:
+    """A resume while the old connection is still open: the old one is closed with 4409."""
+    svc = await service_factory()
+    ws = await open_ws(svc.url)
+    first = await started(ws)
+    ws2 = await open_ws(svc.url, f"session_id={first['session_id']}")
+    await ws2.send(
+        json.dumps(
+            {
+                "type": "resume",
+                "session_id": first["session_id"],
+                "resume_token": first["resume_token"],
+                "last_result_id": -1,
+            }
+        )
+    )
+    assert json.loads(await ws2.recv())["type"] == "session.resumed"
+    old = await drain(ws)
+    assert old.code == 4409 and old.reason
+    assert not old.of_type("error")
+    await ws2.send(json.dumps({"type": "close_stream"}))
+    out = await drain(ws2)
+    assert out.code == 1000

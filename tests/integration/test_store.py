@@ -1,0 +1,95 @@
+"""The Redis layout's atomic scripts against a real Valkey: idempotent, ordered, fenced."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import redis.asyncio as aioredis
+
+from shared import envelope, keys
+from shared.envelope import AudioChunk, Transcript
+from shared.keys import SessionId, WorkerId
+from shared.protocol import SessionParams
+from shared.store import SeqGap, Store
+
+SID = SessionId("ab" * 16)
+
+
+async def _new_session(store: Store) -> None:
+    await store.create_session(SID, SessionParams(), "tokenhash", "conn-1")
+
+
+async def test_racing_appends_store_each_seq_once_in_order(redis: aioredis.Redis) -> None:
+    """Many writers racing with overlapping, shuffled batches: the stream holds seq
+    0..n-1 exactly once, in order (ingest is idempotent on seq and refuses gaps)."""
+    store = Store(redis)
+    await _new_session(store)
+    n = 120
+    chunks = [AudioChunk(seq, seq.to_bytes(2, "little") * 8) for seq in range(n)]
+    rng = random.Random(7)
+
+    async def writer() -> None:
+        start = 0
+        while start < n:
+            size = rng.randint(1, 9)
+            batch = chunks[start : start + size]
+            try:
+                result = await store.ingest(SID, batch)
+                start = result.next_seq  # continue after what is stored (ours or others')
+            except SeqGap as gap:
+                start = gap.next_seq
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer() for _ in range(6)))
+    entries = await redis.xrange(keys.audio(SID))
+    seqs = [envelope.decode_entry(fields).seq for _, fields in entries]  # type: ignore[union-attr]
+    assert seqs == list(range(n))
+    meta = await store.load_meta(SID)
+    assert meta is not None and meta.next_seq == n and meta.audio_bytes == 16 * n
+
+
+async def test_gap_is_refused_with_next_seq(redis: aioredis.Redis) -> None:
+    """A batch that would leave a gap is refused and names the seq to resend from."""
+    store = Store(redis)
+    await _new_session(store)
+    await store.ingest(SID, [AudioChunk(0, b"\x00\x00")])
+    try:
+        await store.ingest(SID, [AudioChunk(5, b"\x00\x00")])
+    except SeqGap as gap:
+        assert gap.next_seq == 1
+    else:
+        raise AssertionError("gap accepted")
+    assert await redis.xlen(keys.audio(SID)) == 1
+
+
+async def test_fenced_worker_cannot_publish(redis: aioredis.Redis) -> None:
+    """After another worker claims the session (new epoch), the old owner's interim, final
+    and close are all rejected in Redis and nothing reaches the results stream."""
+    store = Store(redis)
+    await _new_session(store)
+    first = await store.claim(SID, WorkerId("w1"), lease_s=5)
+    assert first is not None and first.epoch == 1
+    assert await store.claim(SID, WorkerId("w2"), lease_s=5) is None, "lease still held"
+    await redis.delete(keys.lease(SID))  # w1's lease expires (paused, partitioned...)
+    second = await store.claim(SID, WorkerId("w2"), lease_s=5)
+    assert second is not None and second.epoch == 2
+    final = Transcript(0, True, 0.0, 1.0, "stale words")
+    assert await store.publish_final(SID, "w1:1", final, "0-1", 100, 0) == -1
+    assert not await store.publish_interim(SID, "w1:1", Transcript(0, False, 0, 1, "x"))
+    summary = envelope.Closed("client_closed", 1.0, 0)
+    assert not await store.close_session(SID, "w1:1", summary, ttl_s=60)
+    assert await redis.xlen(keys.results(SID)) == 0
+    assert await store.publish_final(SID, "w2:2", final, "0-1", 100, 0) == 1
+    assert await redis.xlen(keys.results(SID)) == 1
+
+
+async def test_final_numbering_cannot_skip(redis: aioredis.Redis) -> None:
+    """A final whose result_id is not the next number is rejected (-2)."""
+    store = Store(redis)
+    await _new_session(store)
+    claim = await store.claim(SID, WorkerId("w1"), lease_s=5)
+    assert claim is not None
+    token = f"w1:{claim.epoch}"
+    assert await store.publish_final(SID, token, Transcript(1, True, 0, 1, "x"), "0-1", 0, 0) == -2
+    assert await store.publish_final(SID, token, Transcript(0, True, 0, 1, "x"), "0-1", 0, 0) == 1

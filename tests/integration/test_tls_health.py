@@ -1,0 +1,78 @@
+"""TLS set up once; health, readiness and metrics over plain HTTP on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServiceFactory
+from tests.helpers import drain, open_ws, started
+
+
+async def test_tls_context_is_created_once(
+    service_factory: ServiceFactory, client_ssl: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many clients connect, the gateway builds exactly one SSLContext (at start-up)."""
+    created: list[Any] = []
+    original_new = ssl.SSLContext.__new__
+
+    def counting_new(cls: type[ssl.SSLContext], *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        created.append(cls)
+        return original_new(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "__new__", counting_new)
+    svc = await service_factory(tls=True)
+    assert len(created) == 1, "the gateway builds its context at start-up"
+    sockets = [await open_ws(svc.url, ssl_ctx=client_ssl) for _ in range(8)]
+    for ws in sockets:
+        await started(ws)
+    assert len(created) == 1, "no context is built per connection"
+    for ws in sockets:
+        await ws.close()
+
+
+def _get(url: str, ctx: ssl.SSLContext | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+
+
+async def test_healthz_and_readyz_with_a_worker(
+    service_factory: ServiceFactory, client_ssl: ssl.SSLContext
+) -> None:
+    """/healthz is 200; /readyz is 200 when Redis answers and a worker is alive."""
+    svc = await service_factory(tls=True)
+    base = svc.url.replace("wss://", "https://").removesuffix("/v1/listen")
+    assert await asyncio.to_thread(_get, base + "/healthz", client_ssl) == (200, "ok\n")
+    status, body = await asyncio.to_thread(_get, base + "/readyz", client_ssl)
+    assert status == 200 and "1 worker" in body
+    status, body = await asyncio.to_thread(_get, base + "/nope", client_ssl)
+    assert status == 404
+
+
+async def test_readyz_is_503_without_workers(service_factory: ServiceFactory) -> None:
+    """No worker alive: /readyz answers 503 and says why."""
+    svc = await service_factory(with_worker=False)
+    base = svc.url.replace("ws://", "http://").removesuffix("/v1/listen")
+    status, body = await asyncio.to_thread(_get, base + "/readyz")
+    assert status == 503 and "no worker" in body
+
+
+async def test_metrics_count_sessions_and_errors(service_factory: ServiceFactory) -> None:
+    """/metrics exposes counters in Prometheus text format."""
+    svc = await service_factory()
+    ws = await open_ws(svc.url)
+    await started(ws)
+    await ws.send("nope")
+    await drain(ws)
+    base = svc.url.replace("ws://", "http://").removesuffix("/v1/listen")
+    status, body = await asyncio.to_thread(_get, base + "/metrics")
+    assert status == 200
+    assert "streamscribe_gateway_sessions_started_total 1" in body
+    assert 'streamscribe_gateway_errors_total{code="protocol_violation"} 1' in body

@@ -1,0 +1,1 @@
+"""The streamscribe worker: claims sessions from Redis and transcribes them."""

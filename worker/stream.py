@@ -1,0 +1,276 @@
+"""Streaming segmentation of one session, sans I/O: audio in, decode requests out.
+
+`SessionTranscriber` owns one session's audio buffer and VAD state (nothing is shared
+between sessions). It cuts the audio into utterances with the streaming Silero VAD:
+an utterance opens at the first speech window and ends after `min_silence_s` of
+silence, on the client's `finalize`, at the end of the stream, or when it reaches
+`max_utterance_s` (cut at the least speech-like window of its last 2 s). It asks for
+decodes one at a time (`next_request`): finals of ended utterances first, in order,
+then an interim of the open utterance when `interim_interval_s` of new audio has come.
+`complete()` turns a decode into transcripts with session-relative times.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from shared.envelope import Transcript, Word
+from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment
+
+MIN_SPEECH_S = 0.15  # shorter "utterances" are noise blips: never decoded
+CUT_SEARCH_S = 2.0  # where to look for a pause when an utterance must be cut
+PROMPT_CHARS = 200  # how much of the previous final conditions the next decode
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    vad_threshold: float = 0.5
+    min_silence_s: float = 0.5
+    speech_pad_s: float = 0.2  # the service default is Config.speech_pad_s
+    max_utterance_s: float = 20.0
+    interim_interval_s: float = 1.0
+    interim_results: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    kind: Literal["final", "interim"]
+    start: int  # session sample index (16 kHz) of audio[0]
+    end: int
+    audio: Audio
+    result_id: int
+    prompt: str = ""  # text of the session's previous final (decoder context)
+
+
+@dataclass(frozen=True, slots=True)
+class Interim:
+    transcript: Transcript
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    transcript: Transcript | None  # None: the utterance held no words (no result_id used)
+    commit_sample: int  # everything before this sample is fully handled
+
+
+Output = Interim | Final
+VadFn = Callable[[Audio], "np.ndarray"]
+
+
+class SessionTranscriber:
+    def __init__(
+        self, options: StreamOptions, vad: VadFn, *, start_sample: int = 0, finals: int = 0
+    ) -> None:
+        self.opt = options
+        self._vad = vad
+        self._neg_threshold = max(options.vad_threshold - 0.15, 0.01)
+        self._min_silence = int(options.min_silence_s * SAMPLE_RATE)
+        self._pad = int(options.speech_pad_s * SAMPLE_RATE)
+        self._max_utt = int(options.max_utterance_s * SAMPLE_RATE)
+        self._interim_every = int(options.interim_interval_s * SAMPLE_RATE)
+        self.finals = finals  # result_id of the next final
+        self.committed = start_sample
+        self._buf = np.zeros(0, np.float32)
+        self._buf_start = start_sample
+        self._total = start_sample  # samples received (session index of the next one)
+        self._vad_pos = start_sample  # next sample the VAD has not judged
+        self._utt_start: int | None = None  # open utterance: first speech sample
+        self._last_speech_end = 0
+        self._utt_probs: deque[tuple[int, float]] = deque()
+        self._last_interim_end = 0
+        self._pending: deque[tuple[int, int]] = deque()  # ended utterances to finalize
+        self._outstanding: DecodeRequest | None = None
+        self._prompt = ""
+        self.closing = False
+
+    # --- input ----------------------------------------------------------------------
+
+    @property
+    def total_samples(self) -> int:
+        return self._total
+
+    def push_audio(self, samples: Audio) -> None:
+        if self.closing:
+            raise RuntimeError("push_audio after close")
+        if samples.size == 0:
+            return
+        self._buf = np.concatenate([self._buf, samples.astype(np.float32, copy=False)])
+        self._total += samples.size
+        whole = (self._total - self._vad_pos) // VAD_WINDOW * VAD_WINDOW
+        if whole:
+            lo = self._vad_pos - self._buf_start
+            probs = self._vad(self._buf[lo : lo + whole])
+            for i, p in enumerate(probs):
+                self._judge(self._vad_pos + i * VAD_WINDOW, float(p))
+            self._vad_pos += whole
+        self._trim()
+
+    def finalize(self) -> None:
+        """End the open utterance now (client `finalize`, or end of stream)."""
+        if self._utt_start is not None:
+            self._end_utterance(self._total)
+
+    def close(self, tail: Audio | None = None) -> None:
+        """No more audio: finalize what is open; `done` turns true once all is decoded."""
+        if tail is not None and tail.size and not self.closing:
+            self.push_audio(tail)
+        self.finalize()
+        self.closing = True
+
+    @property
+    def done(self) -> bool:
+        return (
+            self.closing
+            and not self._pending
+            and self._outstanding is None
+            and self._utt_start is None
+        )
+
+    # --- VAD decisions ------------------------------------------------------------------
+
+    def _judge(self, pos: int, prob: float) -> None:
+        end = pos + VAD_WINDOW
+        if self._utt_start is None:
+            if prob >= self.opt.vad_threshold:
+                self._utt_start = pos
+                self._last_speech_end = end
+                self._last_interim_end = pos
+                self._utt_probs.clear()
+                self._utt_probs.append((pos, prob))
+            return
+        self._utt_probs.append((pos, prob))
+        if prob >= self._neg_threshold:
+            self._last_speech_end = end
+        elif end - self._last_speech_end >= self._min_silence:
+            self._end_utterance(self._last_speech_end + self._pad)
+            return
+        if end - self._utt_start >= self._max_utt:
+            self._cut_long_utterance(end)
+
+    def _cut_long_utterance(self, end: int) -> None:
+        assert self._utt_start is not None
+        lo = max(end - int(CUT_SEARCH_S * SAMPLE_RATE), self._utt_start + self._max_utt // 2)
+        window = [(p, -pos) for pos, p in self._utt_probs if pos >= lo]
+        # Least speech-like window; on ties the latest, so pieces stay near the maximum.
+        _, neg_cut = min(window) if window else (0.0, -end)
+        cut = -neg_cut
+        cut = max(cut, self._utt_start or cut) + VAD_WINDOW // 2
+        self._end_utterance(min(cut, end), keep_open=True)
+
+    def _end_utterance(self, end: int, *, keep_open: bool = False) -> None:
+        assert self._utt_start is not None
+        floor = max(self.committed, self._pending[-1][1] if self._pending else self.committed)
+        start = max(self._utt_start - self._pad, floor, self._buf_start)
+        end = min(end, self._total)
+        speech = min(self._last_speech_end, end) - self._utt_start
+        if speech >= MIN_SPEECH_S * SAMPLE_RATE and end > start:
+            self._pending.append((start, end))
+        elif not self._pending and self._outstanding is None:
+            self.committed = max(self.committed, end)  # a blip: nothing to wait for
+        if keep_open:
+            self._utt_start = end
+            self._last_interim_end = end
+            self._utt_probs = deque((pos, p) for pos, p in self._utt_probs if pos >= end)
+        else:
+            self._utt_start = None
+            self._utt_probs.clear()
+
+    # --- decoding -----------------------------------------------------------------------
+
+    def next_request(self) -> DecodeRequest | None:
+        """The next decode to run for this session, if any (one at a time)."""
+        if self._outstanding is not None:
+            return None
+        if self._pending:
+            start, end = self._pending[0]
+            req = DecodeRequest(
+                "final", start, end, self._slice(start, end), self.finals, self._prompt
+            )
+        elif (
+            self.opt.interim_results
+            and self._utt_start is not None
+            and self._vad_pos - self._last_interim_end >= self._interim_every
+        ):
+            start = max(self._utt_start - self._pad, self.committed, self._buf_start)
+            end = self._vad_pos
+            self._last_interim_end = end
+            req = DecodeRequest(
+                "interim", start, end, self._slice(start, end), self.finals, self._prompt
+            )
+        else:
+            return None
+        self._outstanding = req
+        return req
+
+    def complete(self, req: DecodeRequest, segments: list[Segment]) -> list[Output]:
+        """Results of a decode started by `next_request`."""
+        if req is not self._outstanding:
+            raise RuntimeError("complete() for a request this session is not waiting for")
+        self._outstanding = None
+        offset = req.start / SAMPLE_RATE
+        text = " ".join(s.text for s in segments).strip()
+        if req.kind == "interim":
+            if not text or self._utt_start is None or req.result_id != self.finals:
+                return []
+            return [Interim(_transcript(req.result_id, False, offset, req, segments, text))]
+        self._pending.popleft()
+        self.committed = max(self.committed, req.end)
+        self._trim()
+        if not text:
+            return [Final(None, self.committed)]
+        transcript = _transcript(self.finals, True, offset, req, segments, text)
+        self.finals += 1
+        self._prompt = text[-PROMPT_CHARS:]
+        return [Final(transcript, self.committed)]
+
+    def abandon_request(self, req: DecodeRequest) -> None:
+        """A decode failed or was dropped: an interim is simply skipped; a final retried."""
+        if req is self._outstanding:
+            self._outstanding = None
+
+    # --- buffer ----------------------------------------------------------------------
+
+    def _slice(self, start: int, end: int) -> Audio:
+        return self._buf[start - self._buf_start : end - self._buf_start].copy()
+
+    def _trim(self) -> None:
+        keep = self._vad_pos - self._pad
+        if self._utt_start is not None:
+            keep = min(keep, self._utt_start - self._pad)
+        if self._pending:
+            keep = min(keep, self._pending[0][0])
+        if self._outstanding is not None:
+            keep = min(keep, self._outstanding.start)
+        keep = max(keep, self._buf_start)
+        if keep > self._buf_start:
+            self._buf = self._buf[keep - self._buf_start :]
+            self._buf_start = keep
+
+
+def _transcript(
+    result_id: int,
+    final: bool,
+    offset: float,
+    req: DecodeRequest,
+    segments: list[Segment],
+    text: str,
+) -> Transcript:
+    limit = req.end / 16000
+    words = tuple(
+        Word(
+            w.word,
+            round(min(offset + w.start, limit), 3),
+            round(min(offset + w.end, limit), 3),
+            w.probability,
+        )
+        for s in segments
+        for w in s.words
+    )
+    start = offset + segments[0].start
+    end = min(offset + segments[-1].end, limit)
+    return Transcript(result_id, final, round(start, 3), round(max(start, end), 3), text, words)
