@@ -104,8 +104,8 @@ class Config:
     )
     reconcile_interval_s: float = _opt(
         1.0,
-        "How often a gateway re-reads a session's results stream to recover results the "
-        "pub/sub channel dropped.",
+        "A connection re-reads its session's results stream after this long without a pub/sub "
+        "message (and at once on a gap), to recover results the channel dropped.",
         GATEWAY,
     )
     drain_timeout_s: float = _opt(
@@ -150,7 +150,7 @@ class Config:
         20.0, "Longest utterance before it is cut into a final anyway, seconds.", WORKER
     )
     lease_s: float = _opt(
-        10.0, "Session ownership lease; another worker may take over after this.", WORKER
+        10.0, "Session ownership lease, renewed every lease_s/3; a worker that loses it is fenced off.", WORKER
     )
     heartbeat_s: float = _opt(2.0, "How often a worker reports itself alive.", WORKER)
     read_block_ms: int = _opt(
