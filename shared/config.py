@@ -150,7 +150,9 @@ class Config:
         20.0, "Longest utterance before it is cut into a final anyway, seconds.", WORKER
     )
     lease_s: float = _opt(
-        10.0, "Session ownership lease, renewed every lease_s/3; a worker that loses it is fenced off.", WORKER
+        10.0,
+        "Session ownership lease, renewed every lease_s/3; a worker that loses it is fenced off.",
+        WORKER,
     )
     heartbeat_s: float = _opt(2.0, "How often a worker reports itself alive.", WORKER)
     read_block_ms: int = _opt(
