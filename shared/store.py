@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import envelope, keys, scripts
-from shared.envelope import AudioChunk, Closed, Control, Envelope, Transcript
+from shared.envelope import AudioChunk, Closed, Control, Transcript
 from shared.keys import SessionId, WorkerId
 from shared.protocol import SessionParams
 
@@ -338,7 +338,3 @@ class Store:
     async def unregister(self, wid: WorkerId) -> None:
         await self.redis.zrem(keys.WORKERS, wid)
         await self.redis.delete(keys.worker_info(wid))
-
-
-def decode_event(data: bytes) -> Envelope:
-    return envelope.decode(data)
