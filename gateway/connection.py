@@ -40,10 +40,12 @@ from shared.errors import (
     Internal,
     NotFound,
     ProtocolViolation,
+    SessionFailed,
     StreamscribeError,
     Unauthorized,
 )
-from shared.keys import SessionId
+from shared.fleet import Fleet
+from shared.keys import GatewayId, SessionId
 from shared.metrics import Metrics
 from shared.protocol import (
     Ack,
@@ -102,6 +104,8 @@ class GatewayContext:
     store: Store
     relay: Relay
     metrics: Metrics
+    fleet: Fleet
+    gateway_id: GatewayId
 
 
 class Connection:
@@ -109,7 +113,9 @@ class Connection:
         self.ws = ws
         self.ctx = ctx
         self.cfg = ctx.config
-        self.conn_id = secrets.token_hex(8)
+        # Prefixed with the gateway's ID: if this gateway dies, the maintenance job can
+        # tell which sessions it held (shared/fleet.py).
+        self.conn_id = f"{ctx.gateway_id}/{secrets.token_hex(8)}"
         self.sid: SessionId | None = None
         self.session: ServerSession | None = None
         self.delivery = Delivery()
@@ -179,6 +185,7 @@ class Connection:
         token = secrets.token_urlsafe(24)
         self.sid = sid
         self.events = await self.ctx.relay.subscribe(sid)
+        await self.ctx.fleet.gateway_holds(self.ctx.gateway_id, sid)
         await self.ctx.store.create_session(sid, params, hash_token(token), self.conn_id)
         self.session = ServerSession(params, resuming=False)
         self.delivery = Delivery(interim_results=params.interim_results)
@@ -218,6 +225,7 @@ class Connection:
         self.sid = sid
         self.session.params = meta.params
         self.events = await self.ctx.relay.subscribe(sid)
+        await self.ctx.fleet.gateway_holds(self.ctx.gateway_id, sid)
         previous = await self.ctx.store.attach(sid, self.conn_id)
         if previous:
             await self.ctx.store.publish_replaced(sid, self.conn_id)
@@ -252,14 +260,16 @@ class Connection:
             return
         if self.events is not None:
             await self.ctx.relay.unsubscribe(self.sid, self.events)
-        if not self.delivery.done:
-            with contextlib.suppress(RedisError, OSError):
-                if await self.ctx.store.detach(self.sid, self.conn_id, self.cfg.resume_grace_s):
-                    log.info(
-                        "session %s detached; resumable for %.0fs",
-                        self.sid,
-                        self.cfg.resume_grace_s,
-                    )
+        with contextlib.suppress(RedisError, OSError):
+            if not self.delivery.done and await self.ctx.store.detach(
+                self.sid, self.conn_id, self.cfg.resume_grace_s
+            ):
+                log.info(
+                    "session %s detached; resumable for %.0fs",
+                    self.sid,
+                    self.cfg.resume_grace_s,
+                )
+            await self.ctx.fleet.gateway_released(self.ctx.gateway_id, self.sid)
 
     # --- the four tasks ------------------------------------------------------------------
 
@@ -353,11 +363,21 @@ class Connection:
                     )
                 continue
             if isinstance(item, Transcript | Closed):
-                for out in self.delivery.offer(item):
-                    await self._send(out)
+                await self._forward(self.delivery.offer(item))
             if self.delivery.done:
                 break
         await self._finish()
+
+    async def _forward(self, outs: list[Transcript | Closed]) -> None:
+        for out in outs:
+            if isinstance(out, Closed) and out.reason == "failed":
+                # Dead-lettered: not a normal end of session (protocol: error + 1011).
+                self._session().mark_closed()
+                raise SessionFailed(
+                    "transcription of this session failed repeatedly; it was stopped "
+                    f"after {out.final_results} final result(s)"
+                )
+            await self._send(out)
 
     async def _catch_up(self) -> None:
         self.delivery.needs_catch_up = False
@@ -366,8 +386,7 @@ class Connection:
             lambda: self.ctx.store.read_results(sid, self.results_after)
         ):
             self.results_after = entry_id
-            for out in self.delivery.offer(item):
-                await self._send(out)
+            await self._forward(self.delivery.offer(item))
 
     async def _watchdog(self) -> None:
         session = self._session()

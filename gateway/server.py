@@ -1,4 +1,8 @@
-"""The gateway process: WebSocket server, health endpoints, relay and reaper.
+"""The gateway process: WebSocket server, health endpoints, relay and heartbeat.
+
+The gateway registers itself in `ss:gateways` every `heartbeat_s`; if it dies, the
+maintenance job (worker/maintenance.py) detaches the sessions it held so they can be
+resumed elsewhere or reaped. Reaping abandoned sessions is the maintenance job's work.
 
 Shutdown is a method (`Gateway.shutdown`); signals only trigger it. It is staged and
 bounded: stop accepting and tell clients to reconnect elsewhere (1012), wait up to
@@ -11,7 +15,10 @@ import asyncio
 import contextlib
 import http
 import logging
+import os
+import secrets
 import signal
+import socket
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -23,6 +30,8 @@ from gateway.connection import Connection, GatewayContext
 from gateway.relay import Relay
 from gateway.tls import TLSContext
 from shared.config import Config
+from shared.fleet import Fleet
+from shared.keys import GatewayId
 from shared.metrics import Metrics
 from shared.store import Store, connect
 
@@ -42,9 +51,13 @@ class Gateway:
         if config.tls_enabled:
             assert config.certfile is not None
             self.tls = TLSContext(config.certfile, config.keyfile)
-        self.ctx = GatewayContext(config, self.store, self.relay, self.metrics)
+        self.fleet = Fleet(self.redis)
+        self.gateway_id = GatewayId(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+        self.ctx = GatewayContext(
+            config, self.store, self.relay, self.metrics, self.fleet, self.gateway_id
+        )
         self._server: Server | None = None
-        self._reaper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -74,8 +87,9 @@ class Gateway:
             server_header="streamscribe",
             close_timeout=5,
         )
-        self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
-        log.info("gateway listening on %s", self.url)
+        await self.fleet.gateway_heartbeat(self.gateway_id)
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("gateway %s listening on %s", self.gateway_id, self.url)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,10 +111,12 @@ class Gateway:
                 await asyncio.wait_for(self._server.wait_closed(), self.config.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timeout: cutting remaining connections")
-        if self._reaper is not None:
-            self._reaper.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+                await self._heartbeat
+        with contextlib.suppress(RedisError, OSError):
+            await self.fleet.gateway_gone(self.gateway_id)
         await self.relay.close()
         await self.redis.aclose()
         log.info("gateway stopped")
@@ -139,14 +155,13 @@ class Gateway:
             return False, "no worker alive\n"
         return True, f"ready: {workers} worker(s) alive\n"
 
-    async def _reap_loop(self) -> None:
+    async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.config.heartbeat_s)
             try:
-                for sid in await self.store.reap_detached():
-                    log.info("session %s abandoned: resume grace ended", sid)
+                await self.fleet.gateway_heartbeat(self.gateway_id)
             except (RedisError, OSError) as exc:
-                log.debug("reaper: %s", exc)
+                log.warning("heartbeat: redis unavailable (%s)", exc)
 
 
 def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:

@@ -84,9 +84,9 @@ class Config:
     )
     resume_grace_s: float = _opt(
         60.0,
-        "After a client vanishes, how long its session can be resumed before it is "
-        "finalized as abandoned.",
-        GATEWAY,
+        "After a client vanishes (or its gateway dies), how long its session can be resumed "
+        "before it is finalized as abandoned.",
+        COMMON,
     )
     max_session_audio_s: float = _opt(
         14400.0, "Most audio one session may send, seconds (then closed: max_duration).", GATEWAY
@@ -100,7 +100,10 @@ class Config:
     ping_interval_s: float = _opt(20.0, "WebSocket ping interval, seconds.", GATEWAY)
     ping_timeout_s: float = _opt(20.0, "Close a connection whose pong is this late.", GATEWAY)
     worker_alive_s: float = _opt(
-        15.0, "A worker counts as alive (for /readyz) if it reported within this many s.", COMMON
+        15.0,
+        "A worker (for /readyz) or gateway (for the maintenance job) counts as alive if it "
+        "reported within this many seconds.",
+        COMMON,
     )
     reconcile_interval_s: float = _opt(
         1.0,
@@ -154,7 +157,30 @@ class Config:
         "Session ownership lease, renewed every lease_s/3; a worker that loses it is fenced off.",
         WORKER,
     )
-    heartbeat_s: float = _opt(2.0, "How often a worker reports itself alive.", WORKER)
+    heartbeat_s: float = _opt(
+        2.0, "How often a worker or gateway reports itself alive, seconds.", COMMON
+    )
+    takeover_interval_s: float = _opt(
+        1.0,
+        "How often a worker with free slots looks for sessions whose owner went silent for "
+        "lease_s (XAUTOCLAIM), seconds.",
+        WORKER,
+    )
+    max_session_attempts: int = _opt(
+        5,
+        "Times a session may be handed to a worker (first claim + takeovers) before the "
+        "maintenance job moves it to the dead-letter stream as failing.",
+        WORKER,
+    )
+    maintenance: str = _opt(
+        "on",
+        "Run the arq maintenance jobs (reap abandoned sessions, trim streams, dead-letter) "
+        "in this worker: on or off. One run per tick across the fleet.",
+        WORKER,
+    )
+    maintenance_interval_s: int = _opt(
+        5, "Seconds between maintenance runs; must divide 60 (arq cron).", WORKER
+    )
     read_block_ms: int = _opt(
         100, "Longest wait of one blocking read of audio streams, milliseconds.", WORKER
     )
@@ -182,6 +208,9 @@ class Config:
             "lease_s",
             "heartbeat_s",
             "read_block_ms",
+            "takeover_interval_s",
+            "max_session_attempts",
+            "maintenance_interval_s",
         )
         for name in positive:
             value = getattr(self, name)
@@ -201,7 +230,10 @@ class Config:
             raise ConfigError(
                 f"{_where('heartbeat_s')} must be at most half of {_where('lease_s')}"
             )
+        if 60 % self.maintenance_interval_s:
+            raise ConfigError(f"{_where('maintenance_interval_s')} must divide 60")
         choices = {
+            "maintenance": ("on", "off"),
             "device": ("auto", "cpu", "cuda"),
             "engine": ("whisper", "null"),
             "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),

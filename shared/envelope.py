@@ -19,8 +19,16 @@ VERSION = 1
 FIELD = b"m"
 
 ControlKind = Literal["finalize", "close"]
-CloseReason = Literal["client_closed", "idle_timeout", "max_duration", "abandoned"]
-CLOSE_REASONS: tuple[str, ...] = ("client_closed", "idle_timeout", "max_duration", "abandoned")
+# `failed` is internal: a dead-lettered session. Clients get `error` (internal) + 1011
+# instead of `session.closed`, whose reasons are the other four (protocol.md).
+CloseReason = Literal["client_closed", "idle_timeout", "max_duration", "abandoned", "failed"]
+CLOSE_REASONS: tuple[str, ...] = (
+    "client_closed",
+    "idle_timeout",
+    "max_duration",
+    "abandoned",
+    "failed",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,8 @@ class Transcript:
     end: float
     text: str
     words: tuple[Word, ...] = field(default_factory=tuple)
+    #: The publishing owner's fencing epoch (internal: not sent to clients; 0 = unknown).
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +114,7 @@ def encode(item: Envelope) -> bytes:
                 "end": item.end,
                 "text": item.text,
                 "words": words,
+                "ep": item.epoch,
             }
         )
     if isinstance(item, Closed):
@@ -151,6 +162,7 @@ def decode(data: bytes) -> Envelope:
                 words=tuple(
                     Word(str(w), float(s), float(e), float(p)) for w, s, e, p in body["words"]
                 ),
+                epoch=int(body.get("ep", 0)),
             )
         if tag == "closed":
             return Closed(

@@ -83,6 +83,10 @@ class Internal(StreamscribeError):
     close_code = 1011
 
 
+class SessionFailed(Internal):
+    """The session kept failing on workers and was dead-lettered (1011, with the reason)."""
+
+
 class EnvelopeError(ValueError):
     """A stream entry or pub/sub message with an unknown version or tag, or malformed."""
 

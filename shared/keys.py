@@ -14,6 +14,7 @@ from typing import NewType
 
 SessionId = NewType("SessionId", str)
 WorkerId = NewType("WorkerId", str)
+GatewayId = NewType("GatewayId", str)
 
 PREFIX = "ss"
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -64,11 +65,22 @@ def session_keys(sid: SessionId) -> tuple[str, str, str, str]:
 
 #: Stream: one entry per new session; workers claim entries through DISPATCH_GROUP.
 #: An entry stays pending (unacknowledged) while its session is owned, and is
-#: acknowledged when the session closes. Capped at DISPATCH_MAXLEN entries (approximate
-#: trim on every add; only acknowledged history is old enough to fall off).
+#: acknowledged when the session closes. A worker that dies leaves its entries pending;
+#: they go idle, and another worker takes them over with XAUTOCLAIM. The maintenance job
+#: trims the stream with MINID below the oldest entry still pending or undelivered, so
+#: nothing a session still needs is ever trimmed.
 DISPATCH = f"{PREFIX}:dispatch"
-DISPATCH_MAXLEN = 100_000
 DISPATCH_GROUP = "workers"
+
+#: Stream: sessions that kept failing (delivered to workers more than
+#: `max_session_attempts` times), with the reason; appended by the maintenance job,
+#: capped at DEADLETTER_MAXLEN entries (approximate).
+DEADLETTER = f"{PREFIX}:deadletter"
+DEADLETTER_MAXLEN = 10_000
+
+#: The arq queue of maintenance jobs (arq adds its own `arq:job:*`, `arq:in-progress:*`,
+#: `arq:result:*`, `arq:retry:*` keys; see docs/redis-layout.md).
+ARQ_QUEUE = f"{PREFIX}:arq:queue"
 
 #: Sorted set: worker_id -> last heartbeat (unix ms). Entries older than
 #: `worker_alive_s` are dead workers; the heartbeat removes very old ones.
@@ -79,9 +91,21 @@ WORKERS = f"{PREFIX}:workers"
 DETACHED = f"{PREFIX}:detached"
 
 
+#: Sorted set: gateway_id -> last heartbeat (unix ms). A gateway silent for longer
+#: than `worker_alive_s` is dead: the maintenance job detaches its sessions (starting
+#: their resume grace) and forgets it.
+GATEWAYS = f"{PREFIX}:gateways"
+
 #: Pub/sub channel every gateway subscribes to (fleet-wide notices; keeps the
 #: gateway's subscriber connection subscribed even with no sessions).
-GATEWAYS_CHANNEL = f"{PREFIX}:gateways"
+GATEWAYS_CHANNEL = f"{PREFIX}:gateway-notices"
+
+
+def gateway_sessions(gid: GatewayId) -> str:
+    """Set: sessions with a client connected to gateway `gid`. Lets the maintenance job
+    find the sessions of a gateway that died without detaching them; expires a day
+    after the gateway's last heartbeat."""
+    return f"{PREFIX}:gateway:{gid}:sessions"
 
 
 def worker_info(wid: WorkerId) -> str:

@@ -50,17 +50,22 @@ return 1
 
 # KEYS: meta, lease. ARGV: worker_id, lease_ms.
 # Takes ownership if the session is not closed and nobody else holds a live lease.
-# Bumps the epoch (fencing token).
+# Bumps the epoch (fencing token) and records when (`claimed_ms`, server time).
 # Returns {epoch, ckpt_entry, ckpt_sample, finals, ckpt_base},
-# or {0} if another worker holds it, {-1} if the session is unknown or closed.
+# or {0, pttl} if another worker holds it (pttl: ms until its lease runs out),
+# or {-1} if the session is unknown or closed.
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'closed' then return {-1} end
 local holder = redis.call('GET', KEYS[2])
-if holder and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return {0} end
+if holder and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then
+  return {0, redis.call('PTTL', KEYS[2])}
+end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('SET', KEYS[2], ARGV[1] .. ':' .. epoch, 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'claimed_ms',
+           tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local m = redis.call('HMGET', KEYS[1], 'ckpt_entry', 'ckpt_sample', 'finals', 'ckpt_base')
 return {epoch, m[1] or '0-0', tonumber(m[2] or '0'), tonumber(m[3] or '0'), tonumber(m[4] or '0')}
 """
@@ -85,13 +90,14 @@ return 1
 # (ckpt_entry: first audio entry still needed; ckpt_base: its first sample's index;
 # ckpt_sample: everything before it is transcribed. All indices at 16 kHz.)
 # Records a final durably, numbers it, moves the checkpoint, trims committed audio and
-# publishes. Returns the new final count, -1 when fenced, -2 when result_id is not the
+# publishes. The entry's `by` field names the lease token (worker:epoch) that wrote it.
+# Returns the new final count, -1 when fenced, -2 when result_id is not the
 # next number (the worker's state is stale).
 PUBLISH_FINAL = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local finals = tonumber(redis.call('HGET', KEYS[1], 'finals') or '0')
 if tonumber(ARGV[2]) ~= finals then return -2 end
-redis.call('XADD', KEYS[3], '*', 't', 'final', 'rid', ARGV[2], 'm', ARGV[3])
+redis.call('XADD', KEYS[3], '*', 't', 'final', 'rid', ARGV[2], 'by', ARGV[1], 'm', ARGV[3])
 redis.call('HSET', KEYS[1], 'finals', finals + 1, 'ckpt_entry', ARGV[5], 'ckpt_sample', ARGV[6],
            'ckpt_base', ARGV[7])
 redis.call('XTRIM', KEYS[4], 'MINID', ARGV[5])
@@ -146,5 +152,33 @@ local m = redis.call('HMGET', KEYS[1], 'state', 'conn')
 if m[1] ~= 'open' or (m[2] and m[2] ~= '') then return 0 end
 redis.call('XADD', KEYS[2], '*', 't', 'control', 'm', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'closing')
+return 1
+"""
+
+# KEYS: meta. ARGV: connection-id prefix (`<gateway_id>/`).
+# Detaches the session if its connection belongs to that (dead) gateway: 1, else 0.
+DETACH_GATEWAY = """
+local conn = redis.call('HGET', KEYS[1], 'conn')
+if not conn or string.sub(conn, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == 'closed' then return 0 end
+redis.call('HSET', KEYS[1], 'conn', '')
+return 1
+"""
+
+# KEYS: meta, lease, results, audio. ARGV: envelope (Closed, reason failed), channel,
+# ttl_s, why. Ends a session that keeps failing: the summary goes into its results
+# stream, the state becomes closed (closed_reason failed, failure why), the lease is
+# dropped (fencing off any worker still at it) and the keys expire.
+# Returns 1, or 0 if the session is unknown or already closed.
+DEAD_LETTER = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'closed' then return 0 end
+redis.call('XADD', KEYS[3], '*', 't', 'closed', 'm', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'closed', 'closed_reason', 'failed', 'failure', ARGV[4])
+redis.call('DEL', KEYS[2])
+for i = 1, 4 do
+  if i ~= 2 then redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+end
+redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 1
 """

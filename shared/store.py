@@ -75,6 +75,13 @@ class ClaimResult:
     ckpt_base: int
 
 
+@dataclass(frozen=True, slots=True)
+class Contested:
+    """Another worker holds a live lease on the session; it runs out in `pttl_ms`."""
+
+    pttl_ms: int
+
+
 class SessionGone(Exception):
     """The session is unknown, expired, or no longer accepts what was sent."""
 
@@ -137,11 +144,10 @@ class Store:
             "conn": conn,
         }
         await cast(Awaitable[int], self.redis.hset(keys.meta(sid), mapping=mapping))
+        # No MAXLEN here: a cap could trim entries still pending. The maintenance job
+        # trims with MINID below the oldest entry a worker still needs.
         await self.redis.xadd(
-            keys.DISPATCH,
-            {"sid": sid, "m": envelope.encode(envelope.Dispatch(sid))},
-            maxlen=keys.DISPATCH_MAXLEN,
-            approximate=True,
+            keys.DISPATCH, {"sid": sid, "m": envelope.encode(envelope.Dispatch(sid))}
         )
 
     async def load_meta(self, sid: SessionId) -> SessionMeta | None:
@@ -255,11 +261,16 @@ class Store:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def claim(self, sid: SessionId, wid: WorkerId, lease_s: float) -> ClaimResult | None:
+    async def claim(
+        self, sid: SessionId, wid: WorkerId, lease_s: float
+    ) -> ClaimResult | Contested | None:
+        """Take the session (bumping its epoch); None if it is unknown or closed."""
         reply = await self._claim(
             keys=[keys.meta(sid), keys.lease(sid)], args=[wid, int(lease_s * 1000)]
         )
-        if int(reply[0]) <= 0:
+        if int(reply[0]) == 0:
+            return Contested(pttl_ms=max(0, int(reply[1])))
+        if int(reply[0]) < 0:
             return None
         return ClaimResult(
             epoch=int(reply[0]),
@@ -322,6 +333,24 @@ class Store:
 
     async def release(self, sid: SessionId, token: str) -> bool:
         return bool(await self._release(keys=[keys.lease(sid)], args=[token]))
+
+    async def record_failure(self, sid: SessionId, why: str) -> None:
+        """Note why a worker gave a session up; the dead-letter entry quotes the last one."""
+        await self.redis.hset(keys.meta(sid), "last_error", why[:500])  # type: ignore[misc]
+
+    async def hand_back(self, wid: WorkerId, entry_ids: Sequence[bytes], idle_ms: int) -> None:
+        """Mark dispatch entries idle for `idle_ms` so another worker's XAUTOCLAIM takes
+        them at once (used when a worker stops and releases its sessions)."""
+        if entry_ids:
+            await self.redis.xclaim(
+                keys.DISPATCH,
+                keys.DISPATCH_GROUP,
+                wid,
+                0,
+                list(entry_ids),
+                idle=idle_ms,
+                justid=True,
+            )
 
     async def ack_dispatch(self, entry_id: bytes) -> None:
         await self.redis.xack(keys.DISPATCH, keys.DISPATCH_GROUP, entry_id)

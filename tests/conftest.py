@@ -62,6 +62,8 @@ def make_config(redis_url: str, **overrides: Any) -> Config:
         "lease_s": 3.0,
         "reconcile_interval_s": 0.5,
         "read_block_ms": 50,
+        "maintenance_interval_s": 1,
+        "takeover_interval_s": 0.25,
     }
     base.update(overrides)
     return Config(**base)

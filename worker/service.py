@@ -2,10 +2,16 @@
 
 Loops (all on one event loop; decoding and VAD run in threads):
 - claim: XREADGROUP on the dispatch stream, only as many sessions as free slots;
+- takeover: XAUTOCLAIM of dispatch entries idle for longer than a lease (their owner
+  stopped renewing: it died, hangs or lost Redis), then the CLAIM script, which bumps the
+  session's epoch and resumes from its last checkpoint;
 - reader: one blocking XREAD over the audio streams of every owned session;
 - per session: a task that feeds audio to its `SessionTranscriber` and publishes;
-- keepalive: renews every owned lease and touches the pending dispatch entries;
-- heartbeat: registers the worker and its capacity in `ss:workers`.
+- keepalive: renews every owned lease and, only for leases it still holds, touches the
+  pending dispatch entries (XCLAIM JUSTID resets their idle time: a live owner's entries
+  never look idle);
+- heartbeat: registers the worker and its capacity in `ss:workers`;
+- maintenance: an arq worker running the fleet's periodic jobs (worker/maintenance.py).
 Every publish goes through a Lua script that checks the lease token (fencing): a worker
 that lost its lease cannot publish anything.
 """
@@ -33,9 +39,10 @@ from shared.config import Config
 from shared.envelope import AudioChunk, Closed, CloseReason, Control
 from shared.errors import EnvelopeError
 from shared.keys import SessionId, WorkerId
-from shared.store import ClaimResult, SessionMeta, Store, connect
+from shared.store import ClaimResult, Contested, SessionMeta, Store, connect
 from worker.audio import AudioConverter
 from worker.engine import Engine, StreamingVad, load_engine
+from worker.maintenance import Maintenance
 from worker.scheduler import Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
 
@@ -90,6 +97,11 @@ class Worker:
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+        # Takeover candidates whose old lease was still live: entry id -> (fields, retry at).
+        self._contested: dict[bytes, tuple[dict[bytes, bytes], float]] = {}
+        self._takeover_cursor = b"0-0"
+        self.maintenance: Maintenance | None = None
+        self.takeovers = 0
         self.options = StreamOptions(
             vad_threshold=config.vad_threshold,
             min_silence_s=config.min_silence_s,
@@ -126,11 +138,15 @@ class Worker:
         await self._heartbeat_once()
         for coro in (
             self._claim_loop(),
+            self._takeover_loop(),
             self._read_loop(),
             self._keepalive_loop(),
             self._heartbeat_loop(),
         ):
             self._tasks.append(asyncio.create_task(coro))
+        if self.config.maintenance == "on":
+            self.maintenance = Maintenance(self.config, self.config.require_redis_url())
+            self.maintenance.start()
         log.info(
             "worker %s ready: engine %s, %d slots",
             self.worker_id,
@@ -146,13 +162,18 @@ class Worker:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop claiming, stop sessions and release their leases.
+        """Stop claiming, stop sessions, release their leases and hand them back.
 
-        Releasing makes the sessions claimable; handing their pending dispatch entries to
-        another worker (XAUTOCLAIM) is not implemented yet (issue 3).
+        Every session's committed point is already in Redis (the checkpoint moves with each
+        final), so stopping loses nothing: the next owner re-reads the audio after the
+        checkpoint. Releasing the lease and marking the dispatch entries long idle lets
+        another worker's takeover loop claim them on its next round instead of waiting
+        out a lease.
         """
         log.info("worker %s stopping", self.worker_id)
         self._closing.set()  # loops finish their current Redis call and return
+        if self.maintenance is not None:
+            await self.maintenance.stop()
         _done, pending = await asyncio.wait(self._tasks, timeout=2.0) if self._tasks else ((), ())
         for task in pending:
             task.cancel()
@@ -163,8 +184,14 @@ class Worker:
                 s.task.cancel()
         await asyncio.gather(*(s.task for s in owned if s.task), return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
-            for s in owned:
-                await self.store.release(s.sid, s.token)
+            released = [s for s in owned if await self.store.release(s.sid, s.token)]
+            await self.store.hand_back(
+                self.worker_id,
+                [s.dispatch_id for s in released],
+                idle_ms=int(self.config.lease_s * 1000) * 10,
+            )
+            for s in released:
+                log.info("session %s released for another worker", s.sid)
             await self.store.unregister(self.worker_id)
         if self.scheduler is not None:
             await self.scheduler.close()
@@ -199,6 +226,7 @@ class Worker:
                     await self._take(entry_id, fields)
 
     async def _take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Claim the session of a dispatch entry that is now pending on this worker."""
         try:
             item = envelope.decode_entry(fields)
         except EnvelopeError as exc:
@@ -209,13 +237,65 @@ class Worker:
             await self.store.ack_dispatch(entry_id)
             return
         sid = SessionId(item.session_id)
+        if sid in self.owned:
+            return  # ours already (a late touch raced a takeover round)
         claim = await self.store.claim(sid, self.worker_id, self.config.lease_s)
+        if isinstance(claim, Contested):
+            # Its owner's lease is still live: retry once when it runs out. If the owner
+            # is alive it renews meanwhile and takes the entry back with its next touch.
+            retry_at = asyncio.get_running_loop().time() + claim.pttl_ms / 1000 + 0.05
+            self._contested[entry_id] = (fields, retry_at)
+            return
         meta = await self.store.load_meta(sid) if claim else None
         if claim is None or meta is None:
             log.info("session %s no longer needs a worker; dispatch entry acknowledged", sid)
             await self.store.ack_dispatch(entry_id)
             return
         self._start_session(sid, claim, meta, entry_id)
+
+    async def _takeover_loop(self) -> None:
+        """Take over sessions whose owner stopped renewing (XAUTOCLAIM + CLAIM)."""
+        min_idle_ms = int(self.config.lease_s * 1000)
+        loop = asyncio.get_running_loop()
+        while not self._closing.is_set():
+            await self._pause(self.config.takeover_interval_s)
+            try:
+                now = loop.time()
+                for entry_id, (fields, retry_at) in list(self._contested.items()):
+                    if retry_at <= now and self.config.slots > len(self.owned):
+                        del self._contested[entry_id]
+                        await self._take_over(entry_id, fields, retry=True)
+                free = self.config.slots - len(self.owned)
+                if free <= 0:
+                    continue
+                reply = await self.redis.xautoclaim(
+                    keys.DISPATCH,
+                    keys.DISPATCH_GROUP,
+                    self.worker_id,
+                    min_idle_ms,
+                    start_id=self._takeover_cursor,
+                    count=free,
+                )
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("takeover", exc)
+                continue
+            cursor, entries = reply[0], reply[1]
+            self._takeover_cursor = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
+            for entry_id, fields in entries:
+                if fields is None:
+                    continue  # deleted from the stream meanwhile
+                try:
+                    await self._take_over(entry_id, fields, retry=False)
+                except (RedisError, OSError) as exc:
+                    await self._redis_trouble("takeover", exc)
+
+    async def _take_over(self, entry_id: bytes, fields: dict[bytes, bytes], retry: bool) -> None:
+        before = len(self.owned)
+        await self._take(entry_id, fields)
+        if len(self.owned) > before:
+            self.takeovers += 1
+        elif retry:
+            self._contested.pop(entry_id, None)  # still held: its owner is alive
 
     def _start_session(
         self, sid: SessionId, claim: ClaimResult, meta: SessionMeta, dispatch_id: bytes
@@ -290,9 +370,10 @@ class Worker:
             log.warning("session %s: redis error %s; releasing its lease", s.sid, exc)
             with contextlib.suppress(RedisError, OSError):
                 await self.store.release(s.sid, s.token)
-        except Exception:
+        except Exception as exc:
             log.exception("session %s failed; releasing it", s.sid)
             with contextlib.suppress(RedisError, OSError):
+                await self.store.record_failure(s.sid, f"{type(exc).__name__}: {exc}")
                 await self.store.release(s.sid, s.token)
         finally:
             if s.decode_task is not None:
@@ -405,12 +486,16 @@ class Worker:
             await self._pause(interval)
             owned = list(self.owned.values())
             try:
+                ids: list[Any] = []
                 for s in owned:
-                    if not await self.store.renew(s.sid, s.token, self.config.lease_s):
-                        log.warning("session %s: lease lost to another worker", s.sid)
-                        if s.task is not None:
-                            s.task.cancel()
-                ids: list[Any] = [s.dispatch_id for s in owned]
+                    if await self.store.renew(s.sid, s.token, self.config.lease_s):
+                        ids.append(s.dispatch_id)
+                        continue
+                    log.warning("session %s: lease lost to another worker", s.sid)
+                    if s.task is not None:
+                        s.task.cancel()
+                # Only for leases still held: touching an entry moves it into this
+                # worker's pending list, which must never steal it back from a new owner.
                 if ids:  # reset idle time: a silent pending entry means a dead owner
                     await self.redis.xclaim(
                         keys.DISPATCH, keys.DISPATCH_GROUP, self.worker_id, 0, ids, justid=True

@@ -11,7 +11,7 @@ from shared import envelope, keys
 from shared.envelope import AudioChunk, Transcript
 from shared.keys import SessionId, WorkerId
 from shared.protocol import SessionParams
-from shared.store import SeqGap, Store
+from shared.store import ClaimResult, Contested, SeqGap, Store
 
 SID = SessionId("ab" * 16)
 
@@ -69,11 +69,15 @@ async def test_fenced_worker_cannot_publish(redis: aioredis.Redis) -> None:
     store = Store(redis)
     await _new_session(store)
     first = await store.claim(SID, WorkerId("w1"), lease_s=5)
-    assert first is not None and first.epoch == 1
-    assert await store.claim(SID, WorkerId("w2"), lease_s=5) is None, "lease still held"
+    assert isinstance(first, ClaimResult) and first.epoch == 1
+    contested = await store.claim(SID, WorkerId("w2"), lease_s=5)
+    assert isinstance(contested, Contested), "lease still held"
+    assert 0 < contested.pttl_ms <= 5000
     await redis.delete(keys.lease(SID))  # w1's lease expires (paused, partitioned...)
     second = await store.claim(SID, WorkerId("w2"), lease_s=5)
-    assert second is not None and second.epoch == 2
+    assert isinstance(second, ClaimResult) and second.epoch == 2
+    meta = await redis.hgetall(keys.meta(SID))
+    assert meta[b"owner"] == b"w2" and int(meta[b"claimed_ms"]) > 0
     final = Transcript(0, True, 0.0, 1.0, "stale words")
     assert await store.publish_final(SID, "w1:1", final, "0-1", 100, 0) == -1
     assert not await store.publish_interim(SID, "w1:1", Transcript(0, False, 0, 1, "x"))

@@ -41,6 +41,9 @@ POSITIVE = [
     "lease_s",
     "heartbeat_s",
     "read_block_ms",
+    "takeover_interval_s",
+    "max_session_attempts",
+    "maintenance_interval_s",
 ]
 
 
@@ -190,7 +193,13 @@ def test_empty_api_keys_means_no_keys() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("device", "gpu"), ("engine", "vosk"), ("log_level", "TRACE"), ("log_level", "debug")],
+    [
+        ("device", "gpu"),
+        ("engine", "vosk"),
+        ("log_level", "TRACE"),
+        ("log_level", "debug"),
+        ("maintenance", "yes"),
+    ],
 )
 def test_invalid_choices_are_rejected(field: str, value: str) -> None:
     """device, engine and log_level accept only their listed values (Config is case-exact)."""
@@ -294,3 +303,16 @@ def test_certfile_none_from_environment_disables_tls() -> None:
 def test_unrelated_environment_is_ignored() -> None:
     """Variables without the STREAMSCRIBE_ prefix or naming no setting change nothing."""
     assert load_config({}, {"SLOTS": "0", "STREAMSCRIBE_NOT_A_SETTING": "x"}) == Config()
+
+
+@pytest.mark.parametrize("seconds", [7, 45, 61])
+def test_maintenance_interval_must_divide_a_minute(seconds: int) -> None:
+    """arq cron ticks on seconds of the minute: the interval must divide 60."""
+    err = config_error(maintenance_interval_s=seconds)
+    assert names_both(err, "maintenance_interval_s") and "divide 60" in str(err)
+
+
+@pytest.mark.parametrize("seconds", [1, 5, 15, 30, 60])
+def test_maintenance_intervals_that_divide_a_minute_are_accepted(seconds: int) -> None:
+    """Every divisor of 60 is a valid maintenance interval."""
+    assert Config(maintenance_interval_s=seconds).maintenance_interval_s == seconds

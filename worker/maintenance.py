@@ -1,0 +1,151 @@
+"""Periodic maintenance on arq: reap abandoned sessions, trim streams, dead-letter.
+
+Every worker process runs an arq worker beside its streaming loops (unless
+`--maintenance off`), with one cron job, `maintain`, every `maintenance_interval_s`.
+arq enqueues cron jobs under an ID made of the job name and the tick time, so across the
+whole fleet each tick runs once, on whichever worker picks it first. Jobs are serialized
+with msgpack, never pickle. arq is kept off the streaming path: a slow or failed
+maintenance run never delays audio or results.
+
+One run does, in order:
+1. detach the sessions of gateways that died without a word (their resume grace starts);
+2. reap sessions whose resume grace ended (close mark `abandoned`; a worker finalizes);
+3. dead-letter sessions delivered to workers more than `max_session_attempts` times;
+4. trim acknowledged history off the dispatch stream (MINID below anything pending).
+Audio streams are trimmed by the worker as finals commit (PUBLISH_FINAL, MINID at the
+checkpoint) and closed sessions' keys expire after `session_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+import msgpack
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.cron import cron
+from arq.worker import Worker as ArqWorker
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.config import Config
+from shared.fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+
+def serialize(job: dict[str, Any]) -> bytes:
+    return cast(bytes, msgpack.packb(job, use_bin_type=True, datetime=True))
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+    return cast(dict[str, Any], msgpack.unpackb(data, raw=False, timestamp=3))
+
+
+async def run_maintenance(fleet: Fleet, config: Config) -> dict[str, int]:
+    """One maintenance pass; returns what it did (counts). Safe to run concurrently."""
+    gone = await fleet.reap_dead_gateways(config.worker_alive_s, config.resume_grace_s)
+    for gid, sids in gone.items():
+        log.info("gateway %s is gone; %d session(s) now await resume", gid, len(sids))
+    reaped = await fleet.store.reap_detached()
+    for sid in reaped:
+        log.info("session %s abandoned: resume grace ended", sid)
+    dead = await fleet.dead_letter_failing(config.max_session_attempts, config.session_ttl_s)
+    for d in dead:
+        log.warning("session %s dead-lettered: %s", d.session_id, d.why)
+    trimmed = await fleet.trim_dispatch()
+    return {
+        "dead_gateways": len(gone),
+        "detached": sum(len(s) for s in gone.values()),
+        "abandoned": len(reaped),
+        "dead_lettered": len(dead),
+        "dispatch_trimmed": trimmed,
+    }
+
+
+async def maintain(ctx: dict[str, Any]) -> dict[str, int]:
+    """The arq cron job."""
+    return await run_maintenance(ctx["fleet"], ctx["config"])
+
+
+class Maintenance:
+    """An arq worker inside a streamscribe worker process, restarted after Redis outages."""
+
+    def __init__(self, config: Config, redis_url: str) -> None:
+        self.config = config
+        self.redis_url = redis_url
+        self._task: asyncio.Task[None] | None = None
+        self._arq: ArqWorker | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="maintenance")
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            pool: ArqRedis | None = None
+            try:
+                pool = await create_pool(
+                    RedisSettings.from_dsn(self.redis_url),
+                    job_serializer=serialize,
+                    job_deserializer=deserialize,
+                    default_queue_name=keys.ARQ_QUEUE,
+                    retry=0,
+                )
+                fleet = Fleet(pool)
+                every = self.config.maintenance_interval_s
+                self._arq = ArqWorker(
+                    functions=[],
+                    cron_jobs=[
+                        cron(
+                            maintain,
+                            name="streamscribe:maintain",
+                            second=set(range(0, 60, every)),
+                            unique=True,
+                            max_tries=1,
+                            timeout=max(30, every * 6),
+                        )
+                    ],
+                    redis_pool=pool,
+                    queue_name=keys.ARQ_QUEUE,
+                    handle_signals=False,
+                    job_serializer=serialize,
+                    job_deserializer=deserialize,
+                    ctx={"fleet": fleet, "config": self.config},
+                    poll_delay=0.25,
+                    keep_result=0,
+                    log_results=False,
+                    health_check_key=f"{keys.ARQ_QUEUE}:health-check",
+                )
+                delay = 0.5
+                await self._arq.async_run()
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    return
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("maintenance: redis unavailable (%s); restarting", exc)
+            finally:
+                # Let a running job finish (arq shields its bookkeeping from cancellation)
+                # before the pool goes away under it.
+                jobs = list(self._arq.tasks.values()) if self._arq is not None else []
+                if jobs:
+                    await asyncio.wait(jobs, timeout=10)
+                self._arq = None
+                if pool is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pool.aclose()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            await self._task
