@@ -66,6 +66,7 @@ class Decoded:
 class Owned:
     sid: SessionId
     token: str
+    epoch: int
     meta: SessionMeta
     dispatch_id: bytes
     transcriber: SessionTranscriber
@@ -309,6 +310,7 @@ class Worker:
         owned = Owned(
             sid=sid,
             token=f"{self.worker_id}:{claim.epoch}",
+            epoch=claim.epoch,
             meta=meta,
             dispatch_id=dispatch_id,
             transcriber=transcriber,
@@ -433,16 +435,16 @@ class Worker:
 
     async def _publish(self, s: Owned, out: Output) -> None:
         if isinstance(out, Interim):
-            if not await self.store.publish_interim(s.sid, s.token, out.transcript):
+            interim = dataclasses.replace(out.transcript, epoch=s.epoch)
+            if not await self.store.publish_interim(s.sid, s.token, interim):
                 raise LeaseLost()
             return
         assert isinstance(out, Final)
         entry, base = self._checkpoint(s, out.commit_sample)
         if out.transcript is None:
             return
-        rc = await self.store.publish_final(
-            s.sid, s.token, out.transcript, entry, out.commit_sample, base
-        )
+        final = dataclasses.replace(out.transcript, epoch=s.epoch)
+        rc = await self.store.publish_final(s.sid, s.token, final, entry, out.commit_sample, base)
         if rc == -1:
             raise LeaseLost()
         if rc == -2:

@@ -73,7 +73,9 @@ async def results_by(redis: aioredis.Redis, sid: str) -> list[tuple[int, str]]:
         if fields[b"t"] == b"final":
             item = envelope.decode_entry(fields)
             assert isinstance(item, envelope.Transcript)
-            out.append((item.result_id, fields[b"by"].decode()))
+            token = fields[b"by"].decode()
+            assert token.endswith(f":{item.epoch}"), "the envelope carries the owner's epoch"
+            out.append((item.result_id, token))
     return out
 
 

@@ -42,7 +42,9 @@ EVERY_TYPE: list[Envelope] = [
         (Word("héllo", 1.5, 2.0, 0.875), Word("world", 2.1, 2.75, 0.5)),
     ),
     Transcript(3, False, 0.0, 0.25, "par"),
+    Transcript(4, True, 0.0, 0.25, "fenced", epoch=7),
     Closed("abandoned", 61.25, 4),
+    Closed("failed", 3.0, 1),
     Replaced("conn-1"),
 ]
 
