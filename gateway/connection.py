@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from gateway.admission import Admission
 from gateway.relay import Relay
 from shared import envelope
 from shared.config import Config
@@ -39,6 +40,7 @@ from shared.errors import (
     FrameTooLarge,
     Internal,
     NotFound,
+    Overloaded,
     ProtocolViolation,
     SessionFailed,
     StreamscribeError,
@@ -53,6 +55,7 @@ from shared.protocol import (
     ConnectionState,
     Finalize,
     Keepalive,
+    Queued,
     Resume,
     ServerMessage,
     ServerSession,
@@ -106,6 +109,7 @@ class GatewayContext:
     metrics: Metrics
     fleet: Fleet
     gateway_id: GatewayId
+    admission: Admission
 
 
 class Connection:
@@ -126,6 +130,8 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self.last_activity = self.loop.time()
         self.results_after = b"0-0"
+        # (priority, place in its dispatch lane) while no worker has claimed the session.
+        self.queue: tuple[str, int] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -179,14 +185,20 @@ class Connection:
             )
         if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.api_keys):
             raise Unauthorized("invalid API key")
+        if params.priority == "high" and not any(
+            hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.high_priority_keys
+        ):
+            raise BadRequest("priority=high is not allowed for this API key")
 
     async def _start_new(self, params: SessionParams) -> None:
+        await self.ctx.admission.check_new(params.priority)  # 1013 when the queue is full
         sid = SessionId(secrets.token_hex(16))
         token = secrets.token_urlsafe(24)
         self.sid = sid
         self.events = await self.ctx.relay.subscribe(sid)
         await self.ctx.fleet.gateway_holds(self.ctx.gateway_id, sid)
-        await self.ctx.store.create_session(sid, params, hash_token(token), self.conn_id)
+        index = await self.ctx.store.create_session(sid, params, hash_token(token), self.conn_id)
+        self.queue = (params.priority, index)
         self.session = ServerSession(params, resuming=False)
         self.delivery = Delivery(interim_results=params.interim_results)
         self.ctx.metrics.inc("sessions_started_total")
@@ -230,6 +242,8 @@ class Connection:
         if previous:
             await self.ctx.store.publish_replaced(sid, self.conn_id)
         self.session.resumed(meta.next_seq, open_=meta.state == "open")
+        if meta.epoch == 0 and meta.state == "open":
+            self.queue = (meta.params.priority, meta.dispatch_index)
         self.delivery = Delivery(
             next_result_id=msg.last_result_id + 1,
             interim_results=meta.params.interim_results,
@@ -245,11 +259,16 @@ class Connection:
             asyncio.create_task(self._writer(), name="writer"),
             asyncio.create_task(self._results(), name="results"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self._queue_watch(), name="queue"),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raise the first failure
+            running = set(tasks)
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # re-raise the first failure
+                if any(task.get_name() != "queue" for task in done):
+                    break  # the queue watcher alone may end early: the session got a worker
         finally:
             for task in tasks:
                 task.cancel()
@@ -387,6 +406,34 @@ class Connection:
         ):
             self.results_after = entry_id
             await self._forward(self.delivery.offer(item))
+
+    async def _queue_watch(self) -> None:
+        """While no worker has claimed the session: tell the client its place in the
+        fleet's queue (`queued`) when it changes; past `max_queue_wait_s`, give up (1013)."""
+        if self.queue is None:
+            return
+        priority, index = self.queue
+        sid = self._sid()
+        waited_since = self.loop.time()
+        last: int | None = None
+        while True:
+            epoch = await self._with_retries(lambda: self.ctx.store.epoch(sid))
+            if epoch is None or epoch > 0:
+                return  # claimed (or gone: the writer will say so)
+            position = await self._with_retries(
+                lambda: self.ctx.admission.position(priority, index)
+            )
+            if position > 0 and position != last:
+                await self._send(Queued(position))
+                last = position
+            if self.loop.time() - waited_since >= self.cfg.max_queue_wait_s:
+                if await self._with_retries(lambda: self.ctx.store.cancel_queued(sid)):
+                    self.ctx.metrics.inc("sessions_queue_timeout_total")
+                    raise Overloaded(
+                        f"overloaded: no worker became free within {self.cfg.max_queue_wait_s:g}s"
+                        "; try again later"
+                    )
+            await asyncio.sleep(self.cfg.queue_update_s)
 
     async def _watchdog(self) -> None:
         session = self._session()

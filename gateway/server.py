@@ -26,6 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from gateway.admission import Admission
 from gateway.connection import Connection, GatewayContext
 from gateway.relay import Relay
 from gateway.tls import TLSContext
@@ -54,7 +55,13 @@ class Gateway:
         self.fleet = Fleet(self.redis)
         self.gateway_id = GatewayId(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         self.ctx = GatewayContext(
-            config, self.store, self.relay, self.metrics, self.fleet, self.gateway_id
+            config,
+            self.store,
+            self.relay,
+            self.metrics,
+            self.fleet,
+            self.gateway_id,
+            Admission(self.redis, config),
         )
         self._server: Server | None = None
         self._heartbeat: asyncio.Task[None] | None = None

@@ -97,6 +97,28 @@ class Config:
         "reading from its socket (back-pressure).",
         GATEWAY,
     )
+    high_priority_keys: tuple[str, ...] = _opt(
+        (),
+        "API key allowed to open sessions with priority=high (repeatable flag; "
+        "comma-separated in the environment). Without API keys configured, anyone may.",
+        GATEWAY,
+        metavar="KEY",
+    )
+    max_queue_length: int = _opt(
+        100,
+        "Most sessions that may wait for a worker in a lane and the lanes above it; a new "
+        "connection beyond that is refused with 1013.",
+        GATEWAY,
+    )
+    max_queue_wait_s: float = _opt(
+        30.0,
+        "Longest a session waits for a worker: a queued session is then closed with 1013, and "
+        "new connections are refused while the oldest waiting session has waited this long.",
+        GATEWAY,
+    )
+    queue_update_s: float = _opt(
+        1.0, "How often a waiting session's client is told its queue position, seconds.", GATEWAY
+    )
     ping_interval_s: float = _opt(20.0, "WebSocket ping interval, seconds.", GATEWAY)
     ping_timeout_s: float = _opt(20.0, "Close a connection whose pong is this late.", GATEWAY)
     worker_alive_s: float = _opt(
@@ -210,6 +232,9 @@ class Config:
             "read_block_ms",
             "takeover_interval_s",
             "max_session_attempts",
+            "max_queue_length",
+            "max_queue_wait_s",
+            "queue_update_s",
             "maintenance_interval_s",
         )
         for name in positive:
@@ -274,8 +299,13 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+#: Settings that hold several values: a repeatable flag named in the singular, and a
+#: comma-separated environment variable.
+LIST_FIELDS = ("api_keys", "high_priority_keys")
+
+
 def flag_name(name: str) -> str:
-    return "--" + name.removesuffix("s" if name == "api_keys" else "").replace("_", "-")
+    return "--" + name.removesuffix("s" if name in LIST_FIELDS else "").replace("_", "-")
 
 
 def _where(name: str) -> str:
@@ -296,7 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser, *parts: str) -> None:
         }
         if f.metadata["metavar"]:
             kwargs["metavar"] = f.metadata["metavar"]
-        if f.name == "api_keys":
+        if f.name in LIST_FIELDS:
             kwargs["action"] = "append"
         parser.add_argument(flag_name(f.name), **kwargs)
 
@@ -312,7 +342,7 @@ def _show(value: Any) -> str:
 def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
     kind = str(f.type)
     try:
-        if f.name == "api_keys":
+        if f.name in LIST_FIELDS:
             items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
             return tuple(k.strip() for k in items if k.strip())
         if kind == "int":

@@ -106,7 +106,7 @@ class Fleet:
             out[gid] = detached
         return out
 
-    async def dispatch_trim_point(self) -> str | None:
+    async def dispatch_trim_point(self, lane: str = keys.DISPATCH) -> str | None:
         """The lowest dispatch entry ID anybody may still need, or None (no group yet).
 
         Order matters: the group's last-delivered ID is read before the pending list.
@@ -114,14 +114,14 @@ class Fleet:
         pending already (XCLAIM only moves pending entries) or are newer.
         """
         try:
-            groups = await self.redis.xinfo_groups(keys.DISPATCH)
+            groups = await self.redis.xinfo_groups(lane)
         except ResponseError:
             return None  # no stream yet
         group = next((g for g in groups if _s(g["name"]) == keys.DISPATCH_GROUP), None)
         if group is None:
             return None
         point = next_stream_id(_s(group["last-delivered-id"]))
-        pending = await self.redis.xpending(keys.DISPATCH, keys.DISPATCH_GROUP)
+        pending = await self.redis.xpending(lane, keys.DISPATCH_GROUP)
         if pending["pending"] and pending["min"] is not None:
             oldest = _s(pending["min"])
             if stream_id_key(oldest) < stream_id_key(point):
@@ -129,12 +129,14 @@ class Fleet:
         return point
 
     async def trim_dispatch(self) -> int:
-        """Trim acknowledged history off the dispatch stream; never a pending or
+        """Trim acknowledged history off every dispatch lane; never a pending or
         undelivered entry. Returns the number of entries removed."""
-        point = await self.dispatch_trim_point()
-        if point is None:
-            return 0
-        return int(await self.redis.xtrim(keys.DISPATCH, minid=point, approximate=False))
+        removed = 0
+        for lane in keys.DISPATCH_LANES:
+            point = await self.dispatch_trim_point(lane)
+            if point is not None:
+                removed += int(await self.redis.xtrim(lane, minid=point, approximate=False))
+        return removed
 
     async def dead_letter_failing(
         self, max_attempts: int, ttl_s: float, limit: int = 1000
@@ -142,27 +144,31 @@ class Fleet:
         """Move sessions delivered to workers more than `max_attempts` times to
         `ss:deadletter`, close them (reason failed) and acknowledge their dispatch entry."""
         out: list[DeadLettered] = []
-        start = "-"
-        while len(out) < limit:
-            page: list[dict[str, Any]] = await self.redis.xpending_range(
-                keys.DISPATCH, keys.DISPATCH_GROUP, min=start, max="+", count=200
-            )
-            if not page:
-                break
-            for item in page:
-                if int(item["times_delivered"]) > max_attempts:
-                    done = await self._dead_letter_entry(
-                        _s(item["message_id"]), int(item["times_delivered"]), ttl_s
+        for lane in keys.DISPATCH_LANES:
+            start = "-"
+            while len(out) < limit:
+                try:
+                    page: list[dict[str, Any]] = await self.redis.xpending_range(
+                        lane, keys.DISPATCH_GROUP, min=start, max="+", count=200
                     )
-                    if done is not None:
-                        out.append(done)
-            start = "(" + _s(page[-1]["message_id"])
+                except ResponseError:
+                    break  # no such lane or group yet
+                if not page:
+                    break
+                for item in page:
+                    if int(item["times_delivered"]) > max_attempts:
+                        out.append(
+                            await self._dead_letter_entry(
+                                lane, _s(item["message_id"]), int(item["times_delivered"]), ttl_s
+                            )
+                        )
+                start = "(" + _s(page[-1]["message_id"])
         return out
 
     async def _dead_letter_entry(
-        self, entry_id: str, attempts: int, ttl_s: float
-    ) -> DeadLettered | None:
-        entries = await self.redis.xrange(keys.DISPATCH, min=entry_id, max=entry_id)
+        self, lane: str, entry_id: str, attempts: int, ttl_s: float
+    ) -> DeadLettered:
+        entries = await self.redis.xrange(lane, min=entry_id, max=entry_id)
         sid: SessionId | None = None
         if entries:
             try:
@@ -196,7 +202,7 @@ class Fleet:
             maxlen=keys.DEADLETTER_MAXLEN,
             approximate=True,
         )
-        await self.redis.xack(keys.DISPATCH, keys.DISPATCH_GROUP, entry_id)
+        await self.redis.xack(lane, keys.DISPATCH_GROUP, entry_id)
         return DeadLettered(SessionId(sid or ""), entry_id, attempts, why)
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:

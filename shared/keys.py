@@ -71,6 +71,21 @@ def session_keys(sid: SessionId) -> tuple[str, str, str, str]:
 #: nothing a session still needs is ever trimmed.
 DISPATCH = f"{PREFIX}:dispatch"
 DISPATCH_GROUP = "workers"
+#: The `high` priority lane: same shape and group name; workers read it strictly first.
+DISPATCH_HIGH = f"{PREFIX}:dispatch:high"
+
+
+def dispatch(priority: str) -> str:
+    """The dispatch stream (lane) of a priority: `high` or `normal`."""
+    if priority == "high":
+        return DISPATCH_HIGH
+    if priority == "normal":
+        return DISPATCH
+    raise ValueError(f"unknown priority {priority!r}")
+
+
+#: Every lane, highest priority first.
+DISPATCH_LANES: tuple[str, ...] = (DISPATCH_HIGH, DISPATCH)
 
 #: Stream: sessions that kept failing (delivered to workers more than
 #: `max_session_attempts` times), with the reason; appended by the maintenance job,

@@ -21,8 +21,12 @@ from shared.errors import BadRequest, Forbidden, ProtocolViolation, Streamscribe
 ENCODINGS: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}  # bytes per sample
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
+#: Dispatch lanes, highest first (the `priority` query parameter).
+PRIORITIES: tuple[str, ...] = ("high", "normal")
+
 QUERY_PARAMS = frozenset(
     {
+        "priority",
         "sample_rate",
         "encoding",
         "channels",
@@ -50,6 +54,8 @@ class SessionParams:
     model: str | None = None
     session_id: str | None = None
     access_token: str | None = None
+    #: Dispatch lane: `high` sessions are admitted strictly before `normal` ones.
+    priority: str = "normal"
 
     @property
     def bytes_per_frame(self) -> int:
@@ -131,6 +137,10 @@ def parse_query(query: str | Mapping[str, Sequence[str]]) -> SessionParams:
     session_id = _single(parsed, "session_id")
     if session_id is not None and not (len(session_id) == 32 and _is_hex(session_id)):
         raise BadRequest("session_id must be 32 lowercase hexadecimal characters")
+    priority = _single(parsed, "priority")
+    priority = "normal" if priority is None else priority
+    if priority not in PRIORITIES:
+        raise BadRequest(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
     return SessionParams(
         sample_rate=rate,
         encoding=encoding,
@@ -140,6 +150,7 @@ def parse_query(query: str | Mapping[str, Sequence[str]]) -> SessionParams:
         model=model,
         session_id=session_id,
         access_token=_single(parsed, "access_token"),
+        priority=priority,
     )
 
 

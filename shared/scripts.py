@@ -182,3 +182,13 @@ end
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 1
 """
+
+# KEYS: meta, audio, results. Cancels a session no worker has claimed yet (epoch 0): its
+# keys are deleted, so a worker that reads its dispatch entry later just acknowledges it.
+# Returns 1 if cancelled, 0 if a worker claimed it meanwhile (or it is gone already).
+CANCEL_QUEUED = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch or epoch ~= '0' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""

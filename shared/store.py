@@ -53,6 +53,7 @@ class SessionMeta:
     epoch: int
     owner: str
     conn: str
+    dispatch_index: int = 0
 
     @property
     def audio_seconds(self) -> float:
@@ -116,16 +117,19 @@ class Store:
         self._attach = redis.register_script(scripts.ATTACH)
         self._detach = redis.register_script(scripts.DETACH)
         self._abandon = redis.register_script(scripts.ABANDON)
+        self._cancel_queued = redis.register_script(scripts.CANCEL_QUEUED)
 
     # --- gateway side ----------------------------------------------------------------
 
     async def create_session(
         self, sid: SessionId, params: SessionParams, token_hash: str, conn: str
-    ) -> None:
-        """Write the session's meta, then announce it on the dispatch stream.
+    ) -> int:
+        """Write the session's meta, then announce it on its priority's dispatch lane.
 
         Two steps (the dispatch stream lives in another cluster slot). A worker that
-        claims a dispatch entry whose meta is missing simply acknowledges it.
+        claims a dispatch entry whose meta is missing simply acknowledges it. Returns the
+        entry's place in its lane: the lane's `entries-added` counter just after the add
+        (compared with the consumer group's `entries-read` to tell the queue position).
         """
         mapping: dict[str, Any] = {
             "state": "open",
@@ -136,6 +140,7 @@ class Store:
             "language": params.language or "",
             "interim": int(params.interim_results),
             "model": params.model or "",
+            "priority": params.priority,
             "token": token_hash,
             "next_seq": 0,
             "finals": 0,
@@ -146,9 +151,19 @@ class Store:
         await cast(Awaitable[int], self.redis.hset(keys.meta(sid), mapping=mapping))
         # No MAXLEN here: a cap could trim entries still pending. The maintenance job
         # trims with MINID below the oldest entry a worker still needs.
-        await self.redis.xadd(
-            keys.DISPATCH, {"sid": sid, "m": envelope.encode(envelope.Dispatch(sid))}
+        lane = keys.dispatch(params.priority)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(lane, {"sid": sid, "m": envelope.encode(envelope.Dispatch(sid))})
+        pipe.xinfo_stream(lane)
+        entry_id, info = await pipe.execute()
+        index = int(info.get("entries-added") or 0)
+        await cast(
+            Awaitable[int],
+            self.redis.hset(
+                keys.meta(sid), mapping={"dispatch_id": _s(entry_id), "dispatch_index": index}
+            ),
         )
+        return index
 
     async def load_meta(self, sid: SessionId) -> SessionMeta | None:
         raw = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(keys.meta(sid)))
@@ -162,6 +177,7 @@ class Store:
             language=_s(get(b"language")) or None,
             interim_results=get(b"interim", b"1") == b"1",
             model=_s(get(b"model")) or None,
+            priority=_s(get(b"priority")) or "normal",
         )
         return SessionMeta(
             session_id=sid,
@@ -174,6 +190,7 @@ class Store:
             epoch=int(get(b"epoch", b"0")),
             owner=_s(get(b"owner")),
             conn=_s(get(b"conn")),
+            dispatch_index=int(get(b"dispatch_index", b"0")),
         )
 
     async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:
@@ -201,6 +218,17 @@ class Store:
             raise SessionGone("unknown")
         if rc == -2:
             raise SessionGone("not_open")
+
+    async def epoch(self, sid: SessionId) -> int | None:
+        """The session's ownership epoch: 0 until a worker claims it; None if it is gone."""
+        raw = await self.redis.hget(keys.meta(sid), "epoch")  # type: ignore[misc]
+        return None if raw is None else int(raw)
+
+    async def cancel_queued(self, sid: SessionId) -> bool:
+        """Delete a session that no worker has claimed yet (queue wait exceeded)."""
+        return bool(
+            await self._cancel_queued(keys=[keys.meta(sid), keys.audio(sid), keys.results(sid)])
+        )
 
     async def attach(self, sid: SessionId, conn: str) -> str | None:
         """Mark `conn` as the session's connection; returns the one it replaced ('' none)."""
@@ -253,13 +281,13 @@ class Store:
     # --- worker side ------------------------------------------------------------------
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(
-                keys.DISPATCH, keys.DISPATCH_GROUP, id="0", mkstream=True
-            )
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the workers' consumer group on every dispatch lane (idempotent)."""
+        for lane in keys.DISPATCH_LANES:
+            try:
+                await self.redis.xgroup_create(lane, keys.DISPATCH_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def claim(
         self, sid: SessionId, wid: WorkerId, lease_s: float
@@ -338,22 +366,18 @@ class Store:
         """Note why a worker gave a session up; the dead-letter entry quotes the last one."""
         await self.redis.hset(keys.meta(sid), "last_error", why[:500])  # type: ignore[misc]
 
-    async def hand_back(self, wid: WorkerId, entry_ids: Sequence[bytes], idle_ms: int) -> None:
+    async def hand_back(
+        self, wid: WorkerId, lane: str, entry_ids: Sequence[bytes], idle_ms: int
+    ) -> None:
         """Mark dispatch entries idle for `idle_ms` so another worker's XAUTOCLAIM takes
-        them at once (used when a worker stops and releases its sessions)."""
+        them at once (a stopping worker's sessions; an entry read without a free slot)."""
         if entry_ids:
             await self.redis.xclaim(
-                keys.DISPATCH,
-                keys.DISPATCH_GROUP,
-                wid,
-                0,
-                list(entry_ids),
-                idle=idle_ms,
-                justid=True,
+                lane, keys.DISPATCH_GROUP, wid, 0, list(entry_ids), idle=idle_ms, justid=True
             )
 
-    async def ack_dispatch(self, entry_id: bytes) -> None:
-        await self.redis.xack(keys.DISPATCH, keys.DISPATCH_GROUP, entry_id)
+    async def ack_dispatch(self, lane: str, entry_id: bytes) -> None:
+        await self.redis.xack(lane, keys.DISPATCH_GROUP, entry_id)
 
     async def heartbeat(self, wid: WorkerId, info: dict[str, Any], alive_s: float) -> None:
         pipe = self.redis.pipeline(transaction=False)

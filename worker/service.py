@@ -68,6 +68,7 @@ class Owned:
     token: str
     epoch: int
     meta: SessionMeta
+    lane: str
     dispatch_id: bytes
     transcriber: SessionTranscriber
     converter: AudioConverter
@@ -99,8 +100,8 @@ class Worker:
         self._closing = asyncio.Event()
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
         # Takeover candidates whose old lease was still live: entry id -> (fields, retry at).
-        self._contested: dict[bytes, tuple[dict[bytes, bytes], float]] = {}
-        self._takeover_cursor = b"0-0"
+        self._contested: dict[bytes, tuple[str, dict[bytes, bytes], float]] = {}
+        self._takeover_cursor: dict[str, bytes] = {}
         self.maintenance: Maintenance | None = None
         self.takeovers = 0
         self.options = StreamOptions(
@@ -186,11 +187,13 @@ class Worker:
         await asyncio.gather(*(s.task for s in owned if s.task), return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
             released = [s for s in owned if await self.store.release(s.sid, s.token)]
-            await self.store.hand_back(
-                self.worker_id,
-                [s.dispatch_id for s in released],
-                idle_ms=int(self.config.lease_s * 1000) * 10,
-            )
+            for lane in keys.DISPATCH_LANES:
+                await self.store.hand_back(
+                    self.worker_id,
+                    lane,
+                    [s.dispatch_id for s in released if s.lane == lane],
+                    idle_ms=self._idle_ms * 10,
+                )
             for s in released:
                 log.info("session %s released for another worker", s.sid)
             await self.store.unregister(self.worker_id)
@@ -208,6 +211,8 @@ class Worker:
             await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def _claim_loop(self) -> None:
+        """Claim new sessions, the `high` lane strictly before `normal`, never more than
+        the free slots."""
         while not self._closing.is_set():
             free = self.config.slots - len(self.owned)
             if free <= 0:
@@ -216,26 +221,60 @@ class Worker:
                     await asyncio.wait_for(self._slot_freed.wait(), 0.5)
                 continue
             try:
-                reply = await self.redis.xreadgroup(
-                    keys.DISPATCH_GROUP, self.worker_id, {keys.DISPATCH: ">"}, count=free, block=500
-                )
+                taken = await self._read_lanes(free)
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("claim", exc)
                 continue
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    await self._take(entry_id, fields)
+            for lane, entry_id, fields in taken:
+                try:
+                    if len(self.owned) < self.config.slots:
+                        await self._take(lane, entry_id, fields)
+                    else:  # two lanes answered one blocking read: let another worker take it
+                        await self.store.hand_back(
+                            self.worker_id, lane, [entry_id], idle_ms=self._idle_ms * 10
+                        )
+                except (RedisError, OSError) as exc:
+                    await self._redis_trouble("claim", exc)
 
-    async def _take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _read_lanes(self, free: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """New dispatch entries for up to `free` slots, highest lane first.
+
+        Non-blocking reads lane by lane; only when every lane is empty, one blocking read
+        over all lanes (which may return one entry from each)."""
+        out: list[tuple[str, bytes, dict[bytes, bytes]]] = []
+        for lane in keys.DISPATCH_LANES:
+            reply = await self.redis.xreadgroup(
+                keys.DISPATCH_GROUP, self.worker_id, {lane: ">"}, count=free - len(out)
+            )
+            out += [(lane, eid, f) for _s, entries in reply or [] for eid, f in entries]
+            if len(out) >= free:
+                return out
+        if out:
+            return out
+        reply = await self.redis.xreadgroup(
+            keys.DISPATCH_GROUP,
+            self.worker_id,
+            dict.fromkeys(keys.DISPATCH_LANES, ">"),
+            count=1,
+            block=500,
+        )
+        found = {_str(stream): entries for stream, entries in reply or []}
+        return [(lane, eid, f) for lane in keys.DISPATCH_LANES for eid, f in found.get(lane, [])]
+
+    @property
+    def _idle_ms(self) -> int:
+        return int(self.config.lease_s * 1000)
+
+    async def _take(self, lane: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Claim the session of a dispatch entry that is now pending on this worker."""
         try:
             item = envelope.decode_entry(fields)
         except EnvelopeError as exc:
             log.error("dispatch entry %s unreadable (%s); acknowledged and skipped", entry_id, exc)
-            await self.store.ack_dispatch(entry_id)
+            await self.store.ack_dispatch(lane, entry_id)
             return
         if not isinstance(item, envelope.Dispatch):
-            await self.store.ack_dispatch(entry_id)
+            await self.store.ack_dispatch(lane, entry_id)
             return
         sid = SessionId(item.session_id)
         if sid in self.owned:
@@ -245,61 +284,57 @@ class Worker:
             # Its owner's lease is still live: retry once when it runs out. If the owner
             # is alive it renews meanwhile and takes the entry back with its next touch.
             retry_at = asyncio.get_running_loop().time() + claim.pttl_ms / 1000 + 0.05
-            self._contested[entry_id] = (fields, retry_at)
+            self._contested[entry_id] = (lane, fields, retry_at)
             return
         meta = await self.store.load_meta(sid) if claim else None
         if claim is None or meta is None:
             log.info("session %s no longer needs a worker; dispatch entry acknowledged", sid)
-            await self.store.ack_dispatch(entry_id)
+            await self.store.ack_dispatch(lane, entry_id)
             return
-        self._start_session(sid, claim, meta, entry_id)
+        self._start_session(sid, claim, meta, lane, entry_id)
 
     async def _takeover_loop(self) -> None:
         """Take over sessions whose owner stopped renewing (XAUTOCLAIM + CLAIM)."""
-        min_idle_ms = int(self.config.lease_s * 1000)
         loop = asyncio.get_running_loop()
         while not self._closing.is_set():
             await self._pause(self.config.takeover_interval_s)
             try:
                 now = loop.time()
-                for entry_id, (fields, retry_at) in list(self._contested.items()):
+                for entry_id, (lane, fields, retry_at) in list(self._contested.items()):
                     if retry_at <= now and self.config.slots > len(self.owned):
                         del self._contested[entry_id]
-                        await self._take_over(entry_id, fields, retry=True)
-                free = self.config.slots - len(self.owned)
-                if free <= 0:
-                    continue
-                reply = await self.redis.xautoclaim(
-                    keys.DISPATCH,
-                    keys.DISPATCH_GROUP,
-                    self.worker_id,
-                    min_idle_ms,
-                    start_id=self._takeover_cursor,
-                    count=free,
-                )
+                        await self._take_over(lane, entry_id, fields, retry=True)
+                for lane in keys.DISPATCH_LANES:
+                    await self._autoclaim(lane)
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("takeover", exc)
-                continue
-            cursor, entries = reply[0], reply[1]
-            self._takeover_cursor = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
-            for entry_id, fields in entries:
-                if fields is None:
-                    continue  # deleted from the stream meanwhile
-                try:
-                    await self._take_over(entry_id, fields, retry=False)
-                except (RedisError, OSError) as exc:
-                    await self._redis_trouble("takeover", exc)
 
-    async def _take_over(self, entry_id: bytes, fields: dict[bytes, bytes], retry: bool) -> None:
+    async def _autoclaim(self, lane: str) -> None:
+        free = self.config.slots - len(self.owned)
+        if free <= 0:
+            return
+        cursor = self._takeover_cursor.get(lane, b"0-0")
+        reply = await self.redis.xautoclaim(
+            lane, keys.DISPATCH_GROUP, self.worker_id, self._idle_ms, start_id=cursor, count=free
+        )
+        next_cursor, entries = reply[0], reply[1]
+        self._takeover_cursor[lane] = next_cursor if _str(next_cursor) != "0-0" else b"0-0"
+        for entry_id, fields in entries:
+            if fields is not None:  # None: deleted from the stream meanwhile
+                await self._take_over(lane, entry_id, fields, retry=False)
+
+    async def _take_over(
+        self, lane: str, entry_id: bytes, fields: dict[bytes, bytes], retry: bool
+    ) -> None:
         before = len(self.owned)
-        await self._take(entry_id, fields)
+        await self._take(lane, entry_id, fields)
         if len(self.owned) > before:
             self.takeovers += 1
         elif retry:
             self._contested.pop(entry_id, None)  # still held: its owner is alive
 
     def _start_session(
-        self, sid: SessionId, claim: ClaimResult, meta: SessionMeta, dispatch_id: bytes
+        self, sid: SessionId, claim: ClaimResult, meta: SessionMeta, lane: str, dispatch_id: bytes
     ) -> None:
         options = dataclasses.replace(self.options, interim_results=meta.params.interim_results)
         transcriber = SessionTranscriber(
@@ -312,6 +347,7 @@ class Worker:
             token=f"{self.worker_id}:{claim.epoch}",
             epoch=claim.epoch,
             meta=meta,
+            lane=lane,
             dispatch_id=dispatch_id,
             transcriber=transcriber,
             converter=AudioConverter(meta.params),
@@ -471,7 +507,7 @@ class Worker:
         )
         if not await self.store.close_session(s.sid, s.token, summary, self.config.session_ttl_s):
             raise LeaseLost()
-        await self.store.ack_dispatch(s.dispatch_id)
+        await self.store.ack_dispatch(s.lane, s.dispatch_id)
         log.info(
             "session %s closed (%s): %.1fs audio, %d finals",
             s.sid,
@@ -488,20 +524,23 @@ class Worker:
             await self._pause(interval)
             owned = list(self.owned.values())
             try:
-                ids: list[Any] = []
+                held: list[Owned] = []
                 for s in owned:
                     if await self.store.renew(s.sid, s.token, self.config.lease_s):
-                        ids.append(s.dispatch_id)
+                        held.append(s)
                         continue
                     log.warning("session %s: lease lost to another worker", s.sid)
                     if s.task is not None:
                         s.task.cancel()
                 # Only for leases still held: touching an entry moves it into this
                 # worker's pending list, which must never steal it back from a new owner.
-                if ids:  # reset idle time: a silent pending entry means a dead owner
-                    await self.redis.xclaim(
-                        keys.DISPATCH, keys.DISPATCH_GROUP, self.worker_id, 0, ids, justid=True
-                    )
+                # The touch resets the idle time: a silent pending entry means a dead owner.
+                for lane in keys.DISPATCH_LANES:
+                    ids: list[Any] = [s.dispatch_id for s in held if s.lane == lane]
+                    if ids:
+                        await self.redis.xclaim(
+                            lane, keys.DISPATCH_GROUP, self.worker_id, 0, ids, justid=True
+                        )
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("keepalive", exc)
 
@@ -528,6 +567,10 @@ class Worker:
     async def _redis_trouble(self, where: str, exc: BaseException) -> None:
         log.warning("%s: redis unavailable (%s); retrying", where, exc)
         await self._pause(0.5)
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _before(entry_id: str) -> bytes:
