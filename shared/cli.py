@@ -1,4 +1,4 @@
-"""The `streamscribe` command: up, gateway, worker, transcribe."""
+"""The `streamscribe` command: up, gateway, worker, transcribe, status, loadtest."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # Third-party loggers stay quiet at INFO: websockets would log per connection,
-    # faster-whisper once per decode.
-    for noisy in ("websockets", "faster_whisper"):
+    # faster-whisper once per decode, arq once per maintenance run.
+    for noisy in ("websockets", "faster_whisper", "arq"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-interim", action="store_true", help="ask for finals only")
     tr.add_argument("--json", action="store_true", help="print every result as a JSON line")
     tr.add_argument("--state-dir", default=None, help="where `up` wrote up.json")
+
+    from shared.status import add_status_parser
+
+    add_status_parser(sub)
+
+    from shared.loadtest import add_loadtest_parser
+
+    add_loadtest_parser(sub)
     return parser
 
 
@@ -112,6 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from shared.transcribe_cli import transcribe_command
 
             return transcribe_command(args)
+        if args.command == "status":
+            from shared.status import run_status
+
+            return run_status(args)
+        if args.command == "loadtest":
+            from shared.loadtest import run_loadtest
+
+            return run_loadtest(args)
         config = load_config(_config_args(args))
     except ConfigError as exc:
         parser.error(str(exc))

@@ -1,0 +1,213 @@
+"""`streamscribe loadtest` for real: an in-process gateway and worker (null engine), a real
+Valkey, real WebSockets and TLS, the command's own argument parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.cli import build_parser, main
+from shared.loadstats import LoadReport
+from tests.conftest import FIXTURES, ServiceFactory
+
+S1, S2, S1_STEREO = (str(FIXTURES / n) for n in ("s1.wav", "s2.wav", "s1_8k_stereo.wav"))
+
+
+def parse(*argv: str) -> Any:
+    return build_parser().parse_args(["loadtest", "--no-progress", *argv])
+
+
+async def run_cli(*argv: str) -> tuple[int, str, str]:
+    from shared.loadtest import loadtest_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = await loadtest_main(parse(*argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_consistent(report: LoadReport) -> None:
+    assert report.completed == report.sessions_total and report.all_completed
+    assert report.failed == report.unfinished == 0
+    assert report.errors_by_close_code == {} and report.error_messages == {}
+    assert report.anomalies == {}
+    assert report.frames_sent == report.frames_acked > 0
+    assert report.finals_received == report.finals_reported > 0
+    assert report.metrics["ack_latency_s"].count == report.frames_sent
+    assert report.metrics["final_lag_s"].count == report.finals_received
+    assert report.metrics["completion_s"].count == report.sessions_total
+    assert report.metrics["connect_s"].count == report.sessions_total
+    for s in report.per_session:
+        assert s.status == "completed" and s.close_code == 1000
+        assert s.frames_sent == s.frames_acked
+        assert s.finals_received == s.finals_reported
+        assert s.audio_s_reported is not None
+        assert s.audio_s_reported == pytest.approx(s.audio_s_sent, abs=0.01)
+
+
+async def test_five_sessions_complete_and_add_up(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    """Five sessions at pace 0 over two files all complete; frames sent == frames acked,
+    finals received == finals reported in session.closed; the JSON is written and parses
+    back into the same report the table was printed from."""
+    svc = await service_factory()
+    out_json = tmp_path / "load.json"
+    code, table, _ = await run_cli(
+        "--url", svc.url, "--sessions", "5", "--pace", "0", "--audio", S1, S2,
+        "--json", str(out_json),
+    )  # fmt: skip
+    assert code == 0, table
+    report = LoadReport.from_dict(json.loads(out_json.read_text()))
+    check_consistent(report)
+    assert report.sessions_total == 5
+    assert [s.audio for s in report.per_session] == ["s1.wav", "s2.wav"] * 2 + ["s1.wav"]
+    assert len({s.session_id for s in report.per_session}) == 5
+    assert report.wer is not None and report.wer.sessions == 5  # both files have a .txt
+    assert "sessions: 5 completed, 0 failed, 0 unfinished (of 5)" in table
+    assert report.render_table() == table
+
+
+async def test_paced_looped_run_with_ramp(service_factory: ServiceFactory) -> None:
+    """At 8x real time with a ramp and --duration-s, each session loops its file to whole
+    copies and the stereo 8 kHz file is sent as declared; the generator reports its own
+    send delay for every frame."""
+    from shared.loadtest import load_clip, prepare, run_load
+
+    svc = await service_factory()
+    args = parse(
+        "--url", svc.url, "--sessions", "3", "--pace", "8", "--ramp-s", "0.3",
+        "--duration-s", "10", "--audio", S1, S1_STEREO, "--no-interim",
+    )  # fmt: skip
+    options, clips = prepare(args)
+    report, recorder = await run_load(options, clips)
+    check_consistent(report)
+    one = load_clip(S1, 100)
+    for s in report.per_session:
+        assert s.audio_s_sent == pytest.approx(2 * one.duration_s, abs=0.01)  # 2 copies >= 10 s
+        assert s.interims_received == 0
+    assert report.metrics["send_delay_s"].count == report.frames_sent
+    assert report.metrics["first_interim_s"].count == 0
+    # the looped reference is the text repeated
+    ref = (FIXTURES / "s1.txt").read_text().strip()
+    assert recorder.sessions[0].reference == f"{ref} {ref}"
+
+
+async def test_tls_with_dev_certificate(
+    service_factory: ServiceFactory, dev_cert: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Over wss:// the run trusts the dev certificate given with --cafile, and --plot
+    writes a PNG."""
+    pytest.importorskip("matplotlib")
+    svc = await service_factory(tls=True)
+    assert svc.url.startswith("wss://")
+    png = tmp_path / "load.png"
+    code, table, err = await run_cli(
+        "--url", svc.url, "--cafile", str(dev_cert[0]), "--sessions", "2", "--pace", "0",
+        "--audio", S2, "--plot", str(png),
+    )  # fmt: skip
+    assert code == 0, table + err
+    assert "2 completed, 0 failed" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_tls_without_trust_fails_every_session(
+    service_factory: ServiceFactory,
+) -> None:
+    """Without the CA the certificate check fails: exit 1, failures reported, no hang."""
+    svc = await service_factory(tls=True)
+    code, table, _ = await run_cli("--url", svc.url, "--sessions", "2", "--audio", S1)
+    assert code == 1
+    assert "sessions: 0 completed, 2 failed, 0 unfinished (of 2)" in table
+    assert "no connection: 2" in table
+    assert "SSLCertVerificationError" in table
+
+
+async def test_wrong_api_key_is_reported_by_close_code(service_factory: ServiceFactory) -> None:
+    """A refused key shows up as close code 4401 and error message `unauthorized`."""
+    svc = await service_factory(api_keys=("right-key",))
+    code, table, _ = await run_cli(
+        "--url", svc.url, "--api-key", "wrong", "--sessions", "2", "--audio", S1
+    )
+    assert code == 1
+    assert "errors by close code: 4401: 2" in table
+    assert "error messages: unauthorized: 2" in table
+
+
+def test_refused_connection_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a closed loopback port every session fails and the exit code is 1."""
+    url = f"ws://127.0.0.1:{closed_port()}/v1/listen"
+    code = main(["loadtest", "--no-progress", "--url", url, "--sessions", "3", "--audio", S1])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "sessions: 0 completed, 3 failed, 0 unfinished (of 3)" in out
+    assert "ConnectionRefusedError" in out
+
+
+def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`loadtest --help` documents every flag of the command."""
+    with pytest.raises(SystemExit) as exc:
+        main(["loadtest", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--url", "--sessions", "--audio", "--pace", "--ramp-s", "--duration-s",
+        "--drain-timeout-s", "--frame-ms", "--no-interim", "--max-unacked-frames",
+        "--open-timeout-s", "--insecure", "--cafile", "--api-key", "--json", "--plot",
+        "--no-progress", "--state-dir",
+    ):  # fmt: skip
+        assert flag in text, flag
+    assert "loadtest" in build_parser().format_help()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sessions", "0"], "--sessions must be at least 1"),
+        (["--pace", "-1"], "--pace must be >= 0"),
+        (["--duration-s", "0"], "--duration-s must be > 0"),
+        (["--url", "http://127.0.0.1:1/v1/listen"], "--url must be ws:// or wss://"),
+        (["--json", "/nonexistent-dir/x.json"], "no such directory"),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad flag values are usage errors: a message naming the flag, exit code 2."""
+    url = ["--url", "ws://127.0.0.1:1/v1/listen"] if "--url" not in argv else []
+    assert main(["loadtest", *url, "--audio", S1, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_audio_and_missing_up_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not a WAV, or no --url and no running `up`, exit 2 with a message."""
+    bogus = tmp_path / "x.wav"
+    bogus.write_bytes(b"not a wav")
+    assert main(["loadtest", "--url", "ws://127.0.0.1:1/", "--audio", str(bogus)]) == 2
+    assert "not a RIFF/WAVE file" in capsys.readouterr().err
+    assert main(["loadtest", "--state-dir", str(tmp_path), "--audio", S1]) == 2
+    assert "no running `streamscribe up`" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_names_the_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--plot with matplotlib missing stops before any session starts, naming the fix."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["loadtest", "--url", "ws://127.0.0.1:1/", "--audio", S1, "--plot"]
+    assert main([*argv, str(tmp_path / "p.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
