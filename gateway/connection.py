@@ -18,7 +18,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -110,6 +110,17 @@ class GatewayContext:
     fleet: Fleet
     gateway_id: GatewayId
     admission: Admission
+    #: Connections that ended while Redis was unreachable: (session, connection, done),
+    #: released by the gateway's heartbeat once Redis is back.
+    unreleased: list[tuple[SessionId, str, bool]] = field(default_factory=list)
+
+
+async def release_session(ctx: GatewayContext, sid: SessionId, conn: str, done: bool) -> None:
+    """A connection ended: start the session's resume grace (unless it is finished or a
+    newer connection holds it) and drop it from this gateway's registry set."""
+    if not done and await ctx.store.detach(sid, conn, ctx.config.resume_grace_s):
+        log.info("session %s detached; resumable for %.0fs", sid, ctx.config.resume_grace_s)
+    await ctx.fleet.gateway_released(ctx.gateway_id, sid)
 
 
 class Connection:
@@ -279,16 +290,12 @@ class Connection:
             return
         if self.events is not None:
             await self.ctx.relay.unsubscribe(self.sid, self.events)
-        with contextlib.suppress(RedisError, OSError):
-            if not self.delivery.done and await self.ctx.store.detach(
-                self.sid, self.conn_id, self.cfg.resume_grace_s
-            ):
-                log.info(
-                    "session %s detached; resumable for %.0fs",
-                    self.sid,
-                    self.cfg.resume_grace_s,
-                )
-            await self.ctx.fleet.gateway_released(self.ctx.gateway_id, self.sid)
+        try:
+            await release_session(self.ctx, self.sid, self.conn_id, self.delivery.done)
+        except (RedisError, OSError):
+            # Redis is down: the gateway's heartbeat retries, so that the session still
+            # gets its resume grace (and is reaped, freeing its worker slot).
+            self.ctx.unreleased.append((self.sid, self.conn_id, self.delivery.done))
 
     # --- the four tasks ------------------------------------------------------------------
 

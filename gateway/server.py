@@ -27,7 +27,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.admission import Admission
-from gateway.connection import Connection, GatewayContext
+from gateway.connection import Connection, GatewayContext, release_session
 from gateway.relay import Relay
 from gateway.tls import TLSContext
 from shared.config import Config
@@ -123,6 +123,9 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         with contextlib.suppress(RedisError, OSError):
+            await self._release_unreleased()
+            # Only once every session is released: otherwise the registry entry stays, the
+            # gateway counts as dead, and the maintenance job detaches what is left.
             await self.fleet.gateway_gone(self.gateway_id)
         await self.relay.close()
         await self.redis.aclose()
@@ -162,11 +165,18 @@ class Gateway:
             return False, "no worker alive\n"
         return True, f"ready: {workers} worker(s) alive\n"
 
+    async def _release_unreleased(self) -> None:
+        while self.ctx.unreleased:
+            sid, conn, done = self.ctx.unreleased[0]
+            await release_session(self.ctx, sid, conn, done)
+            self.ctx.unreleased.pop(0)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 await self.fleet.gateway_heartbeat(self.gateway_id)
+                await self._release_unreleased()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat: redis unavailable (%s)", exc)
 

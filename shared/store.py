@@ -370,10 +370,26 @@ class Store:
         self, wid: WorkerId, lane: str, entry_ids: Sequence[bytes], idle_ms: int
     ) -> None:
         """Mark dispatch entries idle for `idle_ms` so another worker's XAUTOCLAIM takes
-        them at once (a stopping worker's sessions; an entry read without a free slot)."""
-        if entry_ids:
+        them at once (a stopping worker's sessions; an entry read without a free slot).
+
+        A hand-back is not a failure: the delivery counter is set one lower, so the
+        XAUTOCLAIM that takes the entry over leaves it where it was and rolling restarts
+        never push a session towards the dead-letter limit."""
+        for entry_id in entry_ids:
+            info = await self.redis.xpending_range(
+                lane, keys.DISPATCH_GROUP, min=entry_id, max=entry_id, count=1
+            )
+            if not info:
+                continue  # acknowledged meanwhile
             await self.redis.xclaim(
-                lane, keys.DISPATCH_GROUP, wid, 0, list(entry_ids), idle=idle_ms, justid=True
+                lane,
+                keys.DISPATCH_GROUP,
+                wid,
+                0,
+                [entry_id],
+                idle=idle_ms,
+                retrycount=max(0, int(info[0]["times_delivered"]) - 1),
+                justid=True,
             )
 
     async def ack_dispatch(self, lane: str, entry_id: bytes) -> None:

@@ -172,3 +172,31 @@ async def test_arq_cron_runs_maintenance_with_msgpack(
 
 async def _not(value: Any) -> bool:
     return (await value) is None
+
+
+async def test_session_left_while_redis_was_unreachable_is_still_detached(
+    service_factory: ServiceFactory, redis: aioredis.Redis, monkeypatch: Any
+) -> None:
+    """A connection that ends while its gateway cannot reach Redis is released later by
+    the gateway's heartbeat: the session still gets its resume grace (and its reaping)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    svc = await service_factory()
+    store = svc.gateway.ctx.store
+    real_detach = store.detach
+    calls = {"n": 0}
+
+    async def failing_once(sid: SessionId, conn: str, grace_s: float) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RedisConnectionError("injected: redis unreachable")
+        return await real_detach(sid, conn, grace_s)
+
+    monkeypatch.setattr(store, "detach", failing_once)
+    ws = await open_ws(svc.url)
+    sid = SessionId((await started(ws))["session_id"])
+    await ws.close()
+    await until(lambda: redis.zscore(keys.DETACHED, sid), "the heartbeat to detach it")
+    assert calls["n"] == 2
+    assert svc.gateway.ctx.unreleased == []
+    assert not await redis.sismember(keys.gateway_sessions(svc.gateway.gateway_id), sid)

@@ -147,6 +147,7 @@ async def test_stopping_worker_hands_its_sessions_back(
     assert not await redis.exists(keys.lease(sid)), "lease released"
     [entry] = await redis.xpending_range(keys.DISPATCH, keys.DISPATCH_GROUP, "-", "+", 10)
     assert entry["time_since_delivered"] >= 300_000, "marked idle for at once takeover"
+    assert entry["times_delivered"] == 0, "a hand-back does not count as a failed attempt"
     await workers("wb", lease_s=30.0)
     for frame in frames[20:]:
         await ws.send(frame)
@@ -155,6 +156,7 @@ async def test_stopping_worker_hands_its_sessions_back(
     assert out.code == 1000
     assert [f["result_id"] for f in out.finals] == list(range(len(out.finals)))
     assert (await redis.hget(keys.meta(sid), "owner")) == b"wb"
+    assert await redis.hget(keys.meta(sid), "epoch") == b"2"
 
 
 async def test_contested_lease_is_retried_when_it_runs_out(

@@ -268,8 +268,8 @@ def test_probes_hit_gateway_endpoints() -> None:
 
 
 def test_keda_triggers_watch_the_dispatch_group() -> None:
-    """Every redis-streams trigger reads keys.DISPATCH through keys.DISPATCH_GROUP, with
-    thresholds in step with the workers' slots."""
+    """Every dispatch lane (keys.DISPATCH_LANES) has a pending and a lag trigger through
+    keys.DISPATCH_GROUP, with thresholds in step with the workers' slots."""
     slots = int(_configmap_env()["STREAMSCRIBE_SLOTS"])
     triggers = [
         t
@@ -281,15 +281,16 @@ def test_keda_triggers_watch_the_dispatch_group() -> None:
     kinds = set()
     for trigger in triggers:
         meta = trigger["metadata"]
-        assert meta["stream"] == keys.DISPATCH and meta["consumerGroup"] == keys.DISPATCH_GROUP
+        assert meta["stream"] in keys.DISPATCH_LANES
+        assert meta["consumerGroup"] == keys.DISPATCH_GROUP
         assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
         if "lagCount" in meta:
-            kinds.add("lag")
+            kinds.add(("lag", meta["stream"]))
             assert int(meta["lagCount"]) == slots and "activationLagCount" in meta
         if "pendingEntriesCount" in meta:
-            kinds.add("pending")
+            kinds.add(("pending", meta["stream"]))
             assert 0 < int(meta["pendingEntriesCount"]) <= slots
-    assert kinds == {"lag", "pending"}
+    assert kinds == {(kind, lane) for kind in ("lag", "pending") for lane in keys.DISPATCH_LANES}
 
 
 def test_redis_statefulset_persists_with_aof() -> None:
