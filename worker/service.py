@@ -43,7 +43,7 @@ from shared.store import ClaimResult, Contested, SessionMeta, Store, connect
 from worker.audio import AudioConverter
 from worker.engine import Engine, StreamingVad, load_engine
 from worker.maintenance import Maintenance
-from worker.scheduler import Scheduler
+from worker.scheduler import InterimPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Owned:
     )
     entries: deque[tuple[bytes, int]] = field(default_factory=deque)  # (entry id, base sample)
     close_reason: CloseReason | None = None
+    next_seq: int | None = None  # the audio seq expected next (None: from the first read)
     task: asyncio.Task[None] | None = None
     decode_task: asyncio.Task[None] | None = None
 
@@ -133,7 +134,12 @@ class Worker:
         self.scheduler = Scheduler(
             self.engine,
             beam_size=self.config.beam_size,
-            interim_stale_s=self.config.interim_interval_s,
+            policy=InterimPolicy(
+                interval_s=self.config.interim_interval_s,
+                stale_s=self.config.interim_interval_s,
+                busy_target=self.config.interim_busy_target,
+                shed_busy=self.config.interim_shed_busy,
+            ),
         )
         self.scheduler.start()
         await self.store.ensure_group()
@@ -416,6 +422,8 @@ class Worker:
         finally:
             if s.decode_task is not None:
                 s.decode_task.cancel()
+            if self.scheduler is not None:
+                self.scheduler.forget(s.sid)
             self.owned.pop(s.sid, None)
             self._slot_freed.set()
 
@@ -448,6 +456,13 @@ class Worker:
         for entry_id, item in batch:
             if tr.closing:
                 break
+            if isinstance(item, AudioChunk):
+                if s.next_seq is not None and item.seq < s.next_seq:
+                    # Seen already: Redis lost its last writes (a crash under AOF everysec)
+                    # and the client re-sent them with new entry IDs. Never feed twice.
+                    log.warning("session %s: audio seq %d again; skipped", s.sid, item.seq)
+                    continue
+                s.next_seq = item.seq + 1
             s.entries.append((entry_id, tr.total_samples))
             if isinstance(item, AudioChunk):
                 tr.push_audio(s.converter.convert(item.pcm))
@@ -461,7 +476,9 @@ class Worker:
         assert self.scheduler is not None
         language = s.meta.params.language or self.config.language
         try:
-            segments = await self.scheduler.decode(req, None if language == "auto" else language)
+            segments = await self.scheduler.decode(
+                req, None if language == "auto" else language, session=s.sid
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -560,9 +577,23 @@ class Worker:
             "slots": self.config.slots,
             "owned": len(self.owned),
             "queued_decodes": self.scheduler.queued if self.scheduler else 0,
+            **(self._decode_stats() if self.scheduler else {}),
             "pid": os.getpid(),
         }
         await self.store.heartbeat(self.worker_id, info, self.config.worker_alive_s)
+
+    def _decode_stats(self) -> dict[str, Any]:
+        """Decode counts since start and the engine's recent busy fraction (heartbeat)."""
+        assert self.scheduler is not None
+        c = self.scheduler.counters
+        return {
+            "engine_busy": round(self.scheduler.busy_fraction(), 3),
+            "engine_busy_s": round(self.scheduler.busy_s, 3),
+            "decodes_final": c.final,
+            "decodes_interim": c.interim,
+            "interims_dropped_stale": c.interim_stale,
+            "interims_dropped_load": c.interim_shed,
+        }
 
     async def _redis_trouble(self, where: str, exc: BaseException) -> None:
         log.warning("%s: redis unavailable (%s); retrying", where, exc)

@@ -210,3 +210,34 @@ async def test_live_owner_keeps_its_session(
     assert worker_b.takeovers == 0 and worker_a.takeovers == 0
     meta = await redis.hgetall(keys.meta(sid))
     assert meta[b"owner"] == b"wa" and meta[b"epoch"] == b"1"
+
+
+async def test_audio_seen_already_is_never_fed_twice(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """After a Redis rollback the client re-sends frames the worker already read; they
+    come back under new entry IDs. The worker skips seqs it has seen: its transcriber's
+    audio grows by the new frame only."""
+    svc = await service_factory()
+    assert svc.worker is not None
+    frames = fixture("s1.wav").frames(100)
+    ws = await open_ws(svc.url)
+    sid = SessionId((await started(ws))["session_id"])
+    for frame in frames[:10]:
+        await ws.send(frame)
+
+    def fed() -> int:
+        owned = svc.worker.owned.get(sid) if svc.worker else None
+        return owned.transcriber.total_samples if owned else -1
+
+    async def fed_is(n: int) -> bool:
+        return fed() == n
+
+    await until(lambda: fed_is(16000), "ten frames fed")
+    again = envelope.encode(envelope.AudioChunk(5, frames[5]))
+    await redis.xadd(keys.audio(sid), {"seq": 5, "m": again})
+    await ws.send(frames[10])
+    await until(lambda: fed_is(17600), "the eleventh frame fed")
+    await ws.send(json.dumps({"type": "close_stream"}))
+    out = await drain(ws)
+    assert out.code == 1000
