@@ -38,7 +38,8 @@ class Config:
     # --- common -------------------------------------------------------------------
     redis_url: str | None = _opt(
         None,
-        "Redis/Valkey URL (redis:// or rediss://). `up` starts an embedded Valkey when unset.",
+        "Redis/Valkey URL (redis://, rediss:// or unix://). `up` starts an embedded Valkey "
+        "when unset.",
         COMMON,
         metavar="URL",
     )
@@ -166,6 +167,24 @@ class Config:
     interim_interval_s: float = _opt(
         1.0, "Seconds of new speech between two interim results of a session.", WORKER
     )
+    interim_busy_target: float = _opt(
+        0.5,
+        "Engine busy fraction (over the last 4 s) up to which interims come every "
+        "interim_interval_s; above it they are spaced out, so finals keep the engine. "
+        "1 turns the adaptation off.",
+        WORKER,
+    )
+    interim_shed_busy: float = _opt(
+        0.9,
+        "Engine busy fraction from which no interims are decoded at all (finals only).",
+        WORKER,
+    )
+    interim_pause_s: float = _opt(
+        0.2,
+        "No interim while the open utterance has been silent this long, seconds (its final "
+        "may be about to follow); 0 turns this off.",
+        WORKER,
+    )
     vad_threshold: float = _opt(0.5, "Silero VAD speech probability threshold.", WORKER)
     min_silence_s: float = _opt(
         0.5, "Silence that ends an utterance (and triggers its final), seconds.", WORKER
@@ -196,8 +215,9 @@ class Config:
     )
     maintenance: str = _opt(
         "on",
-        "Run the arq maintenance jobs (reap abandoned sessions, trim streams, dead-letter) "
-        "in this worker: on or off. One run per tick across the fleet.",
+        "Run the arq maintenance jobs (detach dead gateways' sessions, reap abandoned "
+        "sessions, dead-letter failing ones, trim dispatch streams) in this worker: on or "
+        "off. One run per tick across the fleet.",
         WORKER,
     )
     maintenance_interval_s: int = _opt(
@@ -245,6 +265,12 @@ class Config:
             raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
         if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
             raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
+        if not (self.interim_pause_s >= 0 and math.isfinite(self.interim_pause_s)):
+            raise ConfigError(f"{_where('interim_pause_s')} must be >= 0")
+        if not 0 < self.interim_busy_target <= self.interim_shed_busy <= 1:
+            raise ConfigError(
+                f"need 0 < {_where('interim_busy_target')} <= {_where('interim_shed_busy')} <= 1"
+            )
         if not 0 < self.vad_threshold < 1:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
         if self.cpu_threads < 0:

@@ -1,9 +1,10 @@
 """`streamscribe status`: the fleet on one screen, read from Redis alone.
 
 It answers what docs/redis-layout.md answers with `redis-cli` recipes: how many sessions
-wait for a worker, which workers are alive and how much each holds, how far each is behind,
-which sessions wait for their client, and (`--session ID`) who owns one session and where
-it stands.
+wait for a worker in each dispatch lane, which workers are alive and how much each holds,
+how far each is behind, which gateways are alive or dead and how many sessions each holds,
+which sessions wait for their client, which sessions were dead-lettered and why, and
+(`--session ID`) who owns one session and where it stands.
 
 The module has two halves:
 
@@ -14,8 +15,8 @@ The module has two halves:
 
 A *section* is one collector and one renderer (`Section`). `FLEET_SECTIONS` lists the
 sections shown on every run, in screen order; `SESSION_SECTION` is added by `--session`.
-To show something new (a gateway registry, a dead-letter stream), write a dataclass, a
-collector and a renderer, and append one `Section` to `FLEET_SECTIONS`.
+To show something new, write a dataclass, a collector and a renderer, and append one
+`Section` to `FLEET_SECTIONS`.
 """
 
 from __future__ import annotations
@@ -30,16 +31,18 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from shared import keys
+from shared.admission import LaneState, lanes_at_or_above, queue_position
 from shared.config import env_name, flag_name, load_config
 from shared.errors import ConfigError
-from shared.keys import SessionId, WorkerId
-from shared.protocol import ENCODINGS
+from shared.fleet import Fleet
+from shared.keys import GatewayId, SessionId, WorkerId
+from shared.protocol import ENCODINGS, PRIORITIES
 
 #: Checkpoint fields (`ckpt_sample`, `ckpt_base`) count samples at the model's rate.
 MODEL_RATE_HZ = 16_000
@@ -63,24 +66,48 @@ class ServerInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class DispatchInfo:
-    """The dispatch stream and its consumer group (XLEN, XINFO GROUPS)."""
+class LaneInfo:
+    """One dispatch lane (a stream) and its consumer group (XLEN, XINFO GROUPS)."""
 
+    priority: str  # `high` or `normal`
+    stream: str  # the lane's key, e.g. ss:dispatch:high
     length: int
     group_exists: bool
     consumers: int
-    lag: int | None  # sessions not yet delivered to any worker; None: Redis cannot tell
-    pending: int  # sessions claimed and not yet closed, orphans of stopped workers included
+    # Sessions not yet delivered to any worker. Without a group: every entry (the group
+    # starts at 0 when the first worker creates it). None: Redis cannot tell.
+    lag: int | None
+    pending: int  # sessions claimed and not yet closed, sessions awaiting takeover included
     entries_read: int | None
     last_delivered_id: str
+    oldest_waiting_ms: int | None  # how long the oldest undelivered entry has waited
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchInfo:
+    """Every dispatch lane, highest priority first."""
+
+    lanes: tuple[LaneInfo, ...]
+
+    @property
+    def waiting(self) -> int | None:
+        """Sessions waiting for a worker in all lanes; None if a lane's lag is unknown."""
+        lags = [lane.lag for lane in self.lanes]
+        return None if None in lags else sum(lag or 0 for lag in lags)
+
+    @property
+    def pending(self) -> int:
+        return sum(lane.pending for lane in self.lanes)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerRow:
-    """One worker: from its heartbeat (ss:workers, ss:worker:<id>) and from XPENDING.
+    """One worker: from its heartbeat (ss:workers, ss:worker:<id>) and from XPENDING over
+    every dispatch lane.
 
     A consumer of the dispatch group that holds sessions but has no heartbeat entry is
-    listed too (`heartbeat_age_ms` None): its sessions are orphaned.
+    listed too (`heartbeat_age_ms` None): it stopped (or unregistered at shutdown), and
+    its sessions wait for another worker's takeover round.
     """
 
     worker_id: str
@@ -108,9 +135,33 @@ class WorkersInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayRow:
+    """One gateway: its heartbeat (ss:gateways) and the sessions its clients hold
+    (SCARD ss:gateway:<id>:sessions)."""
+
+    gateway_id: str
+    heartbeat_age_ms: int
+    alive: bool
+    sessions: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaysInfo:
+    """The gateway registry. A dead gateway (silent past `alive_s`) stays listed until the
+    maintenance job detaches its sessions and forgets it."""
+
+    alive_s: float
+    rows: tuple[GatewayRow, ...]
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for row in self.rows if row.alive)
+
+
+@dataclass(frozen=True, slots=True)
 class DetachedRow:
     session_id: str
-    deadline_in_ms: int  # negative: overdue, a gateway's reaper should abandon it now
+    deadline_in_ms: int  # negative: overdue, the next maintenance run abandons it
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +173,28 @@ class DetachedInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    """One entry of ss:deadletter (fields written by the maintenance job)."""
+
+    entry_id: str
+    session_id: str  # empty if the dispatch entry named no readable session
+    dispatch_id: str
+    attempts: int | None  # times the session was delivered to workers
+    reason: str  # includes the worker's last error, when one was recorded
+    age_ms: int | None  # since it was dead-lettered (`at_ms`)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterInfo:
+    """Sessions that kept failing (ss:deadletter), newest first."""
+
+    total: int  # XLEN; the stream is capped near keys.DEADLETTER_MAXLEN
+    rows: tuple[DeadLetterRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
-    """One session: its meta hash, lease, stream lengths and expiry."""
+    """One session: its meta hash, lease, dispatch entry, stream lengths and expiry."""
 
     session_id: str
     exists: bool
@@ -137,6 +208,16 @@ class SessionInfo:
     detached_deadline_in_ms: int | None
     received_s: float | None
     committed_s: float | None
+    # Its dispatch entry (meta `priority`, `dispatch_id`): the lane, and from XPENDING the
+    # worker it is pending on, its idle time and how often it was delivered. Consumer
+    # None: the entry is not pending (not yet read, or acknowledged).
+    dispatch_lane: str | None = None
+    dispatch_consumer: str | None = None
+    dispatch_idle_ms: int | None = None
+    dispatch_deliveries: int | None = None
+    # While no worker has claimed it (epoch 0): its place in the fleet's queue, as the
+    # gateway computes it (shared/admission.py); 0: a worker has read it and is claiming.
+    queue_position: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +234,7 @@ class Query:
     url: str
     alive_s: float = 15.0
     session_id: SessionId | None = None
-    limit: int = 20  # rows per list (detached sessions)
+    limit: int = 20  # rows per list (detached and dead-lettered sessions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,17 +349,47 @@ def render_server(info: ServerInfo, _now_ms: int) -> list[str]:
 
 
 def render_dispatch(info: DispatchInfo, _now_ms: int) -> list[str]:
-    head = f"dispatch  {keys.DISPATCH}: {info.length} entries"
-    if not info.group_exists:
-        return [head, f"          no group {keys.DISPATCH_GROUP!r} yet: no worker has started"]
-    lag = "unknown" if info.lag is None else str(info.lag)
-    return [
-        head,
-        f"          waiting for a worker (lag): {lag}",
-        f"          claimed, not closed (pending): {info.pending}",
-        f"          group {keys.DISPATCH_GROUP!r}: {info.consumers} consumer(s), "
-        f"entries-read {_cell(info.entries_read)}, last-delivered-id {info.last_delivered_id}",
+    waiting = "unknown" if info.waiting is None else str(info.waiting)
+    lines = [
+        f"dispatch  {waiting} session(s) waiting for a worker, "
+        f"{info.pending} claimed and not closed"
     ]
+    if not info.lanes:
+        return lines
+    rows = []
+    for lane in info.lanes:
+        oldest = None
+        if lane.oldest_waiting_ms is not None:
+            oldest = format_duration_ms(lane.oldest_waiting_ms)
+        rows.append(
+            [
+                lane.priority,
+                lane.stream,
+                str(lane.length),
+                "unknown" if lane.lag is None else str(lane.lag),
+                _cell(oldest),
+                str(lane.pending),
+                str(lane.consumers) if lane.group_exists else "-",
+                _cell(lane.entries_read),
+                lane.last_delivered_id if lane.group_exists else "-",
+            ]
+        )
+    header = ["LANE", "STREAM", "ENTRIES", "WAITING", "OLDEST", "PENDING", "CONSUMERS"]
+    lines += _table([*header, "ENTRIES-READ", "LAST-DELIVERED-ID"], rows)
+    lines.append(
+        "  WAITING: not yet delivered to a worker (group lag). OLDEST: how long the first of "
+        "them has waited."
+    )
+    lines.append("  PENDING: claimed and not closed (XPENDING).")
+    for lane in info.lanes:
+        if not lane.group_exists:
+            lines.append(
+                f"  {lane.stream}: no group {keys.DISPATCH_GROUP!r} yet (no worker has "
+                "started); every entry waits"
+            )
+        elif lane.lag is None:
+            lines.append(f"  {lane.stream}: Redis cannot tell the lag (entries deleted)")
+    return lines
 
 
 def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
@@ -288,7 +399,7 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
         f"workers   {info.alive} alive (heartbeat within {info.alive_s:g} s), {len(gone)} not alive"
     )
     if orphaned:
-        head += f" holding {orphaned} orphaned session(s)"
+        head += f" holding {orphaned} session(s) awaiting takeover"
     lines = [head]
     if not info.rows:
         return lines
@@ -315,7 +426,8 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
     header = ["WORKER", "STATE", "HEARTBEAT", "SLOTS", "OWNED", "PENDING", "QUEUED", "BEHIND"]
     lines += _table([*header, "MODEL"], rows)
     lines.append(
-        "  PENDING: sessions it holds (XPENDING). QUEUED: decodes waiting in its scheduler."
+        "  PENDING: sessions it holds (XPENDING, every lane). QUEUED: decodes waiting in its "
+        "scheduler."
     )
     lines.append(
         "  BEHIND: largest received-minus-committed audio of its sessions (includes the open "
@@ -325,6 +437,34 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
         lines.append(
             f"  BEHIND looked at the first {info.pending_scanned} of "
             f"{info.pending_total} pending sessions."
+        )
+    return lines
+
+
+def render_gateways(info: GatewaysInfo, _now_ms: int) -> list[str]:
+    dead = [row for row in info.rows if not row.alive]
+    head = f"gateways  {info.alive} alive (heartbeat within {info.alive_s:g} s), {len(dead)} dead"
+    held = sum(row.sessions for row in dead)
+    if held:
+        head += f" holding {held} session(s)"
+    lines = [head]
+    if not info.rows:
+        return lines
+    rows = [
+        [
+            row.gateway_id,
+            "alive" if row.alive else "DEAD",
+            format_duration_ms(row.heartbeat_age_ms) + " ago",
+            str(row.sessions),
+        ]
+        for row in info.rows
+    ]
+    lines += _table(["GATEWAY", "STATE", "HEARTBEAT", "SESSIONS"], rows)
+    lines.append("  SESSIONS: sessions with a client connected to it.")
+    if dead:
+        lines.append(
+            "  DEAD: the next maintenance run detaches its sessions (their resume grace "
+            "starts) and forgets it."
         )
     return lines
 
@@ -346,6 +486,71 @@ def render_detached(info: DetachedInfo, _now_ms: int) -> list[str]:
     return lines
 
 
+#: Longest dead-letter reason shown on screen (--json has it whole).
+REASON_CHARS = 160
+
+
+def render_deadletter(info: DeadLetterInfo, _now_ms: int) -> list[str]:
+    lines = [f"deadletter {info.total} session(s) failed repeatedly ({keys.DEADLETTER})"]
+    if not info.rows:
+        return lines
+    rows = []
+    for row in info.rows:
+        reason = " ".join(row.reason.split())  # one line, whatever the worker's error held
+        if len(reason) > REASON_CHARS:
+            reason = reason[: REASON_CHARS - 3] + "..."
+        when = None if row.age_ms is None else format_duration_ms(row.age_ms) + " ago"
+        rows.append([row.session_id or "?", _cell(row.attempts), _cell(when), reason])
+    lines += _table(["SESSION", "ATTEMPTS", "WHEN", "REASON"], rows)
+    if info.total > len(info.rows):
+        lines.append(f"  ... and {info.total - len(info.rows)} older")
+    return lines
+
+
+def _session_owner(info: SessionInfo, state: str) -> str:
+    if info.lease_holder is not None:
+        ttl = "" if info.lease_ttl_ms is None else f", expires in {info.lease_ttl_ms / 1000:.1f} s"
+        return f"{info.lease_holder} (lease epoch {_cell(info.lease_epoch)}{ttl})"
+    if state == "closed":
+        return "nobody (closed)"
+    if info.meta.get("epoch", "0") == "0":
+        return "nobody yet: no worker has claimed it"
+    return "nobody: its worker stopped or gave it up; awaiting another worker's takeover"
+
+
+def _session_claim(meta: dict[str, str], now_ms: int) -> str:
+    epoch = meta.get("epoch", "0")
+    if epoch == "0":
+        return "none yet (epoch 0)"
+    claimed = meta.get("claimed_ms", "")
+    when = f", {format_duration_ms(now_ms - int(claimed))} ago" if claimed.isdigit() else ""
+    return f"{meta.get('owner') or '-'} (epoch {epoch}){when}"
+
+
+def _session_dispatch(info: SessionInfo) -> str:
+    meta = info.meta
+    lane = f"{meta.get('priority') or 'normal'} lane {info.dispatch_lane or '?'}"
+    entry_id = meta.get("dispatch_id")
+    if not entry_id:
+        return f"{lane}, entry not recorded"
+    entry = f"{lane}, entry {entry_id} (#{meta.get('dispatch_index', '?')})"
+    if info.dispatch_consumer is not None:
+        idle = "?" if info.dispatch_idle_ms is None else format_duration_ms(info.dispatch_idle_ms)
+        return (
+            f"{entry}: pending on {info.dispatch_consumer}, delivered "
+            f"{_cell(info.dispatch_deliveries)} time(s), idle {idle}"
+        )
+    if meta.get("epoch", "0") == "0" and meta.get("state") != "closed":
+        if info.queue_position is None:
+            return f"{entry}: waiting for a worker (queue position unknown)"
+        if info.queue_position == 0:
+            return f"{entry}: read by a worker, being claimed"
+        return f"{entry}: waiting for a worker, queue position {info.queue_position}"
+    if meta.get("state") == "closed":
+        return f"{entry}: not pending (acknowledged)"
+    return f"{entry}: not pending"
+
+
 def render_session(info: SessionInfo, now_ms: int) -> list[str]:
     lines = [f"session   {info.session_id}"]
     if not info.exists:
@@ -353,29 +558,24 @@ def render_session(info: SessionInfo, now_ms: int) -> list[str]:
         return lines
     meta = info.meta
     state = meta.get("state", "?")
+    shown_state = state
     if state == "closed":
-        state += f" ({meta.get('closed_reason') or 'no reason recorded'})"
+        shown_state += f" ({meta.get('closed_reason') or 'no reason recorded'})"
     conn = meta.get("conn", "")
     client = f"client attached (conn {conn})" if conn else "no client attached"
     if info.detached_deadline_in_ms is not None:
         client += f", resume deadline in {format_duration_ms(info.detached_deadline_in_ms)}"
         if info.detached_deadline_in_ms < 0:
             client = client.replace("deadline in", "deadline overdue by")
-    if info.lease_holder is not None:
-        ttl = "" if info.lease_ttl_ms is None else f", expires in {info.lease_ttl_ms / 1000:.1f} s"
-        owner = f"{info.lease_holder} (lease epoch {_cell(info.lease_epoch)}{ttl})"
-    elif state.startswith("closed"):
-        owner = "nobody (closed)"
-    else:
-        owner = "nobody: waiting in the dispatch stream, or orphaned by a stopped worker"
     received = "?" if info.received_s is None else f"{info.received_s:.1f} s"
     committed = "-" if info.committed_s is None else f"{info.committed_s:.1f} s"
     created = meta.get("created_ms", "")
     age = f", created {format_duration_ms(now_ms - int(created))} ago" if created.isdigit() else ""
     rows = [
-        ("state", f"{state}; {client}{age}"),
-        ("owner", owner),
-        ("last claim", f"{meta.get('owner') or '-'} (epoch {meta.get('epoch', '0')})"),
+        ("state", f"{shown_state}; {client}{age}"),
+        ("owner", _session_owner(info, state)),
+        ("last claim", _session_claim(meta, now_ms)),
+        ("dispatch", _session_dispatch(info)),
         (
             "audio",
             f"next_seq {meta.get('next_seq', '0')}, received {received}, committed "
@@ -398,6 +598,11 @@ def render_session(info: SessionInfo, now_ms: int) -> list[str]:
         )
     else:
         rows.append(("checkpoint", "none yet (no final with words)"))
+    # `failure`: why the maintenance job dead-lettered it; `last_error`: the last worker
+    # failure (it may have recovered since). One line each, whatever the error text held.
+    for name, field_name in (("failure", "failure"), ("last error", "last_error")):
+        if meta.get(field_name):
+            rows.append((name, " ".join(meta[field_name].split())))
     expiry = "none (live)" if info.ttl_s is None else f"keys expire in {info.ttl_s} s"
     rows.append(("expiry", expiry))
     lines += [f"  {name:<11} {value}" for name, value in rows]
@@ -426,13 +631,21 @@ def to_json(report: Report) -> dict[str, Any]:
     out: dict[str, Any] = {"url": report.url, "now_ms": report.now_ms, "error": report.error}
     for name, value in report.sections.items():
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            out[name] = dataclasses.asdict(value)
+            data = dataclasses.asdict(value)
+            # Totals the screen shows are properties; JSON carries them too.
+            for prop in _DERIVED.get(type(value), ()):
+                data[prop] = getattr(value, prop)
+            out[name] = data
         else:
             out[name] = value
-    workers = out.get("workers")
-    if isinstance(workers, dict) and isinstance(report.sections.get("workers"), WorkersInfo):
-        workers["alive"] = cast(WorkersInfo, report.sections["workers"]).alive
     return out
+
+
+_DERIVED: dict[type, tuple[str, ...]] = {
+    DispatchInfo: ("waiting", "pending"),
+    WorkersInfo: ("alive",),
+    GatewaysInfo: ("alive",),
+}
 
 
 # --- collectors (async) ------------------------------------------------------------------
@@ -477,56 +690,95 @@ async def collect_server(p: Probe) -> ServerInfo:
     )
 
 
-async def collect_dispatch(p: Probe) -> DispatchInfo:
-    length = int(await p.redis.xlen(keys.DISPATCH))
+def _entry_ms(entry_id: object) -> int:
+    """The Unix ms part of a stream entry ID (when Redis added the entry)."""
+    return int(_s(entry_id).partition("-")[0])
+
+
+async def _collect_lane(p: Probe, priority: str) -> LaneInfo:
+    lane = keys.dispatch(priority)
+    length = int(await p.redis.xlen(lane))
     try:
-        groups = await p.redis.xinfo_groups(keys.DISPATCH)
-    except ResponseError:  # no such key: no session and no worker yet
+        groups = await p.redis.xinfo_groups(lane)
+    except ResponseError:  # no such key: no session of this priority and no worker yet
         groups = []
     group = next((g for g in groups if _s(g.get("name")) == keys.DISPATCH_GROUP), None)
     if group is None:
-        return DispatchInfo(length, False, 0, None, 0, None, "-")
+        first = await p.redis.xrange(lane, count=1) if length else []
+        oldest = p.now_ms - _entry_ms(first[0][0]) if first else None
+        return LaneInfo(priority, lane, length, False, 0, length, 0, None, "-", oldest)
     lag = group.get("lag")
     entries_read = group.get("entries-read")
-    return DispatchInfo(
+    last = _s(group.get("last-delivered-id"))
+    oldest = None
+    if lag is None or int(lag) > 0:
+        first = await p.redis.xrange(lane, min="(" + last, count=1)
+        oldest = p.now_ms - _entry_ms(first[0][0]) if first else None
+    return LaneInfo(
+        priority=priority,
+        stream=lane,
         length=length,
         group_exists=True,
         consumers=int(group.get("consumers", 0)),
         lag=None if lag is None else int(lag),
         pending=int(group.get("pending", 0)),
         entries_read=None if entries_read is None else int(entries_read),
-        last_delivered_id=_s(group.get("last-delivered-id")),
+        last_delivered_id=last,
+        oldest_waiting_ms=None if oldest is None else max(0, oldest),
     )
 
 
+async def collect_dispatch(p: Probe) -> DispatchInfo:
+    return DispatchInfo(tuple([await _collect_lane(p, priority) for priority in PRIORITIES]))
+
+
 async def _pending_by_consumer(p: Probe) -> tuple[dict[str, int], int]:
-    try:
-        summary = await p.redis.xpending(keys.DISPATCH, keys.DISPATCH_GROUP)
-    except ResponseError:  # no stream or no group yet
-        return {}, 0
-    counts = {_s(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
-    return counts, int(summary.get("pending") or 0)
+    counts: dict[str, int] = {}
+    total = 0
+    for lane in keys.DISPATCH_LANES:
+        try:
+            summary = await p.redis.xpending(lane, keys.DISPATCH_GROUP)
+        except ResponseError:  # no stream or no group yet
+            continue
+        for consumer in summary.get("consumers") or []:
+            name = _s(consumer["name"])
+            counts[name] = counts.get(name, 0) + int(consumer["pending"])
+        total += int(summary.get("pending") or 0)
+    return counts, total
+
+
+async def _pending_sessions(p: Probe) -> tuple[list[tuple[str, SessionId]], int]:
+    """(consumer, session) of up to PENDING_SCAN_LIMIT pending entries, lane by lane, and
+    the number of entries looked at."""
+    owners: list[tuple[str, SessionId]] = []
+    budget = PENDING_SCAN_LIMIT
+    for lane in keys.DISPATCH_LANES:
+        if budget <= 0:
+            break
+        try:
+            entries = await p.redis.xpending_range(lane, keys.DISPATCH_GROUP, "-", "+", budget)
+        except ResponseError:
+            continue
+        if not entries:
+            continue
+        budget -= len(entries)
+        pipe = p.redis.pipeline(transaction=False)
+        for entry in entries:
+            pipe.xrange(lane, entry["message_id"], entry["message_id"])
+        found = await pipe.execute()
+        for entry, rows in zip(entries, found, strict=True):
+            sid = _s(rows[0][1].get(b"sid")) if rows else ""
+            if keys.is_session_id(sid):
+                owners.append((_s(entry["consumer"]), SessionId(sid)))
+    return owners, PENDING_SCAN_LIMIT - budget
 
 
 async def _uncommitted_by_consumer(p: Probe) -> tuple[dict[str, float], int]:
-    """For each consumer, the largest received-minus-committed audio among its sessions."""
-    try:
-        entries = await p.redis.xpending_range(
-            keys.DISPATCH, keys.DISPATCH_GROUP, "-", "+", PENDING_SCAN_LIMIT
-        )
-    except ResponseError:
-        return {}, 0
-    if not entries:
-        return {}, 0
-    pipe = p.redis.pipeline(transaction=False)
-    for entry in entries:
-        pipe.xrange(keys.DISPATCH, entry["message_id"], entry["message_id"])
-    found = await pipe.execute()
-    owners: list[tuple[str, SessionId]] = []
-    for entry, rows in zip(entries, found, strict=True):
-        sid = _s(rows[0][1].get(b"sid")) if rows else ""
-        if keys.is_session_id(sid):
-            owners.append((_s(entry["consumer"]), SessionId(sid)))
+    """For each consumer, the largest received-minus-committed audio among its sessions;
+    and how many pending entries were looked at."""
+    owners, scanned = await _pending_sessions(p)
+    if not owners:
+        return {}, scanned
     pipe = p.redis.pipeline(transaction=False)
     for _, sid in owners:
         pipe.hgetall(keys.meta(sid))
@@ -539,7 +791,7 @@ async def _uncommitted_by_consumer(p: Probe) -> tuple[dict[str, float], int]:
             continue
         lag_s = max(0.0, received - committed_seconds(meta))
         behind[consumer] = max(lag_s, behind.get(consumer, 0.0))
-    return behind, len(entries)
+    return behind, scanned
 
 
 async def collect_workers(p: Probe) -> WorkersInfo:
@@ -589,6 +841,83 @@ async def collect_detached(p: Probe) -> DetachedInfo:
     return DetachedInfo(total, rows)
 
 
+async def collect_gateways(p: Probe) -> GatewaysInfo:
+    # Read directly rather than through Fleet.alive_gateways: ages are measured on Redis's
+    # clock, like the workers' (see `collect`).
+    members = await p.redis.zrange(keys.GATEWAYS, 0, -1, withscores=True)
+    pipe = p.redis.pipeline(transaction=False)
+    for member, _score in members:
+        pipe.scard(keys.gateway_sessions(GatewayId(_s(member))))
+    counts = await pipe.execute() if members else []
+    alive_ms = int(p.query.alive_s * 1000)
+    rows = []
+    for (member, score), count in zip(members, counts, strict=True):
+        age = max(0, p.now_ms - int(score))
+        rows.append(GatewayRow(_s(member), age, age <= alive_ms, int(count)))
+    rows.sort(key=lambda row: (not row.alive, row.gateway_id))
+    return GatewaysInfo(p.query.alive_s, tuple(rows))
+
+
+async def collect_deadletter(p: Probe) -> DeadLetterInfo:
+    total = int(await p.redis.xlen(keys.DEADLETTER))
+    rows = []
+    for entry in await Fleet(p.redis).dead_letters(count=p.query.limit):
+        at_ms = _int(entry.get("at_ms"))
+        rows.append(
+            DeadLetterRow(
+                entry_id=entry["id"],
+                session_id=entry.get("sid", ""),
+                dispatch_id=entry.get("dispatch_id", ""),
+                attempts=_int(entry.get("attempts")),
+                reason=entry.get("reason", ""),
+                age_ms=None if at_ms is None else max(0, p.now_ms - at_ms),
+            )
+        )
+    return DeadLetterInfo(total, tuple(rows))
+
+
+async def _dispatch_entry(p: Probe, meta: dict[str, str]) -> dict[str, Any]:
+    """The SessionInfo fields about the session's dispatch entry (see SessionInfo)."""
+    try:
+        lane = keys.dispatch(meta.get("priority") or "normal")
+    except ValueError:  # a priority this version does not know
+        return {}
+    out: dict[str, Any] = {"dispatch_lane": lane}
+    entry_id = meta.get("dispatch_id")
+    if entry_id:
+        try:
+            pending = await p.redis.xpending_range(lane, keys.DISPATCH_GROUP, entry_id, entry_id, 1)
+        except ResponseError:  # no group yet
+            pending = []
+        if pending:
+            out["dispatch_consumer"] = _s(pending[0]["consumer"])
+            out["dispatch_idle_ms"] = int(pending[0]["time_since_delivered"])
+            out["dispatch_deliveries"] = int(pending[0]["times_delivered"])
+    index = _int(meta.get("dispatch_index"))
+    waiting = meta.get("epoch") == "0" and meta.get("state") != "closed"
+    if "dispatch_consumer" not in out and waiting and index is not None:
+        lanes = {lane.priority: lane for lane in (await collect_dispatch(p)).lanes}
+        priority = meta.get("priority") or "normal"
+        if all(countable_lane(lanes[q]) for q in lanes_at_or_above(priority)):
+            states = {
+                q: LaneState(
+                    added=(info.entries_read or 0) + (info.lag or 0), read=info.entries_read or 0
+                )
+                for q, info in lanes.items()
+            }
+            out["queue_position"] = queue_position(priority, index, states)
+    return out
+
+
+def countable_lane(lane: LaneInfo) -> bool:
+    """Whether the lane's counters give queue positions: its lag is known, and so is how
+    many entries were read (Redis reports entries-read as null until the first read, or
+    after entries were deleted out of order; only the first case means none was read)."""
+    if lane.lag is None:
+        return False
+    return lane.entries_read is not None or lane.last_delivered_id in ("-", "0-0")
+
+
 async def collect_session(p: Probe) -> SessionInfo:
     sid = p.query.session_id
     assert sid is not None, "the session section runs only with --session"
@@ -620,6 +949,7 @@ async def collect_session(p: Probe) -> SessionInfo:
         detached_deadline_in_ms=None if deadline is None else int(deadline) - p.now_ms,
         received_s=received_seconds(meta) if meta else None,
         committed_s=committed_seconds(meta) if "ckpt_sample" in meta else None,
+        **(await _dispatch_entry(p, meta) if meta else {}),
     )
 
 
@@ -627,7 +957,9 @@ FLEET_SECTIONS: tuple[Section, ...] = (
     Section("server", collect_server, render_server),
     Section("dispatch", collect_dispatch, render_dispatch),
     Section("workers", collect_workers, render_workers),
+    Section("gateways", collect_gateways, render_gateways),
     Section("detached", collect_detached, render_detached),
+    Section("deadletter", collect_deadletter, render_deadletter),
 )
 SESSION_SECTION = Section("session", collect_session, render_session)
 
@@ -676,16 +1008,22 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     st = subparsers.add_parser(
         "status",
         help="show queues, workers and sessions from Redis on one screen",
-        description="Show Redis, the dispatch queue (sessions waiting, claimed), workers "
-        "(heartbeat, sessions held, how far behind), sessions waiting for their client, "
-        "and with --session one session's state and owner. Without --redis-url, uses the "
-        "Redis of `streamscribe up` on this machine. Exit code 1: Redis unreachable or "
-        "the session unknown.",
+        description="Show Redis, both dispatch lanes (sessions waiting for a worker, how "
+        "long the oldest has waited, sessions claimed), workers (heartbeat, sessions held, "
+        "how far behind), gateways (alive or dead, sessions held), sessions waiting for "
+        "their client, dead-lettered sessions with the reason, and with --session one "
+        "session's state, owner, dispatch entry (or queue position) and failures. Without "
+        "--redis-url, uses the Redis of `streamscribe up` on this machine. Exit code 1: "
+        "Redis unreachable or the session unknown.",
     )
     for name, metavar, text in (
         ("redis_url", "URL", "Redis/Valkey to inspect"),
         ("state_dir", "DIR", "where `up` wrote up.json (used without a Redis URL)"),
-        ("worker_alive_s", "SECONDS", "a worker is alive if it reported within this many s"),
+        (
+            "worker_alive_s",
+            "SECONDS",
+            "a worker or gateway is alive if it reported within this many s",
+        ),
     ):
         st.add_argument(
             flag_name(name),
@@ -696,7 +1034,12 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         )
     st.add_argument("--session", metavar="ID", help="also show this session in detail")
     st.add_argument("--json", action="store_true", help="print the report as JSON")
-    st.add_argument("--limit", type=int, default=20, help="rows of long lists to show (default 20)")
+    st.add_argument(
+        "--limit",
+        type=int,
+        default=20,
+        help="rows of long lists (detached, dead-lettered sessions) to show (default 20)",
+    )
 
 
 def _redis_url_from_up(state_dir: str) -> str:

@@ -28,6 +28,16 @@ _VAD_CONTEXT = 64
 
 Audio = npt.NDArray[np.float32]
 
+# We decode one VAD-bounded utterance (at most 28 s, so one window) per call. When Whisper
+# ends its first segment before the window does, it decodes what is left: the silent pad
+# after the last word. A low-confidence guess there used to trigger faster-whisper's
+# temperature fallback, up to five more decodes (measured: 2.6-3.7 s instead of 0.5 s for
+# a 1.25 s utterance, stalling every session behind it) that still ended in an invented
+# word. So: temperature 0 only, and a segment after the first whose average log-probability
+# is below faster-whisper's own "failed decode" threshold (-1.0) is dropped. On the 34 real
+# clips (../shared/audio/real, streamed) this changed no word of any final.
+TRAILING_SEGMENT_MIN_LOGPROB = -1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:
@@ -99,9 +109,12 @@ class WhisperEngine:
             condition_on_previous_text=False,
             initial_prompt=prompt or None,  # the session's previous final: context, as offline
             without_timestamps=not word_timestamps,
+            temperature=0.0,  # no fallback: see TRAILING_SEGMENT_MIN_LOGPROB
         )
         out: list[Segment] = []
-        for seg in segments:  # iterating runs the decoder: keep this in the thread
+        for i, seg in enumerate(segments):  # iterating runs the decoder: keep it in the thread
+            if i > 0 and seg.avg_logprob < TRAILING_SEGMENT_MIN_LOGPROB:
+                continue  # a guess at the utterance's silent tail, not speech
             words = tuple(
                 Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
                 for w in (seg.words or ())

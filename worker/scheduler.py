@@ -1,9 +1,21 @@
 """One model, many sessions: the decode queue in front of the engine thread.
 
-Finals go before interims, and among each kind the oldest request first. An interim
-that waited longer than `interim_stale_s` is dropped without decoding (the session has
-moved on and will ask again): that is how interim frequency adapts to load, while
-finals are never dropped. Decoding runs in a dedicated thread, never on the event loop.
+The policy is a sans-I/O object (`DecodeQueue`) with an injected clock; `Scheduler` is the
+thin async shell that runs its choices on the one engine thread.
+
+- Finals go before interims, and among each kind the oldest request first, so no interim
+  is ever started while a final waits.
+- An interim that waited longer than `stale_s` is dropped without decoding: the session
+  has moved on and will ask again.
+- Interims adapt to load. `LoadMeter` measures the fraction of the last `load_window_s`
+  the engine spent decoding (finals and interims). Up to `busy_target` every session gets
+  an interim every `interval_s`; above it the spacing between two interim decodes of one
+  session grows as `interval_s * (1 - busy_target) / (1 - busy)`; from `shed_busy` on no
+  interim is decoded at all. So interims use only engine time that finals leave idle, and
+  the engine keeps idle headroom, which is what lets a new final start at once instead of
+  waiting behind an interim. Finals are never dropped or delayed by this policy.
+
+A dropped interim is answered with None; the session asks again after more audio.
 """
 
 from __future__ import annotations
@@ -14,93 +26,279 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
 
 from worker.engine import Engine, Segment
 from worker.stream import DecodeRequest
 
 log = logging.getLogger(__name__)
 
+Clock = Callable[[], float]
+Kind = Literal["final", "interim"]
+T = TypeVar("T")
+
+LOAD_WINDOW_S = 4.0  # long enough to smooth single decodes (~0.3 s), short enough to react
+
+
+@dataclass(frozen=True, slots=True)
+class InterimPolicy:
+    """When an interim may be decoded, given how busy the engine has been."""
+
+    interval_s: float = 1.0  # spacing between one session's interims when the engine is idle
+    stale_s: float = 1.0  # an interim that waited longer is dropped
+    busy_target: float = 0.5  # busy fraction up to which interims run at full rate
+    shed_busy: float = 0.9  # busy fraction from which no interim runs
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s > 0 and self.stale_s > 0):
+            raise ValueError("interval_s and stale_s must be positive")
+        if not 0 < self.busy_target <= self.shed_busy <= 1:
+            raise ValueError(
+                f"need 0 < busy_target <= shed_busy <= 1, got "
+                f"{self.busy_target} and {self.shed_busy}"
+            )
+
+    @property
+    def adaptive(self) -> bool:
+        return self.busy_target < 1
+
+    def spacing_s(self, busy: float) -> float | None:
+        """Least time between two interim decodes of one session; None: no interims now."""
+        if busy <= self.busy_target:
+            return self.interval_s
+        if busy >= self.shed_busy:
+            return None
+        return self.interval_s * (1 - self.busy_target) / (1 - busy)
+
+
+class LoadMeter:
+    """The fraction of the last `window_s` seconds that the engine spent decoding."""
+
+    def __init__(self, window_s: float = LOAD_WINDOW_S) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        self.window_s = window_s
+        self._spans: deque[tuple[float, float]] = deque()  # finished decodes (start, end)
+        self._running_since: float | None = None
+
+    def started(self, now: float) -> None:
+        if self._running_since is not None:
+            raise RuntimeError("a decode is already running: one engine thread, one decode")
+        self._running_since = now
+
+    def finished(self, now: float) -> None:
+        if self._running_since is None:
+            raise RuntimeError("finished() without started()")
+        self._spans.append((self._running_since, now))
+        self._running_since = None
+
+    def busy_fraction(self, now: float) -> float:
+        lo = now - self.window_s
+        while self._spans and self._spans[0][1] <= lo:
+            self._spans.popleft()  # bounded: only spans that end inside the window stay
+        busy = sum(min(end, now) - max(start, lo) for start, end in self._spans)
+        if self._running_since is not None:
+            busy += now - max(self._running_since, lo)
+        return min(1.0, max(0.0, busy / self.window_s))
+
 
 @dataclass(order=True)
-class _Job:
-    priority: int
-    order: int
-    request: DecodeRequest = field(compare=False)
-    language: str | None = field(compare=False)
+class Job(Generic[T]):
+    priority: int  # 0: final, 1: interim
+    order: int  # arrival order among all jobs
+    kind: Kind = field(compare=False)
+    session: str = field(compare=False)
     queued_at: float = field(compare=False)
-    future: asyncio.Future[list[Segment] | None] = field(compare=False)
+    payload: T = field(compare=False)
+
+
+@dataclass
+class QueueCounters:
+    final: int = 0
+    interim: int = 0
+    interim_stale: int = 0  # dropped: waited longer than stale_s
+    interim_shed: int = 0  # dropped: the session had one too recently for the current load
+
+
+class DecodeQueue(Generic[T]):
+    """The scheduling policy without I/O: jobs in, the next job to decode out."""
+
+    def __init__(
+        self, policy: InterimPolicy, clock: Clock, *, load_window_s: float = LOAD_WINDOW_S
+    ) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.load = LoadMeter(load_window_s)
+        self.counters = QueueCounters()
+        self._heap: list[Job[T]] = []
+        self._order = itertools.count()
+        # Per session: when its last decoded interim was requested. A session's first
+        # interim request sets it to one interval before that request, so the first
+        # interim is due at once unless the engine is busy.
+        self._last_interim: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    @property
+    def finals_waiting(self) -> int:
+        return sum(1 for job in self._heap if job.kind == "final")
+
+    def push(self, kind: Kind, session: str, payload: T) -> Job[T]:
+        now = self.clock()
+        if kind == "interim":
+            self._last_interim.setdefault(session, now - self.policy.interval_s)
+        job = Job(0 if kind == "final" else 1, next(self._order), kind, session, now, payload)
+        heapq.heappush(self._heap, job)
+        return job
+
+    def pop(self) -> tuple[Job[T] | None, list[Job[T]]]:
+        """The next job to decode (None: nothing to do), and the interims dropped on the way.
+
+        Call it only when the engine is free; the caller then reports `started`/`finished`.
+        """
+        now = self.clock()
+        dropped: list[Job[T]] = []
+        while self._heap:
+            job = heapq.heappop(self._heap)
+            if job.kind == "final":
+                return job, dropped
+            if now - job.queued_at > self.policy.stale_s:
+                self.counters.interim_stale += 1
+                dropped.append(job)
+                continue
+            spacing = self.policy.spacing_s(self.load.busy_fraction(now))
+            last = self._last_interim.get(job.session, job.queued_at - self.policy.interval_s)
+            # At or under the target the session's own pace (one request per interval of
+            # new audio) is the spacing; only above it are requests thinned out. Spacing
+            # is measured between request times, which do not jitter with queueing.
+            if spacing is None or (
+                spacing > self.policy.interval_s and job.queued_at - last < spacing
+            ):
+                self.counters.interim_shed += 1
+                dropped.append(job)
+                continue
+            self._last_interim[job.session] = job.queued_at
+            return job, dropped
+        return None, dropped
+
+    def started(self, job: Job[T]) -> None:
+        self.load.started(self.clock())
+
+    def finished(self, job: Job[T]) -> None:
+        self.load.finished(self.clock())
+        if job.kind == "final":
+            self.counters.final += 1
+        else:
+            self.counters.interim += 1
+
+    def forget(self, session: str) -> None:
+        """The session ended: drop what the policy remembers about it."""
+        self._last_interim.pop(session, None)
+
+    def drain(self) -> list[Job[T]]:
+        jobs, self._heap = self._heap, []
+        return jobs
+
+
+_Future = asyncio.Future[list[Segment] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    request: DecodeRequest
+    language: str | None
+    future: _Future
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, beam_size: int, interim_stale_s: float) -> None:
+    """Runs the queue's choices on one engine thread; decoding never blocks the loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        beam_size: int,
+        policy: InterimPolicy,
+        clock: Clock = time.monotonic,
+        load_window_s: float = LOAD_WINDOW_S,
+    ) -> None:
         self.engine = engine
         self.beam_size = beam_size
-        self.interim_stale_s = interim_stale_s
-        self._heap: list[_Job] = []
-        self._order = itertools.count()
+        self.queue: DecodeQueue[_Work] = DecodeQueue(policy, clock, load_window_s=load_window_s)
+        self._clock = clock
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task[None] | None = None
         self.busy_s = 0.0
-        self.decodes = {"final": 0, "interim": 0, "interim_dropped": 0}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler")
 
     @property
     def queued(self) -> int:
-        return len(self._heap)
+        return len(self.queue)
 
-    async def decode(self, request: DecodeRequest, language: str | None) -> list[Segment] | None:
-        """Segments of the request's audio; None when a stale interim was dropped."""
-        future: asyncio.Future[list[Segment] | None] = asyncio.get_running_loop().create_future()
-        priority = 0 if request.kind == "final" else 1
-        heapq.heappush(
-            self._heap,
-            _Job(priority, next(self._order), request, language, time.monotonic(), future),
-        )
+    @property
+    def counters(self) -> QueueCounters:
+        return self.queue.counters
+
+    def busy_fraction(self) -> float:
+        return self.queue.load.busy_fraction(self._clock())
+
+    async def decode(
+        self, request: DecodeRequest, language: str | None, session: str = ""
+    ) -> list[Segment] | None:
+        """Segments of the request's audio; None when an interim was dropped."""
+        future: _Future = asyncio.get_running_loop().create_future()
+        self.queue.push(request.kind, session, _Work(request, language, future))
         self._wake.set()
         return await future
+
+    def forget(self, session: str) -> None:
+        self.queue.forget(session)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._heap:
+            job, dropped = self.queue.pop()
+            for gone in dropped:
+                if not gone.payload.future.done():
+                    gone.payload.future.set_result(None)
+            if job is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            job = heapq.heappop(self._heap)
-            if job.future.done():  # the session went away
+            work = job.payload
+            if work.future.done():  # the session went away
                 continue
-            req = job.request
-            if req.kind == "interim" and time.monotonic() - job.queued_at > self.interim_stale_s:
-                self.decodes["interim_dropped"] += 1
-                job.future.set_result(None)
-                continue
-            final = req.kind == "final"
+            final = job.kind == "final"
+            call = functools.partial(
+                self.engine.transcribe,
+                work.request.audio,
+                language=work.language,
+                word_timestamps=final,
+                beam_size=self.beam_size if final else 1,
+                prompt=work.request.prompt,
+            )
             started = time.monotonic()
+            self.queue.started(job)
             try:
-                call = functools.partial(
-                    self.engine.transcribe,
-                    req.audio,
-                    language=job.language,
-                    word_timestamps=final,
-                    beam_size=self.beam_size if final else 1,
-                    prompt=req.prompt,
-                )
                 segments = await loop.run_in_executor(self._pool, call)
             except Exception as exc:  # engine failure: the session decides what to do
                 log.exception("decode failed")
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                if not work.future.done():
+                    work.future.set_exception(exc)
                 continue
             finally:
+                self.queue.finished(job)
                 self.busy_s += time.monotonic() - started
-            self.decodes[req.kind] += 1
-            if not job.future.done():
-                job.future.set_result(segments)
+            if not work.future.done():
+                work.future.set_result(segments)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -109,7 +307,7 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for job in self._heap:
-            if not job.future.done():
-                job.future.cancel()
+        for job in self.queue.drain():
+            if not job.payload.future.done():
+                job.payload.future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -111,6 +111,7 @@ class Worker:
             speech_pad_s=config.speech_pad_s,
             max_utterance_s=config.max_utterance_s,
             interim_interval_s=config.interim_interval_s,
+            interim_pause_s=config.interim_pause_s,
         )
 
     # --- lifecycle ---------------------------------------------------------------------

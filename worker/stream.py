@@ -6,7 +6,8 @@ an utterance opens at the first speech window and ends after `min_silence_s` of
 silence, on the client's `finalize`, at the end of the stream, or when it reaches
 `max_utterance_s` (cut at the least speech-like window of its last 2 s). It asks for
 decodes one at a time (`next_request`): finals of ended utterances first, in order,
-then an interim of the open utterance when `interim_interval_s` of new audio has come.
+then an interim of the open utterance when `interim_interval_s` of new audio has come
+(not during a pause of `interim_pause_s` or more: a final may be about to follow).
 `complete()` turns a decode into transcripts with session-relative times.
 """
 
@@ -35,6 +36,10 @@ class StreamOptions:
     max_utterance_s: float = 20.0
     interim_interval_s: float = 1.0
     interim_results: bool = True
+    # No interim while the open utterance has been silent this long: it would carry no new
+    # words, and its decode would hold up the final that this pause may be about to end in.
+    # 0: no such rule.
+    interim_pause_s: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class SessionTranscriber:
         self._pad = int(options.speech_pad_s * SAMPLE_RATE)
         self._max_utt = int(options.max_utterance_s * SAMPLE_RATE)
         self._interim_every = int(options.interim_interval_s * SAMPLE_RATE)
+        self._interim_pause = int(options.interim_pause_s * SAMPLE_RATE)
         self.finals = finals  # result_id of the next final
         self.committed = start_sample
         self._buf = np.zeros(0, np.float32)
@@ -195,6 +201,7 @@ class SessionTranscriber:
             self.opt.interim_results
             and self._utt_start is not None
             and self._vad_pos - self._last_interim_end >= self._interim_every
+            and not (0 < self._interim_pause <= self._vad_pos - self._last_speech_end)
         ):
             start = max(self._utt_start - self._pad, self.committed, self._buf_start)
             end = self._vad_pos

@@ -11,9 +11,14 @@ import pytest
 from shared import keys
 from shared.errors import ConfigError
 from shared.status import (
+    DeadLetterInfo,
+    DeadLetterRow,
     DetachedInfo,
     DetachedRow,
     DispatchInfo,
+    GatewayRow,
+    GatewaysInfo,
+    LaneInfo,
     Report,
     SectionError,
     ServerInfo,
@@ -21,6 +26,7 @@ from shared.status import (
     WorkerRow,
     WorkersInfo,
     committed_seconds,
+    countable_lane,
     format_duration_ms,
     query_from_args,
     received_seconds,
@@ -33,15 +39,31 @@ NOW_MS = 1_700_000_000_000
 SID = "ab" * 16
 
 SERVER = ServerInfo("valkey 8.1.1", True, "noeviction", "1.50M", 7)
-DISPATCH = DispatchInfo(
+HIGH = LaneInfo(
+    priority="high",
+    stream=keys.DISPATCH_HIGH,
+    length=6,
+    group_exists=True,
+    consumers=2,
+    lag=2,
+    pending=1,
+    entries_read=4,
+    last_delivered_id="1700000000000-9",
+    oldest_waiting_ms=12_000,
+)
+NORMAL = LaneInfo(
+    priority="normal",
+    stream=keys.DISPATCH,
     length=42,
     group_exists=True,
     consumers=3,
     lag=5,
-    pending=11,
+    pending=10,
     entries_read=37,
     last_delivered_id="1700000000000-3",
+    oldest_waiting_ms=400,
 )
+DISPATCH = DispatchInfo((HIGH, NORMAL))
 WORKERS = WorkersInfo(
     alive_s=15.0,
     rows=(
@@ -54,6 +76,23 @@ WORKERS = WorkersInfo(
 DETACHED = DetachedInfo(
     total=3,
     rows=(DetachedRow("cd" * 16, 42_000), DetachedRow("ef" * 16, -1_500)),
+)
+GATEWAYS = GatewaysInfo(
+    alive_s=15.0,
+    rows=(GatewayRow("gw-a", 1_000, True, 5), GatewayRow("gw-b", 40_000, False, 3)),
+)
+DEADLETTER = DeadLetterInfo(
+    total=2,
+    rows=(
+        DeadLetterRow(
+            "1700000000000-0",
+            "12" * 16,
+            "1699999990000-0",
+            6,
+            "delivered to workers 6 times without finishing; last error: RuntimeError:\nboom",
+            90_000,
+        ),
+    ),
 )
 
 
@@ -70,7 +109,11 @@ def _meta(**extra: str) -> dict[str, str]:
         "audio_bytes": str(32000 * 12),
         "epoch": "3",
         "owner": "w-alive",
-        "conn": "0123456789abcdef",
+        "claimed_ms": str(NOW_MS - 12_000),
+        "conn": "gw-a/0123456789abcdef",
+        "priority": "normal",
+        "dispatch_id": "1700000000000-2",
+        "dispatch_index": "17",
     }
     meta.update(extra)
     return meta
@@ -90,6 +133,10 @@ def _session(**changes: object) -> SessionInfo:
         "detached_deadline_in_ms": None,
         "received_s": 12.0,
         "committed_s": 10.1,
+        "dispatch_lane": keys.DISPATCH,
+        "dispatch_consumer": "w-alive",
+        "dispatch_idle_ms": 400,
+        "dispatch_deliveries": 2,
     }
     base.update(changes)
     return SessionInfo(**base)  # type: ignore[arg-type]
@@ -100,33 +147,96 @@ def _report(**sections: object) -> Report:
 
 
 def test_fleet_screen_answers_the_operator_questions() -> None:
-    """Waiting sessions, claimed sessions, each worker's load and lag, orphans and detached
-    sessions all appear with the numbers given."""
-    text = render(_report(server=SERVER, dispatch=DISPATCH, workers=WORKERS, detached=DETACHED))
+    """Waiting and claimed sessions per lane, each worker's load and lag, sessions awaiting
+    takeover, gateways alive and dead, detached and dead-lettered sessions all appear with
+    the numbers given."""
+    text = render(
+        _report(
+            server=SERVER,
+            dispatch=DISPATCH,
+            workers=WORKERS,
+            gateways=GATEWAYS,
+            detached=DETACHED,
+            deadletter=DEADLETTER,
+        )
+    )
+    lines = text.splitlines()
     assert "server    valkey 8.1.1, 1.50M used, 7 client(s)" in text
     assert "aof on, maxmemory-policy noeviction" in text
-    assert f"{keys.DISPATCH}: 42 entries" in text
-    assert "waiting for a worker (lag): 5" in text
-    assert "claimed, not closed (pending): 11" in text
-    assert "1 alive (heartbeat within 15 s), 1 not alive holding 3 orphaned session(s)" in text
-    alive = next(line for line in text.splitlines() if line.strip().startswith("w-alive"))
+    assert "dispatch  7 session(s) waiting for a worker, 11 claimed and not closed" in text
+    high = next(line for line in lines if line.strip().startswith("high "))
+    assert high.split() == [
+        *("high", keys.DISPATCH_HIGH, "6", "2", "12", "s", "1", "2", "4", "1700000000000-9")
+    ]
+    normal = next(line for line in lines if line.strip().startswith("normal "))
+    assert normal.split() == [
+        *("normal", keys.DISPATCH, "42", "5", "0.4", "s", "10", "3", "37", "1700000000000-3")
+    ]
+    assert lines.index(high) < lines.index(normal), "highest priority first"
+    assert "1 alive (heartbeat within 15 s), 1 not alive holding 3 session(s) awaiting" in text
+    alive = next(line for line in lines if line.strip().startswith("w-alive"))
     assert alive.split() == [
         *("w-alive", "alive", "0.4", "s", "ago", "8", "8", "8", "2", "3.3", "s", "tiny.en")
     ]
-    dead = next(line for line in text.splitlines() if line.strip().startswith("w-dead"))
+    dead = next(line for line in lines if line.strip().startswith("w-dead"))
     assert dead.split() == ["w-dead", "GONE", "none", "-", "-", "3", "-", "-", "-"]
+    assert "gateways  1 alive (heartbeat within 15 s), 1 dead holding 3 session(s)" in text
+    assert next(line for line in lines if "gw-a" in line).split() == [
+        *("gw-a", "alive", "1.0", "s", "ago", "5")
+    ]
+    assert next(line for line in lines if "gw-b" in line).split() == [
+        *("gw-b", "DEAD", "40", "s", "ago", "3")
+    ]
+    assert "next maintenance run detaches its sessions" in text
     assert "3 session(s) waiting for their client to resume" in text
     assert f"{'cd' * 16}  in 42 s" in text
     assert f"{'ef' * 16}  overdue by 1.5 s" in text
     assert "... and 1 more" in text
+    assert f"deadletter 2 session(s) failed repeatedly ({keys.DEADLETTER})" in text
+    failed = next(line for line in lines if line.strip().startswith("12" * 16))
+    assert failed.split()[:5] == ["12" * 16, "6", "90", "s", "ago"]
+    assert failed.endswith("last error: RuntimeError: boom"), "one line, newlines folded"
+    assert "... and 1 older" in text
 
 
 def test_missing_group_and_unknown_lag_are_said_plainly() -> None:
-    """Before any worker started there is no consumer group; an unknown lag is not zero."""
-    no_group = DispatchInfo(0, False, 0, None, 0, None, "-")
-    assert f"no group {keys.DISPATCH_GROUP!r} yet" in render(_report(dispatch=no_group))
-    unknown = DispatchInfo(3, True, 1, None, 1, None, "0-1")
-    assert "waiting for a worker (lag): unknown" in render(_report(dispatch=unknown))
+    """Before any worker started there is no consumer group and every entry waits; an
+    unknown lag is not zero."""
+    no_group = LaneInfo("high", keys.DISPATCH_HIGH, 2, False, 0, 2, 0, None, "-", 5_000)
+    text = render(_report(dispatch=DispatchInfo((no_group, NORMAL))))
+    assert f"{keys.DISPATCH_HIGH}: no group {keys.DISPATCH_GROUP!r} yet" in text
+    assert "dispatch  7 session(s) waiting" in text
+    unknown = LaneInfo("normal", keys.DISPATCH, 3, True, 1, None, 1, None, "0-1", None)
+    text = render(_report(dispatch=DispatchInfo((HIGH, unknown))))
+    assert "dispatch  unknown session(s) waiting for a worker, 2 claimed" in text
+    assert f"{keys.DISPATCH}: Redis cannot tell the lag" in text
+
+
+def test_queue_positions_only_from_trustworthy_counters() -> None:
+    """A lane gives queue positions when its lag is known and its entries-read is known or
+    nothing was ever read (new group, or no group yet)."""
+    assert countable_lane(NORMAL)
+    fresh = LaneInfo("high", keys.DISPATCH_HIGH, 1, True, 1, 1, 0, None, "0-0", 0)
+    assert countable_lane(fresh)
+    no_group = LaneInfo("high", keys.DISPATCH_HIGH, 1, False, 0, 1, 0, None, "-", 0)
+    assert countable_lane(no_group)
+    deleted = LaneInfo("normal", keys.DISPATCH, 9, True, 1, 3, 0, None, "1700000000000-3", 0)
+    assert not countable_lane(deleted)
+    assert not countable_lane(
+        LaneInfo("normal", keys.DISPATCH, 9, True, 1, None, 0, 5, "1-0", None)
+    )
+
+
+def test_long_dead_letter_reasons_are_cut_on_screen() -> None:
+    """A reason longer than the screen allows ends in '...'; JSON keeps it whole."""
+    long_reason = "x" * 500
+    info = DeadLetterInfo(1, (DeadLetterRow("1-0", "", "0-1", None, long_reason, None),))
+    line = next(
+        line for line in render(_report(deadletter=info)).splitlines() if line.startswith("  ?")
+    )
+    assert line.split()[:3] == ["?", "-", "-"]
+    assert line.endswith("x" * 157 + "...")
+    assert to_json(_report(deadletter=info))["deadletter"]["rows"][0]["reason"] == long_reason
 
 
 def test_risky_server_settings_are_flagged() -> None:
@@ -136,23 +246,62 @@ def test_risky_server_settings_are_flagged() -> None:
     assert "WARNING: an evicting policy may drop session streams" in text
 
 
+def _rows(text: str) -> dict[str, str]:
+    """The session section's rows by name (the name is the first 11 characters)."""
+    return {
+        line[2:13].strip(): line[14:] for line in text.splitlines()[2:] if line.startswith("  ")
+    }
+
+
 def test_session_detail_shows_owner_progress_and_checkpoint() -> None:
-    """`--session`: state, client, lease holder with epoch and TTL, received vs committed
-    audio, finals and the checkpoint."""
-    text = render(_report(session=_session()))
-    lines = {line.split()[0]: line for line in text.splitlines()[1:] if line.startswith("  ")}
-    assert "open; client attached (conn 0123456789abcdef), created 90 s ago" in lines["state"]
-    assert "w-alive (lease epoch 3, expires in 8.2 s)" in lines["owner"]
-    assert "next_seq 120, received 12.0 s, committed 10.1 s; 14 entries kept" in lines["audio"]
-    assert "finals 4; 4 entries" in lines["results"]
-    assert "entry 1700000000000-7, sample 161600, base 0" in lines["checkpoint"]
-    assert "none (live)" in lines["expiry"]
+    """`--session`: state, client, lease holder with epoch and TTL, the last claim and when,
+    the dispatch entry with its worker and deliveries, received vs committed audio, finals
+    and the checkpoint."""
+    rows = _rows(render(_report(session=_session())))
+    assert rows["state"] == "open; client attached (conn gw-a/0123456789abcdef), created 90 s ago"
+    assert rows["owner"] == "w-alive (lease epoch 3, expires in 8.2 s)"
+    assert rows["last claim"] == "w-alive (epoch 3), 12 s ago"
+    assert rows["dispatch"] == (
+        f"normal lane {keys.DISPATCH}, entry 1700000000000-2 (#17): pending on w-alive, "
+        "delivered 2 time(s), idle 0.4 s"
+    )
+    assert rows["audio"] == "next_seq 120, received 12.0 s, committed 10.1 s; 14 entries kept"
+    assert rows["results"] == "finals 4; 4 entries"
+    assert rows["checkpoint"] == "entry 1700000000000-7, sample 161600, base 0"
+    assert rows["expiry"] == "none (live)"
+    assert "failure" not in rows and "last error" not in rows
+
+
+def test_waiting_session_shows_its_queue_position() -> None:
+    """Not yet claimed (epoch 0): nobody owns it, and the dispatch row gives its place in
+    the fleet's queue, or says a worker is claiming it (position 0)."""
+    waiting = _meta(epoch="0", owner="", priority="high", dispatch_index="3")
+    del waiting["claimed_ms"]
+    unclaimed = {
+        "lease_holder": None,
+        "lease_epoch": None,
+        "lease_ttl_ms": None,
+        "dispatch_lane": keys.DISPATCH_HIGH,
+        "dispatch_consumer": None,
+        "dispatch_idle_ms": None,
+        "dispatch_deliveries": None,
+        "meta": waiting,
+    }
+    rows = _rows(render(_report(session=_session(queue_position=2, **unclaimed))))
+    assert rows["owner"] == "nobody yet: no worker has claimed it"
+    assert rows["last claim"] == "none yet (epoch 0)"
+    assert rows["dispatch"] == (
+        f"high lane {keys.DISPATCH_HIGH}, entry 1700000000000-2 (#3): waiting for a worker, "
+        "queue position 2"
+    )
+    rows = _rows(render(_report(session=_session(queue_position=0, **unclaimed))))
+    assert rows["dispatch"].endswith("read by a worker, being claimed")
 
 
 def test_session_without_lease_or_client() -> None:
-    """No lease on an open session means waiting or orphaned; a detached session shows its
-    resume deadline; a closed one shows its reason and expiry."""
-    waiting = render(
+    """No lease on a claimed open session means it awaits takeover; a detached session
+    shows its resume deadline; a closed one shows its reason and expiry."""
+    orphaned = render(
         _report(
             session=_session(
                 lease_holder=None,
@@ -163,18 +312,39 @@ def test_session_without_lease_or_client() -> None:
             )
         )
     )
-    assert "waiting in the dispatch stream, or orphaned" in waiting
-    assert "no client attached, resume deadline in 30 s" in waiting
-    assert "none yet (no final with words)" in waiting
+    assert "awaiting another worker's takeover" in orphaned
+    assert "no client attached, resume deadline in 30 s" in orphaned
+    assert "none yet (no final with words)" in orphaned
     closed = render(
         _report(
             session=_session(
-                lease_holder=None, ttl_s=3500, meta=_meta(state="closed", closed_reason="abandoned")
+                lease_holder=None,
+                ttl_s=3500,
+                dispatch_consumer=None,
+                meta=_meta(state="closed", closed_reason="abandoned"),
             )
         )
     )
     assert "closed (abandoned)" in closed and "nobody (closed)" in closed
+    assert "(#17): not pending (acknowledged)" in closed
     assert "keys expire in 3500 s" in closed
+
+
+def test_dead_lettered_session_shows_why() -> None:
+    """A dead-lettered session shows reason `failed`, the maintenance job's `failure` text
+    and the worker's `last_error`, each on one line."""
+    meta = _meta(
+        state="closed",
+        closed_reason="failed",
+        failure="delivered to workers 6 times without finishing; last error: E: x",
+        last_error="E:\nx",
+    )
+    rows = _rows(
+        render(_report(session=_session(lease_holder=None, dispatch_consumer=None, meta=meta)))
+    )
+    assert rows["state"].startswith("closed (failed)")
+    assert rows["failure"] == meta["failure"]
+    assert rows["last error"] == "E: x"
 
 
 def test_unknown_session_makes_the_report_fail() -> None:
@@ -196,19 +366,37 @@ def test_unreachable_redis_and_section_errors() -> None:
 
 
 def test_json_has_the_same_numbers() -> None:
-    """--json carries every collected value, in sections named like the screen's."""
+    """--json carries every collected value and the screen's totals, in sections named
+    like the screen's."""
     report = _report(
-        server=SERVER, dispatch=DISPATCH, workers=WORKERS, detached=DETACHED, session=_session()
+        server=SERVER,
+        dispatch=DISPATCH,
+        workers=WORKERS,
+        gateways=GATEWAYS,
+        detached=DETACHED,
+        deadletter=DEADLETTER,
+        session=_session(),
     )
     data = json.loads(json.dumps(to_json(report)))
     assert data["now_ms"] == NOW_MS and data["error"] is None
-    assert data["dispatch"]["lag"] == 5 and data["dispatch"]["pending"] == 11
+    assert data["dispatch"]["waiting"] == 7 and data["dispatch"]["pending"] == 11
+    assert [lane["stream"] for lane in data["dispatch"]["lanes"]] == list(keys.DISPATCH_LANES)
+    assert data["dispatch"]["lanes"][0]["oldest_waiting_ms"] == 12_000
     assert data["workers"]["alive"] == 1
     assert [r["worker_id"] for r in data["workers"]["rows"]] == ["w-alive", "w-dead"]
     assert data["workers"]["rows"][0]["max_uncommitted_s"] == 3.3
+    assert data["gateways"]["alive"] == 1
+    assert data["gateways"]["rows"][1] == {
+        "gateway_id": "gw-b",
+        "heartbeat_age_ms": 40_000,
+        "alive": False,
+        "sessions": 3,
+    }
     assert data["detached"]["rows"][1] == {"session_id": "ef" * 16, "deadline_in_ms": -1500}
+    assert data["deadletter"]["total"] == 2 and data["deadletter"]["rows"][0]["attempts"] == 6
     assert data["session"]["meta"]["finals"] == "4"
     assert data["session"]["lease_holder"] == "w-alive"
+    assert data["session"]["dispatch_deliveries"] == 2
 
 
 @pytest.mark.parametrize(

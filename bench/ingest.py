@@ -1,0 +1,302 @@
+"""Gateway ingest: the most concurrent real-time sessions one gateway process holds.
+
+    python bench/ingest.py [--sessions 250 500 1000 1500 2000] [--duration-s 20]
+                           [--budget-s 600] [--write docs/benchmarks.md]
+
+For each N a fresh `streamscribe up --engine null --certfile none` (plain ws keeps the
+load generator cheap; the null engine takes the model out) with slots and queue limits
+above N, then `streamscribe loadtest` in its own process: N sessions at pace 1.0, 100 ms
+frames, real clips looped to --duration-s, started over N / --ramp-rate seconds. A run
+passes with p99 ack latency <= --max-ack-ms, no failed session and no errors (sessions the
+null worker has not closed by the deadline count as unfinished, not failed). After
+the first failure N is bisected. The gateway's CPU time and RSS come from /proc while the
+run lasts:
+
+- CPU per session: gateway CPU seconds / session-seconds of audio streamed;
+- memory per connection: (peak gateway RSS during the run - RSS before) / N.
+
+Everything (gateway, null worker with its VAD, Valkey, load generator) shares the machine's
+cores, so the figures are for this machine, not for a gateway alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    DEFAULT_CLIPS,
+    ROOT,
+    UpService,
+    cpu_s,
+    load_average,
+    machine,
+    pick_clips,
+    replace_section,
+    rss_bytes,
+    stage_clips,
+    streamscribe,
+    system_busy_s,
+    table,
+    today,
+    wait_quiet,
+)
+
+HEADING = "## Gateway ingest: concurrent real-time sessions, null engine"
+
+
+@dataclass
+class IngestRun:
+    sessions: int
+    passed: bool
+    completed: int
+    failed: int
+    unfinished: int
+    ack_p50_ms: float | None
+    ack_p99_ms: float | None
+    ack_max_ms: float | None
+    connect_p99_s: float | None
+    send_delay_p99_ms: float | None
+    final_lag_p95_s: float | None
+    session_s: float  # session-seconds of audio streamed
+    gateway_cpu_ms_per_session_s: float
+    gateway_rss_before_mb: float
+    gateway_rss_peak_mb: float
+    kib_per_connection: float
+    cores: dict[str, float]  # process -> average cores used over the run
+    load_before: str
+    busy_before: float  # cores busy just before the run (ours idle)
+    foreign_cores: float  # cores used by processes outside this benchmark during the run
+    elapsed_s: float
+    errors: dict[str, Any] = field(default_factory=dict)
+
+
+def ms(value: Any) -> float | None:
+    return None if value is None else 1000 * float(value)
+
+
+def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> IngestRun:
+    state = tmp / f"up-{n}"
+    service = UpService(
+        state,
+        [
+            "--engine",
+            "null",
+            "--certfile",
+            "none",
+            "--slots",
+            str(n + 100),
+            "--max-queue-length",
+            str(n * 2 + 100),
+            "--log-level",
+            "WARNING",
+        ],
+        tmp / f"up-{n}.log",
+    )
+    service.start()
+    try:
+        gw = service.pids["gateway"]
+        busy_before = wait_quiet(args.quiet_wait_s)
+        load_before = load_average()
+        rss0, cpu0 = rss_bytes(gw), service.cpu()
+        json_out = tmp / f"ingest-{n}.json"
+        cmd = [
+            *streamscribe(),
+            "loadtest",
+            "--url",
+            service.url,
+            "--sessions",
+            str(n),
+            "--audio",
+            *[str(a) for a in audio],
+            "--pace",
+            "1.0",
+            "--duration-s",
+            str(args.duration_s),
+            "--ramp-s",
+            str(max(1.0, n / args.ramp_rate)),
+            "--drain-timeout-s",
+            str(args.drain_timeout_s),
+            "--json",
+            str(json_out),
+            "--no-progress",
+        ]
+        usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0, sys0 = time.monotonic(), system_busy_s()
+        peak = rss0
+        with open(tmp / f"loadtest-{n}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            limit = t0 + args.duration_s + n / args.ramp_rate + 180
+            while proc.poll() is None and time.monotonic() < limit:
+                peak = max(peak, rss_bytes(gw))
+                time.sleep(0.5)  # sampling period of the RSS probe
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        wall, sys1 = time.monotonic() - t0, system_busy_s()
+        usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        gw_cpu = cpu_s(gw) - cpu0["gateway"]
+        cpu1 = service.cpu()
+        cores = {role: (cpu1[role] - cpu0.get(role, 0.0)) / wall for role in cpu1}
+        cores["loadtest"] = (
+            usage1.ru_utime - usage0.ru_utime + usage1.ru_stime - usage0.ru_stime
+        ) / wall
+    finally:
+        service.stop()
+    report: dict[str, Any] = json.loads(json_out.read_text())
+    m = report["metrics"]
+    errors = {
+        k: report[k]
+        for k in ("errors_by_close_code", "error_messages", "connect_errors", "anomalies")
+        if report.get(k)
+    }
+    session_s = sum(float(s["audio_s_sent"]) for s in report["per_session"])
+    ack_p99 = ms(m["ack_latency_s"]["p99"])
+    # The gateway's criterion: acks and errors. Sessions the (null) worker had not closed
+    # by the deadline are "unfinished", reported but not held against the gateway.
+    passed = (
+        report["failed"] == 0 and not errors and ack_p99 is not None and ack_p99 <= args.max_ack_ms
+    )
+    return IngestRun(
+        sessions=n,
+        passed=passed,
+        completed=int(report["completed"]),
+        failed=int(report["failed"]),
+        unfinished=int(report["unfinished"]),
+        ack_p50_ms=ms(m["ack_latency_s"]["p50"]),
+        ack_p99_ms=ack_p99,
+        ack_max_ms=ms(m["ack_latency_s"]["max"]),
+        connect_p99_s=m["connect_s"]["p99"],
+        send_delay_p99_ms=ms(m["send_delay_s"]["p99"]),
+        final_lag_p95_s=m["final_lag_s"]["p95"],
+        session_s=session_s,
+        gateway_cpu_ms_per_session_s=1000 * gw_cpu / session_s if session_s else 0.0,
+        gateway_rss_before_mb=rss0 / 2**20,
+        gateway_rss_peak_mb=peak / 2**20,
+        kib_per_connection=(peak - rss0) / 1024 / n,
+        cores=cores,
+        load_before=load_before,
+        busy_before=busy_before,
+        foreign_cores=max(0.0, (sys1 - sys0) / wall - sum(cores.values())),
+        elapsed_s=float(report["elapsed_s"]),
+        errors=errors,
+    )
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def row(r: IngestRun) -> list[str]:
+    c = r.cores
+    return [
+        str(r.sessions),
+        "yes" if r.passed else "**no**",
+        f"{r.completed}/{r.sessions}" + (f" ({r.unfinished} unfinished)" if r.unfinished else ""),
+        f"{fmt(r.ack_p50_ms)} / {fmt(r.ack_p99_ms)} / {fmt(r.ack_max_ms)}",
+        fmt(r.send_delay_p99_ms),
+        fmt(r.final_lag_p95_s, 2),
+        f"{r.gateway_cpu_ms_per_session_s:.2f}",
+        f"{r.gateway_rss_before_mb:.0f} -> {r.gateway_rss_peak_mb:.0f}",
+        f"{r.kib_per_connection:.0f}",
+        ", ".join(f"{c.get(k, 0.0):.2f}" for k in ("gateway", "worker", "valkey", "loadtest")),
+        ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none",
+        f"{r.busy_before:.2f} / {r.foreign_cores:.2f}",
+        r.load_before,
+    ]
+
+
+HEADER = [
+    "N",
+    "pass",
+    "completed",
+    "ack ms p50 / p99 / max",
+    "send delay p99 ms",
+    "final lag p95 s",
+    "gateway CPU ms per session-s",
+    "gateway RSS MB",
+    "KiB per connection",
+    "cores: gateway, worker, valkey, loadtest",
+    "errors",
+    "other processes' cores: before / during",
+    "load avg before",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[250, 500, 1000, 1500, 2000])
+    parser.add_argument("--clips", nargs="+", default=list(DEFAULT_CLIPS))
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--ramp-rate", type=float, default=100.0, help="sessions started per s")
+    parser.add_argument("--max-ack-ms", type=float, default=100.0)
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0)
+    parser.add_argument("--budget-s", type=float, default=900.0, help="no new run after this")
+    parser.add_argument("--quiet-wait-s", type=float, default=120.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--write", type=Path)
+    args = parser.parse_args()
+    if min(args.sessions) < 1 or max(args.sessions) > 5000:
+        parser.error("--sessions must be 1..5000")
+    deadline = time.monotonic() + args.budget_s
+    runs: list[IngestRun] = []
+    with tempfile.TemporaryDirectory(prefix="ss-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        audio = stage_clips(pick_clips(args.clips), tmp / "clips")
+        todo = sorted(set(args.sessions))
+        good, bad = 0, None
+        while todo and time.monotonic() < deadline:
+            n = todo.pop(0)
+            print(f"{n} sessions ...", flush=True)
+            run = one_run(n, args, audio, tmp)
+            runs.append(run)
+            print(" | ".join(row(run)), flush=True)
+            if run.passed:
+                good = max(good, n)
+            else:
+                bad = n if bad is None else min(bad, n)
+            if bad is not None:
+                mid = (good + bad) // 2
+                mid -= mid % 50  # steps of 50 sessions are fine enough here
+                done = {r.sessions for r in runs}
+                todo = [mid] if good < mid < bad and mid not in done else []
+    best = max((r.sessions for r in runs if r.passed), default=0)
+    text = f"Largest N passing: **{best}**\n\n" + table(
+        HEADER, [row(r) for r in sorted(runs, key=lambda r: r.sessions)]
+    )
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
+    if args.write:
+        cmd = "python bench/ingest.py " + " ".join(sys.argv[1:])
+        section = (
+            f"{HEADING}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
+            f"`streamscribe up --engine null --certfile none` (one gateway process, one "
+            f"worker with the null engine, which still runs VAD on every frame, embedded "
+            f"Valkey) and `streamscribe loadtest` (its own process) on the same cores: the "
+            f"load generator and the worker compete with the gateway. {args.duration_s:.0f} s "
+            f"of real speech per session ({', '.join(args.clips)}, looped), pace 1.0, 100 ms "
+            f"frames, {args.ramp_rate:.0f} sessions started per second, interims on. Each run "
+            f"first waits up to {args.quiet_wait_s:.0f} s for other processes to use < 0.3 "
+            f"cores. Pass: "
+            f"no failed session, no errors, p99 ack <= {args.max_ack_ms:.0f} ms (sessions "
+            f"still open {args.drain_timeout_s:.0f} s after streaming ended count as "
+            f"unfinished: the worker's lag, not the gateway's). "
+            f"*cores* = CPU seconds / wall seconds of the run.\n\n{text}\n"
+        )
+        replace_section(args.write, HEADING, section)
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Offline bound: faster-whisper alone on the benchmark clips, audio seconds per second.
+
+    python bench/offline.py [--clips ID ...] [--cpu-threads N ...] [--repeats 3]
+                            [--json OUT] [--write docs/benchmarks.md]
+
+The same model and settings as the worker (tiny.en, int8 on CPU, beam 1, the worker's
+`cpu_threads` default), each whole clip in one `transcribe()` call, one call at a time:
+the ceiling that a streaming service on the same cores is compared with. Also prints what
+one call costs for 1-28 s of speech, with and without word timestamps (the worker's finals
+ask for them), which is where a streamer's cost comes from. Prints tables; with --write,
+replaces the "Offline bound" section of the benchmarks document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    DEFAULT_CLIPS,
+    ClipRef,
+    load_average,
+    machine,
+    pick_clips,
+    replace_section,
+    system_busy_s,
+    table,
+    today,
+    wait_quiet,
+)
+from shared.config import Config
+from shared.protocol import SessionParams
+from shared.scoring import wer
+from shared.wavfile import read_wav
+from worker.audio import AudioConverter
+from worker.engine import SAMPLE_RATE, Audio, WhisperEngine
+
+HEADING = "## Offline bound: faster-whisper alone"
+CALL_LENGTHS_S = (1, 2, 4, 8, 16, 28)
+
+
+@dataclass
+class OfflineResult:
+    cpu_threads: int
+    clips: int
+    audio_s: float
+    wall_s: float  # median over repeats of the time for all clips
+    bound: float  # audio seconds per second of wall time
+    wer: float
+    load_before: str
+    busy_before: float  # cores busy on the machine just before (other processes)
+    foreign_cores: float  # cores used by other processes while measuring (both tables)
+    call_cost: dict[str, dict[str, float]]  # "4" -> {"plain": s, "words": s}
+
+
+def samples(path: Path) -> Audio:
+    audio = read_wav(path)
+    conv = AudioConverter(
+        SessionParams(
+            sample_rate=audio.sample_rate, encoding=audio.encoding, channels=audio.channels
+        )
+    )
+    return np.concatenate([conv.convert(audio.data), conv.flush()])
+
+
+def transcribe(engine: WhisperEngine, audio: Audio, words: bool = False) -> str:
+    segments = engine.transcribe(audio, language="en", word_timestamps=words, beam_size=1)
+    return " ".join(s.text for s in segments)
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(
+    clips: list[ClipRef], cpu_threads: int, repeats: int, call_cost: bool, quiet_wait_s: float
+) -> OfflineResult:
+    engine = WhisperEngine("tiny.en", "cpu", "int8", cpu_threads)
+    engine.warm_up()
+    inputs = [samples(c.path) for c in clips]
+    audio_s = sum(len(a) for a in inputs) / SAMPLE_RATE
+    busy_before = wait_quiet(quiet_wait_s)
+    load_before = load_average()
+    sys0, own0, t_start = system_busy_s(), own_cpu_s(), time.perf_counter()
+    walls, texts = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        texts = [transcribe(engine, a) for a in inputs]
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    costs: dict[str, dict[str, float]] = {}
+    if call_cost:
+        speech = np.concatenate(inputs * (1 + int(max(CALL_LENGTHS_S) // max(audio_s, 1))))
+        for length in CALL_LENGTHS_S:
+            piece = speech[: length * SAMPLE_RATE]
+            costs[str(length)] = {}
+            for label, words in (("plain", False), ("words", True)):
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    transcribe(engine, piece, words)
+                    times.append(time.perf_counter() - t0)
+                costs[str(length)][label] = statistics.median(times)
+    elapsed = time.perf_counter() - t_start
+    foreign = max(0.0, (system_busy_s() - sys0 - (own_cpu_s() - own0)) / elapsed)
+    return OfflineResult(
+        cpu_threads=cpu_threads,
+        clips=len(clips),
+        audio_s=audio_s,
+        wall_s=wall,
+        bound=audio_s / wall,
+        wer=wer([c.reference for c in clips], texts),
+        load_before=load_before,
+        busy_before=busy_before,
+        foreign_cores=foreign,
+        call_cost=costs,
+    )
+
+
+def threads_label(n: int) -> str:
+    return f"{n} (faster-whisper default: 4)" if n == 0 else str(n)
+
+
+def render(results: list[OfflineResult]) -> str:
+    bound = table(
+        [
+            "cpu_threads",
+            "clips",
+            "audio s",
+            "wall s (median)",
+            "audio s / s",
+            "WER",
+            "other processes' cores: before / during",
+            "load avg before",
+        ],
+        [
+            [
+                threads_label(r.cpu_threads),
+                r.clips,
+                f"{r.audio_s:.1f}",
+                f"{r.wall_s:.2f}",
+                f"**{r.bound:.1f}**",
+                f"{r.wer:.3f}",
+                f"{r.busy_before:.2f} / {r.foreign_cores:.2f}",
+                r.load_before,
+            ]
+            for r in results
+        ],
+    )
+    with_costs = [r for r in results if r.call_cost]
+    if not with_costs:
+        return bound
+    cost_rows = []
+    for r in with_costs:
+        for length, c in r.call_cost.items():
+            cost_rows.append(
+                [
+                    threads_label(r.cpu_threads),
+                    length,
+                    f"{c['plain']:.3f}",
+                    f"{c['words']:.3f}",
+                    f"{float(length) / c['plain']:.1f}",
+                ]
+            )
+    costs = table(
+        ["cpu_threads", "speech s in the call", "s per call", "s per call, word timestamps",
+         "audio s / s"],
+        cost_rows,
+    )  # fmt: skip
+    return f"{bound}\n\nCost of one call by audio length (median of the repeats):\n\n{costs}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", nargs="+", default=list(DEFAULT_CLIPS), help="clip ids")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        nargs="+",
+        default=[Config().cpu_threads],
+        help="CTranslate2 threads; several values: one row each (default: the worker's)",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120.0,
+        help="wait up to this long for other processes to go quiet before each measurement",
+    )
+    parser.add_argument("--no-call-cost", action="store_true", help="skip the per-call table")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    parser.add_argument("--write", type=Path, help="update this markdown file's section")
+    args = parser.parse_args()
+    if not 1 <= args.repeats <= 20:
+        parser.error("--repeats must be 1..20")
+    clips = pick_clips(args.clips)
+    results = []
+    for n in args.cpu_threads:
+        print(f"cpu_threads={n}: {len(clips)} clips x {args.repeats} ...", flush=True)
+        results.append(measure(clips, n, args.repeats, not args.no_call_cost, args.quiet_wait_s))
+    text = render(results)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if args.write:
+        cmd = "python bench/offline.py " + " ".join(sys.argv[1:])
+        section = (
+            f"{HEADING}\n\nMeasured {today()} on the {machine()}, tiny.en int8 CPU, beam 1, "
+            f"each whole clip in one call, one call at a time; command `{cmd}`. Clips: "
+            f"{', '.join(c.id for c in clips)} (`../shared/audio/real`). *audio s / s* is "
+            f"the offline bound that bench/capacity.py compares with. The machine is "
+            f"shared: each row first waits up to {args.quiet_wait_s:.0f} s for other "
+            f"processes to use < 0.3 cores and shows what they used before and during "
+            f"it.\n\n{text}\n"
+        )
+        replace_section(args.write, HEADING, section)
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Unit tests for the decode scheduling policy (worker/scheduler.py).
+
+The policy (`DecodeQueue`, `InterimPolicy`, `LoadMeter`) runs on an injected fake clock,
+with no loop and no thread. The last tests drive the async `Scheduler` shell with a fake
+engine that blocks until the test lets it go, to show what actually reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from shared.config import Config
+from shared.errors import ConfigError
+from worker.engine import Audio, Segment
+from worker.scheduler import DecodeQueue, InterimPolicy, Job, Kind, LoadMeter, Scheduler
+from worker.stream import DecodeRequest
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+POLICY = InterimPolicy(interval_s=1.0, stale_s=1.0, busy_target=0.5, shed_busy=0.9)
+
+
+def make_queue(policy: InterimPolicy = POLICY) -> tuple[DecodeQueue[str], FakeClock]:
+    clock = FakeClock()
+    return DecodeQueue(policy, clock, load_window_s=4.0), clock
+
+
+def run(q: DecodeQueue[str], clock: FakeClock, job: Job[str], cost_s: float) -> None:
+    """Decode `job` on the fake engine: it takes `cost_s` of fake time."""
+    q.started(job)
+    clock.now += cost_s
+    q.finished(job)
+
+
+def pop_payload(q: DecodeQueue[str]) -> str | None:
+    job, _dropped = q.pop()
+    return None if job is None else job.payload
+
+
+# --- ordering ----------------------------------------------------------------------------
+
+
+def test_finals_before_interims_oldest_first() -> None:
+    """Finals leave the queue before any interim, and each kind in arrival order."""
+    q, _ = make_queue()
+    q.push("interim", "a", "interim-a")
+    q.push("final", "b", "final-b")
+    q.push("interim", "c", "interim-c")
+    q.push("final", "d", "final-d")
+    assert [pop_payload(q) for _ in range(5)] == [
+        "final-b",
+        "final-d",
+        "interim-a",
+        "interim-c",
+        None,
+    ]
+
+
+def test_no_interim_while_a_final_waits() -> None:
+    """However long an interim has waited, a final queued after it is served first."""
+    q, clock = make_queue()
+    q.push("interim", "a", "interim-a")
+    clock.now += 0.5
+    q.push("final", "b", "final-b")
+    job, dropped = q.pop()
+    assert job is not None and job.kind == "final" and dropped == []
+    assert q.finals_waiting == 0
+
+
+# --- stale interims ----------------------------------------------------------------------
+
+
+def test_stale_interim_dropped_final_never() -> None:
+    """An interim that waited longer than stale_s is dropped undecoded; a final that waited
+    as long is still decoded."""
+    q, clock = make_queue()
+    q.push("interim", "a", "interim-a")
+    q.push("final", "b", "final-b")
+    clock.now += POLICY.stale_s + 0.01
+    job, dropped = q.pop()
+    assert job is not None and job.payload == "final-b"
+    job, dropped = q.pop()
+    assert job is None
+    assert [d.payload for d in dropped] == ["interim-a"]
+    assert q.counters.interim_stale == 1 and q.counters.interim_shed == 0
+
+
+def test_fresh_interim_on_idle_engine_is_decoded() -> None:
+    """On an idle engine a session's first interim is decoded at once."""
+    q, _ = make_queue()
+    q.push("interim", "a", "interim-a")
+    assert pop_payload(q) == "interim-a"
+
+
+# --- load ----------------------------------------------------------------------------------
+
+
+def test_load_meter_counts_finished_and_running_decodes_in_the_window() -> None:
+    """Busy fraction = decoding time inside the last window, the running decode included."""
+    meter = LoadMeter(window_s=4.0)
+    meter.started(100.0)
+    meter.finished(101.0)  # 1 s busy
+    assert meter.busy_fraction(102.0) == pytest.approx(0.25)
+    meter.started(103.0)
+    assert meter.busy_fraction(104.0) == pytest.approx(0.5)  # 1 s done + 1 s running
+    meter.finished(104.0)
+    # At 106 the window is [102, 106]: the first decode has left it.
+    assert meter.busy_fraction(106.0) == pytest.approx(0.25)
+    assert meter.busy_fraction(200.0) == 0.0
+    with pytest.raises(RuntimeError):
+        meter.finished(201.0)
+
+
+def test_load_meter_refuses_two_decodes_at_once() -> None:
+    """One engine thread runs one decode: a second start without a finish is a bug."""
+    meter = LoadMeter()
+    meter.started(1.0)
+    with pytest.raises(RuntimeError):
+        meter.started(1.5)
+
+
+def test_spacing_grows_with_load_and_sheds_at_the_top() -> None:
+    """Full rate up to busy_target, spacing (1-target)/(1-busy) times longer above it,
+    no interims from shed_busy on."""
+    assert POLICY.spacing_s(0.0) == 1.0
+    assert POLICY.spacing_s(0.5) == 1.0
+    assert POLICY.spacing_s(0.75) == pytest.approx(2.0)
+    assert POLICY.spacing_s(0.8) == pytest.approx(2.5)
+    assert POLICY.spacing_s(0.9) is None
+    assert POLICY.spacing_s(1.0) is None
+    spacings = [POLICY.spacing_s(b / 100) for b in range(50, 90)]
+    known = [s for s in spacings if s is not None]
+    assert len(known) == len(spacings)
+    assert known == sorted(known)  # never shorter when busier
+
+
+def test_target_one_turns_adaptation_off() -> None:
+    """busy_target = 1: interims every interval whatever the load (stale drop only)."""
+    off = InterimPolicy(busy_target=1.0, shed_busy=1.0)
+    assert not off.adaptive
+    assert {off.spacing_s(b) for b in (0.0, 0.5, 0.95, 1.0)} == {off.interval_s}
+
+
+@pytest.mark.parametrize(
+    ("target", "shed"), [(0.0, 0.9), (0.6, 0.5), (0.5, 1.5), (-0.1, 0.5), (1.2, 1.2)]
+)
+def test_policy_rejects_bad_thresholds(target: float, shed: float) -> None:
+    """Thresholds must satisfy 0 < busy_target <= shed_busy <= 1."""
+    with pytest.raises(ValueError):
+        InterimPolicy(busy_target=target, shed_busy=shed)
+
+
+def test_config_checks_the_thresholds_and_names_both_settings() -> None:
+    """The worker's config refuses target > shed, naming both flags."""
+    with pytest.raises(ConfigError) as info:
+        Config(interim_busy_target=0.95, interim_shed_busy=0.9)
+    assert "--interim-busy-target" in str(info.value)
+    assert "--interim-shed-busy" in str(info.value)
+    assert Config().interim_busy_target < Config().interim_shed_busy
+
+
+def make_busy(q: DecodeQueue[str], clock: FakeClock, fraction: float, seconds: int = 4) -> None:
+    """Keep the engine busy `fraction` of each second with finals, for `seconds` seconds
+    (4 s fill the whole load window)."""
+    for _ in range(seconds):
+        q.push("final", "other", "f")
+        job, _ = q.pop()
+        assert job is not None
+        run(q, clock, job, fraction)
+        clock.now += 1 - fraction
+
+
+def test_interims_spaced_out_when_busy() -> None:
+    """At 75% busy a session's interims are two intervals apart, not one."""
+    q, clock = make_queue()
+    make_busy(q, clock, 0.75)
+    assert q.load.busy_fraction(clock.now) == pytest.approx(0.75)
+    q.push("interim", "s", "after-one-interval")
+    job, dropped = q.pop()
+    assert job is None and [d.payload for d in dropped] == ["after-one-interval"]
+    assert q.counters.interim_shed == 1
+    make_busy(q, clock, 0.75, seconds=1)  # one more interval at the same load
+    q.push("interim", "s", "after-two-intervals")
+    assert pop_payload(q) == "after-two-intervals"
+
+
+def test_no_interims_when_saturated_but_finals_go_on() -> None:
+    """At >= shed_busy every interim is dropped; every final is still decoded."""
+    q, clock = make_queue()
+    make_busy(q, clock, 0.95)
+    q.push("interim", "s", "interim")
+    q.push("final", "t", "final")
+    assert pop_payload(q) == "final"
+    job, dropped = q.pop()
+    assert job is None and [d.payload for d in dropped] == ["interim"]
+
+
+def simulate(
+    q: DecodeQueue[str],
+    clock: FakeClock,
+    *,
+    sessions: int,
+    seconds: int,
+    final_every_s: float,
+    decode_s: float,
+) -> tuple[dict[str, int], list[str]]:
+    """A fake worker in fake time: every session asks for an interim each interval (when it
+    has none queued) and for a final every `final_every_s`; the engine takes `decode_s` per
+    decode. Returns interims decoded per session and the finals in decode order."""
+    interims = {f"s{i}": 0 for i in range(sessions)}
+    finals: list[str] = []
+    asked_at = dict.fromkeys(interims, -1.0)
+    next_final = dict.fromkeys(interims, clock.now + final_every_s)
+    waiting: set[str] = set()  # sessions with a request in the queue (one at a time)
+    final_no = 0
+    end = clock.now + seconds
+    steps = 0
+    while clock.now < end and steps < 100_000:  # bounded in count and (fake) time
+        steps += 1
+        for s in interims:
+            if s in waiting:
+                continue
+            if clock.now >= next_final[s]:
+                q.push("final", s, f"final-{final_no}")
+                final_no += 1
+                next_final[s] += final_every_s
+                waiting.add(s)
+            elif clock.now - asked_at[s] >= POLICY.interval_s:
+                q.push("interim", s, s)
+                asked_at[s] = clock.now
+                waiting.add(s)
+        job, dropped = q.pop()
+        for d in dropped:
+            waiting.discard(d.session)
+        if job is None:
+            clock.now += 0.05  # idle engine: time passes
+            continue
+        run(q, clock, job, decode_s)
+        waiting.discard(job.session)
+        if job.kind == "final":
+            finals.append(job.payload)
+        else:
+            interims[job.session] += 1
+    return interims, finals
+
+
+def test_interim_rate_adapts_to_load_and_finals_are_never_dropped() -> None:
+    """With the same sessions, heavier final load means fewer interims per session, and
+    every final is decoded, in the order it was asked for."""
+    light_q, light_clock = make_queue()
+    light, light_finals = simulate(
+        light_q, light_clock, sessions=2, seconds=60, final_every_s=5.0, decode_s=0.1
+    )
+    heavy_q, heavy_clock = make_queue()
+    heavy, heavy_finals = simulate(
+        heavy_q, heavy_clock, sessions=4, seconds=60, final_every_s=1.5, decode_s=0.3
+    )
+    # Light: the engine stays under the target; every session gets interims at full rate
+    # except while its own final runs.
+    assert light_q.counters.interim_shed == 0
+    assert min(light.values()) >= 40
+    # Heavy: interims were spaced out, not decoded every interval.
+    assert heavy_q.counters.interim_shed > 0
+    assert max(heavy.values()) < min(light.values())
+    for q, finals in ((light_q, light_finals), (heavy_q, heavy_finals)):
+        assert finals == sorted(finals, key=lambda f: int(f.split("-")[1]))
+        assert q.counters.final == len(finals)
+        assert q.finals_waiting <= 4  # one request per session at most
+
+
+def test_without_adaptation_interims_take_every_free_slot() -> None:
+    """The same heavy load with adaptation off decodes more interims (the old behaviour):
+    the adaptive policy is what spaced them out."""
+    off = InterimPolicy(interval_s=1.0, stale_s=1.0, busy_target=1.0, shed_busy=1.0)
+    off_q, off_clock = make_queue(off)
+    without, _ = simulate(off_q, off_clock, sessions=4, seconds=60, final_every_s=1.5, decode_s=0.3)
+    on_q, on_clock = make_queue()
+    with_policy, _ = simulate(
+        on_q, on_clock, sessions=4, seconds=60, final_every_s=1.5, decode_s=0.3
+    )
+    assert off_q.counters.interim_shed == 0
+    assert sum(with_policy.values()) < sum(without.values())
+
+
+def test_forget_clears_a_sessions_history() -> None:
+    """After forget(), a session's interim history is gone (bounded memory)."""
+    q, _ = make_queue()
+    q.push("interim", "s", "x")
+    assert pop_payload(q) == "x"
+    q.forget("s")
+    assert "s" not in q._last_interim
+
+
+# --- the async shell with a fake engine -----------------------------------------------------
+
+
+class GateEngine:
+    """Records each decode and holds it until the test releases it (no sleeps)."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue[str] = queue.Queue()
+        self.release = threading.Semaphore(0)
+
+    def transcribe(
+        self,
+        audio: Audio,
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[Segment]:
+        self.calls.put(prompt or "")
+        if not self.release.acquire(timeout=10):
+            raise TimeoutError("test never released the decode")
+        return [Segment(0.0, 0.1, prompt or "", ())]
+
+    async def next_call(self) -> str:
+        return await asyncio.to_thread(self.calls.get, True, 10)
+
+
+def request(kind: Kind, tag: str) -> DecodeRequest:
+    return DecodeRequest(kind, 0, 1600, np.zeros(1600, np.float32), 0, prompt=tag)
+
+
+async def test_scheduler_runs_waiting_final_before_waiting_interims() -> None:
+    """While the engine decodes, a final and an interim arrive: the final runs next, the
+    interim only after it, and each caller gets its own result."""
+    engine = GateEngine()
+    policy = InterimPolicy(interval_s=60.0, stale_s=60.0)  # nothing goes stale in this test
+    sched = Scheduler(engine, beam_size=1, policy=policy)
+    sched.start()
+    try:
+        first = asyncio.ensure_future(sched.decode(request("interim", "i1"), "en", session="a"))
+        assert await engine.next_call() == "i1"
+        late_interim = asyncio.ensure_future(
+            sched.decode(request("interim", "i2"), "en", session="b")
+        )
+        final = asyncio.ensure_future(sched.decode(request("final", "f1"), "en", session="c"))
+        await asyncio.sleep(0)  # let both reach the queue (ordering, not timing)
+        assert sched.queued == 2
+        engine.release.release()
+        assert await engine.next_call() == "f1"
+        engine.release.release()
+        assert await engine.next_call() == "i2"
+        engine.release.release()
+        results = await asyncio.wait_for(asyncio.gather(first, final, late_interim), 10)
+        assert [r[0].text if r else None for r in results] == ["i1", "f1", "i2"]
+        assert sched.counters.final == 1 and sched.counters.interim == 2
+    finally:
+        await sched.close()
+
+
+async def test_scheduler_answers_a_dropped_interim_with_none() -> None:
+    """An interim shed under load reaches no engine and its caller gets None."""
+    engine = GateEngine()
+    clock = FakeClock()
+    sched = Scheduler(engine, beam_size=1, policy=POLICY, clock=clock)
+    sched.start()
+    try:
+        final = asyncio.ensure_future(sched.decode(request("final", "f1"), "en", session="a"))
+        assert await engine.next_call() == "f1"
+        clock.now += 10.0  # the final has kept the engine busy for the whole window
+        interim = asyncio.ensure_future(sched.decode(request("interim", "i1"), "en", session="b"))
+        await asyncio.sleep(0)
+        engine.release.release()
+        assert (await asyncio.wait_for(final, 10)) is not None
+        assert await asyncio.wait_for(interim, 10) is None
+        assert engine.calls.empty()
+        assert sched.counters.interim_shed == 1
+    finally:
+        await sched.close()
