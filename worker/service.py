@@ -597,6 +597,13 @@ class Worker:
         }
 
     async def _redis_trouble(self, where: str, exc: BaseException) -> None:
+        if "NOGROUP" in str(exc):
+            # Redis came back without its data (no persistence, or a flush): the dispatch
+            # groups are gone. Recreate them so new sessions are claimed again.
+            log.warning("%s: dispatch consumer group missing; recreating it", where)
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.ensure_group()
+                return
         log.warning("%s: redis unavailable (%s); retrying", where, exc)
         await self._pause(0.5)
 

@@ -22,9 +22,7 @@ from worker.engine import NullEngine
 from worker.service import Worker
 
 
-async def until(
-    check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 30.0
-) -> Any:
+async def until(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 30.0) -> Any:
     """Poll Redis state until `check` returns something truthy (bounded)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
@@ -241,3 +239,20 @@ async def test_audio_seen_already_is_never_fed_twice(
     await ws.send(json.dumps({"type": "close_stream"}))
     out = await drain(ws)
     assert out.code == 1000
+
+
+async def test_worker_recreates_lost_dispatch_groups(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """Redis lost the dispatch streams and their group (restart without persistence): the
+    worker recreates the group and still claims and finishes new sessions."""
+    svc = await service_factory()
+    await redis.delete(*keys.DISPATCH_LANES)
+    ws = await open_ws(svc.url)
+    await started(ws)
+    for frame in fixture("s2.wav").frames(100):
+        await ws.send(frame)
+    await ws.send(json.dumps({"type": "close_stream"}))
+    out = await drain(ws)
+    assert out.code == 1000 and out.messages[-1]["type"] == "session.closed"
+    assert [g["name"] for g in await redis.xinfo_groups(keys.DISPATCH)] == [b"workers"]
