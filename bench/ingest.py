@@ -79,6 +79,7 @@ class IngestRun:
     foreign_cores: float  # cores used by processes outside this benchmark during the run
     elapsed_s: float
     errors: dict[str, Any] = field(default_factory=dict)
+    retried: int = 0  # runs thrown away because other processes loaded the machine
 
 
 def ms(value: Any) -> float | None:
@@ -86,7 +87,7 @@ def ms(value: Any) -> float | None:
 
 
 def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> IngestRun:
-    state = tmp / f"up-{n}"
+    state = Path(tempfile.mkdtemp(prefix=f"up-{n}-", dir=tmp))
     service = UpService(
         state,
         [
@@ -101,7 +102,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             "--log-level",
             "WARNING",
         ],
-        tmp / f"up-{n}.log",
+        state / "up.log",
     )
     service.start()
     try:
@@ -109,7 +110,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
         busy_before = wait_quiet(args.quiet_wait_s)
         load_before = load_average()
         rss0, cpu0 = rss_bytes(gw), service.cpu()
-        json_out = tmp / f"ingest-{n}.json"
+        json_out = state / "ingest.json"
         cmd = [
             *streamscribe(),
             "loadtest",
@@ -134,7 +135,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
         usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0, sys0 = time.monotonic(), system_busy_s()
         peak = rss0
-        with open(tmp / f"loadtest-{n}.log", "wb") as log:
+        with open(state / "loadtest.log", "wb") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             limit = t0 + args.duration_s + n / args.ramp_rate + 180
             while proc.poll() is None and time.monotonic() < limit:
@@ -200,7 +201,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def row(r: IngestRun) -> list[str]:
     c = r.cores
     return [
-        str(r.sessions),
+        str(r.sessions) + (f" (retry {r.retried})" if r.retried else ""),
         "yes" if r.passed else "**no**",
         f"{r.completed}/{r.sessions}" + (f" ({r.unfinished} unfinished)" if r.unfinished else ""),
         f"{fmt(r.ack_p50_ms)} / {fmt(r.ack_p99_ms)} / {fmt(r.ack_max_ms)}",
@@ -243,6 +244,8 @@ def main() -> None:
     parser.add_argument("--drain-timeout-s", type=float, default=30.0)
     parser.add_argument("--budget-s", type=float, default=900.0, help="no new run after this")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
+    parser.add_argument("--retries", type=int, default=2)
+    parser.add_argument("--retry-if-other-cores", type=float, default=0.15)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
@@ -259,8 +262,17 @@ def main() -> None:
             n = todo.pop(0)
             print(f"{n} sessions ...", flush=True)
             run = one_run(n, args, audio, tmp)
-            runs.append(run)
             print(" | ".join(row(run)), flush=True)
+            for attempt in range(1, args.retries + 1):
+                # A shared machine: a failure while other processes took a good part of a
+                # core says little about the gateway. Try again (bounded).
+                noisy = run.foreign_cores >= args.retry_if_other_cores
+                if run.passed or not noisy or time.monotonic() >= deadline:
+                    break
+                run = one_run(n, args, audio, tmp)
+                run.retried = attempt
+                print("retry: " + " | ".join(row(run)), flush=True)
+            runs.append(run)
             if run.passed:
                 good = max(good, n)
             else:
