@@ -100,8 +100,10 @@ class Variant:
 
     @property
     def flags(self) -> str:
-        up = " ".join(self.up_args) or "(defaults)"
-        return up + (f"; loadtest `{' '.join(self.loadtest_args)}`" if self.loadtest_args else "")
+        """Markdown: the `up` flags, then any extra load generator flags."""
+        up = f"`{' '.join(self.up_args)}`" if self.up_args else "defaults"
+        extra = f"; loadtest `{' '.join(self.loadtest_args)}`" if self.loadtest_args else ""
+        return up + extra
 
     @property
     def best(self) -> int:
@@ -286,7 +288,7 @@ def render(variants: list[Variant], offline: dict[str, Any], args: argparse.Name
         [
             [
                 v.name,
-                f"`{v.flags}`",
+                v.flags,
                 f"**{v.best}**",
                 f"{bound:.1f}",
                 f"**{v.best / bound:.2f}**",

@@ -279,7 +279,7 @@ def main() -> None:
                 bad = n if bad is None else min(bad, n)
             if bad is not None:
                 mid = (good + bad) // 2
-                mid -= mid % 50  # steps of 50 sessions are fine enough here
+                mid -= mid % 25  # steps of 25 sessions are fine enough here
                 done = {r.sessions for r in runs}
                 todo = [mid] if good < mid < bad and mid not in done else []
     best = max((r.sessions for r in runs if r.passed), default=0)
