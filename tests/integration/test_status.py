@@ -18,17 +18,19 @@ from shared.fleet import Fleet
 from shared.keys import GatewayId, SessionId
 from shared.protocol import SessionParams
 from shared.status import (
+    Query,
+    collect,
+    render,
+    run_status,
+)
+from shared.status_model import (
     DeadLetterInfo,
     DetachedInfo,
     DispatchInfo,
     GatewaysInfo,
-    Query,
     ServerInfo,
     SessionInfo,
     WorkersInfo,
-    collect,
-    render,
-    run_status,
 )
 from shared.store import Store
 from tests.conftest import ServiceFactory

@@ -11,6 +11,13 @@ import pytest
 from shared import keys
 from shared.errors import ConfigError
 from shared.status import (
+    Report,
+    SectionError,
+    query_from_args,
+    render,
+    to_json,
+)
+from shared.status_model import (
     DeadLetterInfo,
     DeadLetterRow,
     DetachedInfo,
@@ -19,21 +26,16 @@ from shared.status import (
     GatewayRow,
     GatewaysInfo,
     LaneInfo,
-    Report,
-    SectionError,
     ServerInfo,
     SessionInfo,
     WorkerRow,
     WorkersInfo,
     committed_seconds,
     countable_lane,
-    format_duration_ms,
-    query_from_args,
     received_seconds,
     redact_url,
-    render,
-    to_json,
 )
+from shared.status_render import format_duration_ms, render_report, render_server
 
 NOW_MS = 1_700_000_000_000
 SID = "ab" * 16
@@ -456,3 +458,61 @@ def test_without_url_uses_up_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         query_from_args(_args(state_dir=str(tmp_path)))
     (tmp_path / "up.json").write_text(json.dumps({"redis_url": "redis://127.0.0.1:4242/0"}))
     assert query_from_args(_args(state_dir=str(tmp_path))).url == "redis://127.0.0.1:4242/0"
+
+
+def test_empty_fleet_is_one_line_per_section() -> None:
+    """With nothing to list, each section is its headline alone: no table, no legend."""
+    text = render(
+        _report(
+            dispatch=DispatchInfo(()),
+            workers=WorkersInfo(15.0, (), 0, 0),
+            gateways=GatewaysInfo(15.0, ()),
+            detached=DetachedInfo(0, ()),
+            deadletter=DeadLetterInfo(0, ()),
+        )
+    )
+    assert text.splitlines()[1:] == [
+        "dispatch  0 session(s) waiting for a worker, 0 claimed and not closed",
+        "workers   0 alive (heartbeat within 15 s), 0 not alive",
+        "gateways  0 alive (heartbeat within 15 s), 0 dead",
+        "detached  0 session(s) waiting for their client to resume",
+        f"deadletter 0 session(s) failed repeatedly ({keys.DEADLETTER})",
+    ]
+
+
+def test_partial_lag_scan_is_admitted() -> None:
+    """When only some pending sessions were looked at, BEHIND says how many."""
+    row = WorkerRow("w", 5, True, 1, 1, 0, "m", 1, 4, 0.25)
+    text = render(_report(workers=WorkersInfo(2.5, (row,), 3, 9)))
+    assert "workers   1 alive (heartbeat within 2.5 s), 0 not alive\n" in text
+    assert "  BEHIND looked at the first 3 of 9 pending sessions.\n" in text
+    full = render(_report(workers=WorkersInfo(2.5, (row,), 9, 9)))
+    assert "BEHIND looked at" not in full
+
+
+def test_render_report_uses_only_the_renderers_given() -> None:
+    """A section without a renderer is left out; a failed section is shown by name anyway;
+    the header carries the (redacted) URL and Redis's time in UTC."""
+    report = _report(server=SERVER, dispatch=DISPATCH, odd=SectionError("NOPERM no"))
+    text = render_report(report, {"server": render_server})
+    assert text == (
+        "streamscribe status  redis://:***@redis:6379/0  (2023-11-14 22:13:20 UTC)\n"
+        + "\n".join(render_server(SERVER, NOW_MS))
+        + "\nodd       error: NOPERM no\n"
+    )
+    assert to_json(report)["odd"] == {"error": "NOPERM no"}
+
+
+def test_session_dispatch_row_without_entry_or_owner() -> None:
+    """The dispatch row says when no entry was recorded, when the queue position is
+    unknown, and when a claimed entry is no longer pending; an overdue resume deadline
+    reads as overdue."""
+    unowned: dict[str, object] = {"lease_holder": None, "dispatch_consumer": None}
+    rows = _rows(render(_report(session=_session(meta=_meta(dispatch_id=""), **unowned))))
+    assert rows["dispatch"] == f"normal lane {keys.DISPATCH}, entry not recorded"
+    waiting = _meta(epoch="0")
+    rows = _rows(render(_report(session=_session(meta=waiting, **unowned))))
+    assert rows["dispatch"].endswith("(#17): waiting for a worker (queue position unknown)")
+    rows = _rows(render(_report(session=_session(detached_deadline_in_ms=-2_000, **unowned))))
+    assert rows["dispatch"].endswith("(#17): not pending")
+    assert "resume deadline overdue by 2.0 s" in rows["state"]
