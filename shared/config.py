@@ -185,6 +185,23 @@ class Config:
         "may be about to follow); 0 turns this off.",
         WORKER,
     )
+    pack_finals: int = _opt(
+        8,
+        "Most finals of different sessions decoded together in one Whisper window when they "
+        "wait at the same time (one encoder pass for all); 1 decodes every final alone.",
+        WORKER,
+    )
+    pack_window_s: float = _opt(
+        28.0,
+        "Most audio in one packed window, guards included, seconds (at most 30: Whisper's window).",
+        WORKER,
+    )
+    pack_guard_s: float = _opt(
+        1.0,
+        "Silence laid between two sessions' utterances in a packed window, seconds (at least "
+        "0.6); a word the decode places in it sends both neighbours to be decoded alone.",
+        WORKER,
+    )
     vad_threshold: float = _opt(0.5, "Silero VAD speech probability threshold.", WORKER)
     min_silence_s: float = _opt(
         0.5, "Silence that ends an utterance (and triggers its final), seconds.", WORKER
@@ -265,6 +282,12 @@ class Config:
             raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
         if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
             raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
+        if self.pack_finals < 1:
+            raise ConfigError(f"{_where('pack_finals')} must be >= 1")
+        if not 0 < self.pack_window_s <= 30:
+            raise ConfigError(f"{_where('pack_window_s')} must be in (0, 30]")
+        if not (0.6 <= self.pack_guard_s < self.pack_window_s):
+            raise ConfigError(f"{_where('pack_guard_s')} must be >= 0.6 and < pack_window_s")
         if not (self.interim_pause_s >= 0 and math.isfinite(self.interim_pause_s)):
             raise ConfigError(f"{_where('interim_pause_s')} must be >= 0")
         if not 0 < self.interim_busy_target <= self.interim_shed_busy <= 1:

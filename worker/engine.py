@@ -47,6 +47,18 @@ class Segment:
     words: tuple[Word, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RawWord:
+    """A word of the packed decode, as the engine reports it (times in window seconds)."""
+
+    text: str  # with Whisper's own leading space
+    start: float
+    end: float
+    probability: float
+    segment: int  # index of the engine segment it came from
+    reliable: bool = True  # False: its segment is below the engine's confidence floor
+
+
 class Engine(Protocol):
     name: str
 
@@ -59,6 +71,13 @@ class Engine(Protocol):
         beam_size: int,
         prompt: str | None = None,
     ) -> list[Segment]: ...
+
+    #: Whether `transcribe_words` may be given several sessions' utterances in one window.
+    can_pack: bool
+
+    def transcribe_words(
+        self, audio: Audio, *, language: str | None, beam_size: int
+    ) -> list[RawWord]: ...
 
 
 class WhisperEngine:
@@ -79,6 +98,9 @@ class WhisperEngine:
             num_workers=1,
         )
         self.name = model
+        # A multilingual model would detect one language per window: packing sessions of
+        # different or undetected languages together is never right, so only .en packs.
+        self.can_pack = not bool(self._model.model.is_multilingual)
         self.multilingual = bool(self._model.model.is_multilingual)
         log.info(
             "model %s loaded from %s on %s (%s) in %.1fs",
@@ -98,21 +120,10 @@ class WhisperEngine:
         beam_size: int,
         prompt: str | None = None,
     ) -> list[Segment]:
-        if not self.multilingual:
-            language = "en"
-        segments, _info = self._model.transcribe(
-            audio,
-            language=language,
-            beam_size=beam_size,
-            word_timestamps=word_timestamps,
-            vad_filter=False,  # we segment with our own streaming VAD
-            condition_on_previous_text=False,
-            initial_prompt=prompt or None,  # the session's previous final: context, as offline
-            without_timestamps=not word_timestamps,
-            temperature=0.0,  # no fallback: see TRAILING_SEGMENT_MIN_LOGPROB
-        )
         out: list[Segment] = []
-        for i, seg in enumerate(segments):  # iterating runs the decoder: keep it in the thread
+        for i, seg in enumerate(
+            self._segments(audio, language, beam_size, word_timestamps, prompt or None)
+        ):
             if i > 0 and seg.avg_logprob < TRAILING_SEGMENT_MIN_LOGPROB:
                 continue  # a guess at the utterance's silent tail, not speech
             words = tuple(
@@ -123,6 +134,48 @@ class WhisperEngine:
             if text:
                 out.append(Segment(float(seg.start), float(seg.end), text, words))
         return out
+
+    def transcribe_words(
+        self, audio: Audio, *, language: str | None, beam_size: int
+    ) -> list[RawWord]:
+        """Every word of a packed window, in order, with window times; no prompt (the
+        window holds several sessions). Words of a segment below the confidence floor
+        come back marked unreliable rather than dropped: `packing.split` decides."""
+        return [
+            RawWord(
+                w.word,
+                float(w.start),
+                float(w.end),
+                float(w.probability),
+                i,
+                seg.avg_logprob >= TRAILING_SEGMENT_MIN_LOGPROB,
+            )
+            for i, seg in enumerate(self._segments(audio, language, beam_size, True, None))
+            for w in (seg.words or ())
+        ]
+
+    def _segments(
+        self,
+        audio: Audio,
+        language: str | None,
+        beam_size: int,
+        word_timestamps: bool,
+        prompt: str | None,
+    ) -> list[Any]:
+        if not self.multilingual:
+            language = "en"
+        segments, _info = self._model.transcribe(
+            audio,
+            language=language,
+            beam_size=beam_size,
+            word_timestamps=word_timestamps,
+            vad_filter=False,  # we segment with our own streaming VAD
+            condition_on_previous_text=False,
+            initial_prompt=prompt,  # the session's previous final: context, as offline
+            without_timestamps=not word_timestamps,
+            temperature=0.0,  # no fallback: see TRAILING_SEGMENT_MIN_LOGPROB
+        )
+        return list(segments)  # iterating runs the decoder: keep it in the calling thread
 
     def warm_up(self) -> None:
         """Run the model once so the first real session does not pay for lazy init."""
@@ -139,6 +192,7 @@ class NullEngine:
     """No model: returns one fixed word per second of audio. Measures the pipeline alone."""
 
     name = "null"
+    can_pack = True
 
     def transcribe(
         self,
@@ -155,6 +209,26 @@ class NullEngine:
         return [
             Segment(0.0, seconds, " ".join(w.word for w in words), words if word_timestamps else ())
         ]
+
+    def transcribe_words(
+        self, audio: Audio, *, language: str | None, beam_size: int
+    ) -> list[RawWord]:
+        """One word per second of each stretch of non-zero audio (packing guards are
+        exact zeros), so a packed window splits back like a real one would."""
+        nonzero = np.flatnonzero(audio)
+        if nonzero.size == 0:
+            return []
+        breaks = np.flatnonzero(np.diff(nonzero) > 1)
+        starts = np.concatenate([[nonzero[0]], nonzero[breaks + 1]])
+        ends = np.concatenate([nonzero[breaks], [nonzero[-1]]]) + 1
+        out: list[RawWord] = []
+        for k, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            seconds = (hi - lo) / SAMPLE_RATE
+            n = max(1, int(seconds))
+            for i in range(n):
+                a = lo / SAMPLE_RATE + i * seconds / n
+                out.append(RawWord(" speech", a, a + seconds / n, 1.0, k))
+        return out
 
     def warm_up(self) -> None:
         pass

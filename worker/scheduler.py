@@ -16,6 +16,13 @@ thin async shell that runs its choices on the one engine thread.
   waiting behind an interim. Finals are never dropped or delayed by this policy.
 
 A dropped interim is answered with None; the session asks again after more audio.
+
+Finals of several sessions are packed into one Whisper window when they wait together
+(`PackPolicy`, see worker/packing.py): the encoder runs once for all of them, so a busy
+engine serves k finals for little more than the price of one. At light load a final
+waits for nobody and is decoded alone, with its session's previous text as prompt. A
+slot that the packed decode cannot attribute with certainty is decoded again alone,
+before any other job.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from worker.engine import Engine, Segment
+from worker.engine import SAMPLE_RATE, Engine, Segment
+from worker.packing import MIN_GUARD_S, layout, pack_audio, packed_samples, split
 from worker.stream import DecodeRequest
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Kind = Literal["final", "interim"]
 T = TypeVar("T")
+R = TypeVar("R")
 
 LOAD_WINDOW_S = 4.0  # long enough to smooth single decodes (~0.3 s), short enough to react
 
@@ -106,6 +115,34 @@ class LoadMeter:
         return min(1.0, max(0.0, busy / self.window_s))
 
 
+@dataclass(frozen=True, slots=True)
+class PackPolicy:
+    """Which waiting finals may share one engine call."""
+
+    max_items: int = 8  # most utterances in one window; 1: never pack
+    window_s: float = 28.0  # most audio in one window, guards included (Whisper: 30 s)
+    guard_s: float = 1.0  # silence between two utterances
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        if not 0 < self.window_s <= 30:
+            raise ValueError("window_s must be in (0, 30]")
+        if self.guard_s < MIN_GUARD_S:
+            raise ValueError(f"guard_s must be at least {MIN_GUARD_S}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_items > 1
+
+    def fits(self, lengths: list[int]) -> bool:
+        guard = int(self.guard_s * SAMPLE_RATE)
+        return (
+            len(lengths) <= self.max_items
+            and packed_samples(lengths, guard) <= self.window_s * SAMPLE_RATE
+        )
+
+
 @dataclass(order=True)
 class Job(Generic[T]):
     priority: int  # 0: final, 1: interim
@@ -114,6 +151,7 @@ class Job(Generic[T]):
     session: str = field(compare=False)
     queued_at: float = field(compare=False)
     payload: T = field(compare=False)
+    alone: bool = field(default=False, compare=False)  # never packed (a pack's retry)
 
 
 @dataclass
@@ -122,6 +160,9 @@ class QueueCounters:
     interim: int = 0
     interim_stale: int = 0  # dropped: waited longer than stale_s
     interim_shed: int = 0  # dropped: the session had one too recently for the current load
+    packs: int = 0  # engine calls that decoded several sessions' finals at once
+    packed_finals: int = 0  # finals decoded in those calls
+    pack_retries: int = 0  # finals of a pack that had to be decoded again alone
 
 
 class DecodeQueue(Generic[T]):
@@ -186,15 +227,40 @@ class DecodeQueue(Generic[T]):
             return job, dropped
         return None, dropped
 
+    def take_finals(self, fits: Callable[[list[Job[T]]], bool], limit: int) -> list[Job[T]]:
+        """More waiting finals to decode with one just popped, oldest first.
+
+        `fits(jobs)` says whether the popped final plus `jobs` fit one call; a final that
+        does not fit stays queued (in its place) for the next call.
+        """
+        taken: list[Job[T]] = []
+        skipped: list[Job[T]] = []
+        while self._heap and self._heap[0].kind == "final" and len(taken) < limit:
+            job = heapq.heappop(self._heap)
+            if not job.alone and fits([*taken, job]):
+                taken.append(job)
+            else:
+                skipped.append(job)
+        for job in skipped:
+            heapq.heappush(self._heap, job)
+        return taken
+
+    def requeue_first(self, jobs: list[Job[T]]) -> None:
+        """Put finals back ahead of everything else (a pack's slots to decode alone)."""
+        for job in jobs:
+            job.priority = -1
+            job.alone = True
+            heapq.heappush(self._heap, job)
+
     def started(self, job: Job[T]) -> None:
         self.load.started(self.clock())
 
-    def finished(self, job: Job[T]) -> None:
+    def finished(self, job: Job[T], count: int = 1) -> None:
         self.load.finished(self.clock())
         if job.kind == "final":
-            self.counters.final += 1
+            self.counters.final += count
         else:
-            self.counters.interim += 1
+            self.counters.interim += count
 
     def forget(self, session: str) -> None:
         """The session ended: drop what the policy remembers about it."""
@@ -224,11 +290,14 @@ class Scheduler:
         *,
         beam_size: int,
         policy: InterimPolicy,
+        pack: PackPolicy | None = None,
         clock: Clock = time.monotonic,
         load_window_s: float = LOAD_WINDOW_S,
     ) -> None:
         self.engine = engine
         self.beam_size = beam_size
+        self.pack = pack or PackPolicy(max_items=1)
+        self._packs = self.pack.enabled and bool(getattr(engine, "can_pack", False))
         self.queue: DecodeQueue[_Work] = DecodeQueue(policy, clock, load_window_s=load_window_s)
         self._clock = clock
         self._wake = asyncio.Event()
@@ -263,7 +332,6 @@ class Scheduler:
         self.queue.forget(session)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             job, dropped = self.queue.pop()
             for gone in dropped:
@@ -273,32 +341,95 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            work = job.payload
-            if work.future.done():  # the session went away
+            if job.payload.future.done():  # the session went away
                 continue
-            final = job.kind == "final"
-            call = functools.partial(
-                self.engine.transcribe,
-                work.request.audio,
-                language=work.language,
-                word_timestamps=final,
-                beam_size=self.beam_size if final else 1,
-                prompt=work.request.prompt,
+            more = self._pack_with(job)
+            if more:
+                await self._decode_pack([job, *more])
+            else:
+                await self._decode_one(job)
+
+    def _pack_with(self, job: Job[_Work]) -> list[Job[_Work]]:
+        if not (self._packs and job.kind == "final" and not job.alone):
+            return []
+        language = job.payload.language
+
+        def fits(more: list[Job[_Work]]) -> bool:
+            return all(j.payload.language == language for j in more) and self.pack.fits(
+                [len(j.payload.request.audio) for j in (job, *more)]
             )
-            started = time.monotonic()
-            self.queue.started(job)
-            try:
-                segments = await loop.run_in_executor(self._pool, call)
-            except Exception as exc:  # engine failure: the session decides what to do
-                log.exception("decode failed")
-                if not work.future.done():
-                    work.future.set_exception(exc)
-                continue
-            finally:
-                self.queue.finished(job)
-                self.busy_s += time.monotonic() - started
-            if not work.future.done():
-                work.future.set_result(segments)
+
+        more = self.queue.take_finals(fits, self.pack.max_items - 1)
+        return [j for j in more if not j.payload.future.done()]
+
+    async def _decode_one(self, job: Job[_Work]) -> None:
+        work = job.payload
+        final = job.kind == "final"
+        call = functools.partial(
+            self.engine.transcribe,
+            work.request.audio,
+            language=work.language,
+            word_timestamps=final,
+            beam_size=self.beam_size if final else 1,
+            prompt=work.request.prompt,
+        )
+        segments = await self._run_engine(job, call, 1)
+        if segments is not None and not work.future.done():
+            work.future.set_result(segments)
+
+    async def _decode_pack(self, jobs: list[Job[_Work]]) -> None:
+        """One engine call for several sessions' finals; unattributable slots go again alone."""
+        audios = [j.payload.request.audio for j in jobs]
+        lay = layout([len(a) for a in audios], int(self.pack.guard_s * SAMPLE_RATE))
+        call = functools.partial(
+            self.engine.transcribe_words,
+            pack_audio(audios, lay),
+            language=jobs[0].payload.language,
+            beam_size=self.beam_size,
+        )
+        words = await self._run_engine(jobs[0], call, len(jobs), others=jobs[1:])
+        if words is None:
+            return
+        retry = []
+        for job, segments in zip(jobs, split(lay, words), strict=True):
+            if segments is None:
+                retry.append(job)
+            elif not job.payload.future.done():
+                job.payload.future.set_result(segments)
+        c = self.queue.counters
+        c.packs += 1
+        c.packed_finals += len(jobs) - len(retry)
+        c.pack_retries += len(retry)
+        c.final -= len(retry)  # counted again when decoded alone
+        self.queue.requeue_first(retry)
+        log.debug(
+            "packed %d finals (%.1f s window), %d to decode alone",
+            len(jobs),
+            lay.seconds,
+            len(retry),
+        )
+
+    async def _run_engine(
+        self,
+        job: Job[_Work],
+        call: Callable[[], R],
+        count: int,
+        others: list[Job[_Work]] | None = None,
+    ) -> R | None:
+        """Run one engine call on the engine thread; on failure every waiting job gets it."""
+        started = time.monotonic()
+        self.queue.started(job)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except Exception as exc:  # engine failure: the sessions decide what to do
+            log.exception("decode failed")
+            for j in (job, *(others or ())):
+                if not j.payload.future.done():
+                    j.payload.future.set_exception(exc)
+            return None
+        finally:
+            self.queue.finished(job, count)
+            self.busy_s += time.monotonic() - started
 
     async def close(self) -> None:
         if self._task is not None:

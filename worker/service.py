@@ -43,7 +43,7 @@ from shared.store import ClaimResult, Contested, SessionMeta, Store, connect
 from worker.audio import AudioConverter
 from worker.engine import Engine, StreamingVad, load_engine
 from worker.maintenance import Maintenance
-from worker.scheduler import InterimPolicy, Scheduler
+from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,11 @@ class Worker:
                 stale_s=self.config.interim_interval_s,
                 busy_target=self.config.interim_busy_target,
                 shed_busy=self.config.interim_shed_busy,
+            ),
+            pack=PackPolicy(
+                max_items=self.config.pack_finals,
+                window_s=self.config.pack_window_s,
+                guard_s=self.config.pack_guard_s,
             ),
         )
         self.scheduler.start()
@@ -594,6 +599,9 @@ class Worker:
             "decodes_interim": c.interim,
             "interims_dropped_stale": c.interim_stale,
             "interims_dropped_load": c.interim_shed,
+            "packs": c.packs,
+            "packed_finals": c.packed_finals,
+            "pack_retries": c.pack_retries,
         }
 
     async def _redis_trouble(self, where: str, exc: BaseException) -> None:

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,6 @@ from worker.engine import WhisperEngine
 
 pytestmark = pytest.mark.model
 CLIPS = ["s1", "s2", "s3", "s4", "s5", "s6"]
-
-
-@pytest.fixture(scope="session")
-def whisper() -> Iterator[WhisperEngine]:
-    engine = WhisperEngine("tiny.en", "cpu", "int8", 0)
-    engine.warm_up()
-    yield engine
 
 
 def offline_text(engine: WhisperEngine, name: str) -> str:
