@@ -60,6 +60,9 @@ COUNTERS = (
     "decodes_interim",
     "interims_dropped_stale",
     "interims_dropped_load",
+    "packs",
+    "packed_finals",
+    "pack_retries",
     "engine_busy_s",
 )
 
@@ -239,6 +242,7 @@ HEADER = [
     "interims / session-s",
     "WER",
     "final / interim decodes (dropped: stale, load)",
+    "packs (finals in them, decoded again alone)",
     "engine busy",
     "CPU cores: worker, gateway, valkey, loadtest",
     "worker cores: CT2, VAD, engine-py, loop, other",
@@ -262,6 +266,7 @@ def row(r: LoadRun) -> list[str]:
         fmt(r.wer, digits=3),
         f"{d['decodes_final']:.0f} / {d['decodes_interim']:.0f} "
         f"({d['interims_dropped_stale']:.0f}, {d['interims_dropped_load']:.0f})",
+        f"{d['packs']:.0f} ({d['packed_finals']:.0f}, {d['pack_retries']:.0f})",
         f"{r.engine_busy:.0%}",
         ", ".join(f"{c.get(k, 0.0):.2f}" for k in ("worker", "gateway", "valkey", "loadtest")),
         ", ".join(f"{v:.2f}" for v in r.worker_threads.values()),

@@ -20,7 +20,7 @@ from shared.config import Config
 from shared.envelope import Word
 from shared.errors import ConfigError
 from worker.engine import SAMPLE_RATE, Audio, NullEngine, RawWord, Segment
-from worker.packing import MIN_GUARD_S, Layout, layout, pack_audio, packed_samples, split
+from worker.packing import MIN_GUARD_S, PACK_PEAK, Layout, layout, pack_audio, packed_samples, split
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest
 
@@ -55,12 +55,18 @@ def test_layout_puts_one_guard_between_neighbours_and_none_at_the_ends() -> None
     assert lay3.total == 8 * SR == packed_samples([2 * SR, 3 * SR, SR], GUARD)
 
 
-def test_pack_audio_keeps_guards_exactly_silent() -> None:
-    lay2 = lay(1, 1)
-    window = pack_audio([np.full(SR, 0.5, np.float32), np.full(SR, -0.25, np.float32)], lay2)
-    assert np.all(window[:SR] == 0.5)
+def test_pack_audio_keeps_guards_exactly_silent_and_levels_every_utterance() -> None:
+    """A quiet session beside a loud one gets the same peak level (Whisper clamps the
+    window's features relative to its loudest part)."""
+    lay3 = lay(1, 1, 1)
+    loud = np.full(SR, 0.8, np.float32)
+    quiet = np.full(SR, -0.004, np.float32)
+    silent = np.zeros(SR, np.float32)
+    window = pack_audio([loud, quiet, silent], lay3)
+    assert np.allclose(window[:SR], PACK_PEAK)
     assert np.all(window[SR : 2 * SR] == 0.0)
-    assert np.all(window[2 * SR :] == -0.25)
+    assert np.allclose(window[2 * SR : 3 * SR], -PACK_PEAK)
+    assert np.all(window[3 * SR :] == 0.0)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +200,8 @@ def test_config_accepts_the_pack_edges() -> None:
 
 
 class LevelEngine:
-    """Fake engine: every stretch of constant audio level L is one word "L<level>".
+    """Fake engine: each stretch of non-zero audio is one word "L<level>", the level of
+    the stretch relative to its first sample.
 
     `transcribe_words` waits for the test before it answers (no sleeps); a word can be
     moved into a guard with `ghost_after` to exercise the retry path.
@@ -249,11 +256,13 @@ class LevelEngine:
 
 
 def _level_word(audio: Audio, lo: int, hi: int) -> Word:
-    return Word(f"L{round(float(audio[lo]), 2)}", lo / SR, hi / SR, 1.0)
+    """The level relative to the utterance's first sample (packing rescales utterances)."""
+    return Word(f"L{round(float(audio[lo + 1] / audio[lo]), 2)}", lo / SR, hi / SR, 1.0)
 
 
 def final(level: float, seconds: float = 1.0, tag: str = "") -> DecodeRequest:
     audio = np.full(int(seconds * SR), level, np.float32)
+    audio[0] = 1.0  # the reference the level is read against
     return DecodeRequest("final", 0, len(audio), audio, 0, prompt=tag or f"p{level}")
 
 
