@@ -152,6 +152,13 @@ class Config:
         "the pipeline alone).",
         WORKER,
     )
+    vad: str = _opt(
+        "silero",
+        "Voice activity detector: `silero` (the model faster-whisper ships) or `energy` (a "
+        "loudness threshold with no model, for measuring the pipeline at scale with "
+        "--engine null; it cannot tell speech from noise).",
+        WORKER,
+    )
     device: str = _opt("auto", "Inference device: auto, cpu or cuda.", WORKER)
     compute_type: str = _opt(
         "default",
@@ -310,6 +317,7 @@ class Config:
             "maintenance": ("on", "off"),
             "device": ("auto", "cpu", "cuda"),
             "engine": ("whisper", "null"),
+            "vad": ("silero", "energy"),
             "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
         }
         for name, allowed in choices.items():

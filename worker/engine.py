@@ -292,6 +292,26 @@ class StreamingVad:
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
+class EnergyVad:
+    """No model: a 512-sample window is speech (1.0) when its RMS level reaches
+    `threshold`, else silence (0.0). For measuring the pipeline with the null engine at
+    a scale where Silero's cost per window would dominate; it cannot tell speech from
+    noise."""
+
+    def __init__(self, threshold: float = 0.01) -> None:
+        self.threshold = threshold
+
+    def __call__(self, windows: Audio) -> npt.NDArray[np.float32]:
+        batch = windows.reshape(-1, VAD_WINDOW)
+        rms = np.sqrt(np.mean(np.square(batch), axis=1))
+        return np.asarray(rms >= self.threshold, dtype=np.float32)
+
+
+def make_vad(kind: str) -> StreamingVad | EnergyVad:
+    """A fresh per-session VAD: `silero` or `energy` (Config.vad)."""
+    return EnergyVad() if kind == "energy" else StreamingVad()
+
+
 def load_engine(kind: str, model: str, device: str, compute_type: str, cpu_threads: int) -> Engine:
     if kind == "null":
         return NullEngine()

@@ -41,7 +41,7 @@ from shared.errors import EnvelopeError
 from shared.keys import SessionId, WorkerId
 from shared.store import ClaimResult, Contested, SessionMeta, Store, connect
 from worker.audio import AudioConverter
-from worker.engine import Engine, StreamingVad, load_engine
+from worker.engine import Engine, load_engine, make_vad
 from worker.maintenance import Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
@@ -131,7 +131,7 @@ class Worker:
                 cfg.cpu_threads,
             )
         await loop.run_in_executor(None, getattr(self.engine, "warm_up", lambda: None))
-        await loop.run_in_executor(None, StreamingVad)  # load the VAD model once, too
+        await loop.run_in_executor(None, make_vad, self.config.vad)  # load the VAD model once
         self.scheduler = Scheduler(
             self.engine,
             beam_size=self.config.beam_size,
@@ -350,7 +350,7 @@ class Worker:
     ) -> None:
         options = dataclasses.replace(self.options, interim_results=meta.params.interim_results)
         transcriber = SessionTranscriber(
-            options, StreamingVad(), start_sample=claim.ckpt_base, finals=claim.finals
+            options, make_vad(self.config.vad), start_sample=claim.ckpt_base, finals=claim.finals
         )
         transcriber.committed = max(claim.ckpt_sample, claim.ckpt_base)
         last_id = _before(claim.ckpt_entry) if claim.ckpt_entry != "0-0" else b"0-0"
