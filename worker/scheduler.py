@@ -21,8 +21,9 @@ Finals of several sessions are packed into one Whisper window when they wait tog
 (`PackPolicy`, see worker/packing.py): the encoder runs once for all of them, so a busy
 engine serves k finals for little more than the price of one. At light load a final
 waits for nobody and is decoded alone, with its session's previous text as prompt. A
-slot that the packed decode cannot attribute with certainty is decoded again alone,
-before any other job.
+final that the packed decode cannot attribute with certainty is decoded again alone,
+before any other job. Due interims of several sessions are packed the same way (never
+with finals); an interim that cannot be attributed is skipped.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class QueueCounters:
     interim_shed: int = 0  # dropped: the session had one too recently for the current load
     packs: int = 0  # engine calls that decoded several sessions' finals at once
     packed_finals: int = 0  # finals decoded in those calls
+    packed_interims: int = 0  # interims decoded in calls with other sessions' interims
     pack_retries: int = 0  # finals of a pack that had to be decoded again alone
 
 
@@ -208,24 +210,46 @@ class DecodeQueue(Generic[T]):
             job = heapq.heappop(self._heap)
             if job.kind == "final":
                 return job, dropped
-            if now - job.queued_at > self.policy.stale_s:
-                self.counters.interim_stale += 1
-                dropped.append(job)
-                continue
-            spacing = self.policy.spacing_s(self.load.busy_fraction(now))
-            last = self._last_interim.get(job.session, job.queued_at - self.policy.interval_s)
-            # At or under the target the session's own pace (one request per interval of
-            # new audio) is the spacing; only above it are requests thinned out. Spacing
-            # is measured between request times, which do not jitter with queueing.
-            if spacing is None or (
-                spacing > self.policy.interval_s and job.queued_at - last < spacing
-            ):
-                self.counters.interim_shed += 1
-                dropped.append(job)
-                continue
-            self._last_interim[job.session] = job.queued_at
-            return job, dropped
+            if self._interim_due(job, now, dropped):
+                self._last_interim[job.session] = job.queued_at
+                return job, dropped
         return None, dropped
+
+    def _interim_due(self, job: Job[T], now: float, dropped: list[Job[T]]) -> bool:
+        """Whether a popped interim may run now; if not it is counted and put in `dropped`."""
+        if now - job.queued_at > self.policy.stale_s:
+            self.counters.interim_stale += 1
+            dropped.append(job)
+            return False
+        spacing = self.policy.spacing_s(self.load.busy_fraction(now))
+        last = self._last_interim.get(job.session, job.queued_at - self.policy.interval_s)
+        # At or under the target the session's own pace (one request per interval of
+        # new audio) is the spacing; only above it are requests thinned out. Spacing
+        # is measured between request times, which do not jitter with queueing.
+        if spacing is None or (spacing > self.policy.interval_s and job.queued_at - last < spacing):
+            self.counters.interim_shed += 1
+            dropped.append(job)
+            return False
+        return True
+
+    def take_interims(
+        self, fits: Callable[[list[Job[T]]], bool], limit: int
+    ) -> tuple[list[Job[T]], list[Job[T]]]:
+        """More due interims to decode with one just popped (no final waits then), and
+        the interims dropped on the way. One that is due but does not fit stays queued."""
+        now = self.clock()
+        taken: list[Job[T]] = []
+        dropped: list[Job[T]] = []
+        while self._heap and self._heap[0].kind == "interim" and len(taken) < limit:
+            job = heapq.heappop(self._heap)
+            if not self._interim_due(job, now, dropped):
+                continue
+            if not fits([*taken, job]):
+                heapq.heappush(self._heap, job)
+                break
+            self._last_interim[job.session] = job.queued_at
+            taken.append(job)
+        return taken, dropped
 
     def take_finals(self, fits: Callable[[list[Job[T]]], bool], limit: int) -> list[Job[T]]:
         """More waiting finals to decode with one just popped, oldest first.
@@ -350,7 +374,10 @@ class Scheduler:
                 await self._decode_one(job)
 
     def _pack_with(self, job: Job[_Work]) -> list[Job[_Work]]:
-        if not (self._packs and job.kind == "final" and not job.alone):
+        """Jobs of other sessions to decode in one window with `job`: finals with a
+        final, interims with an interim (never mixed: a final does not wait for the
+        decoder to write interims)."""
+        if not (self._packs and not job.alone):
             return []
         language = job.payload.language
 
@@ -359,7 +386,14 @@ class Scheduler:
                 [len(j.payload.request.audio) for j in (job, *more)]
             )
 
-        more = self.queue.take_finals(fits, self.pack.max_items - 1)
+        limit = self.pack.max_items - 1
+        if job.kind == "final":
+            more = self.queue.take_finals(fits, limit)
+        else:
+            more, dropped = self.queue.take_interims(fits, limit)
+            for gone in dropped:
+                if not gone.payload.future.done():
+                    gone.payload.future.set_result(None)
         return [j for j in more if not j.payload.future.done()]
 
     async def _decode_one(self, job: Job[_Work]) -> None:
@@ -378,7 +412,8 @@ class Scheduler:
             work.future.set_result(segments)
 
     async def _decode_pack(self, jobs: list[Job[_Work]]) -> None:
-        """One engine call for several sessions' finals; unattributable slots go again alone."""
+        """One engine call for several sessions' finals (or interims). A final that cannot
+        be attributed goes again alone; such an interim is skipped (answered None)."""
         audios = [j.payload.request.audio for j in jobs]
         lay = layout([len(a) for a in audios], int(self.pack.guard_s * SAMPLE_RATE))
         call = functools.partial(
@@ -391,17 +426,21 @@ class Scheduler:
         if words is None:
             return
         retry = []
+        final = jobs[0].kind == "final"
         for job, segments in zip(jobs, split(lay, words), strict=True):
-            if segments is None:
+            if segments is None and final:
                 retry.append(job)
             elif not job.payload.future.done():
-                job.payload.future.set_result(segments)
+                job.payload.future.set_result(segments)  # an unplaced interim: None, skipped
         c = self.queue.counters
         c.packs += 1
-        c.packed_finals += len(jobs) - len(retry)
-        c.pack_retries += len(retry)
-        c.final -= len(retry)  # counted again when decoded alone
-        self.queue.requeue_first(retry)
+        if final:
+            c.packed_finals += len(jobs) - len(retry)
+            c.pack_retries += len(retry)
+            c.final -= len(retry)  # counted again when decoded alone
+            self.queue.requeue_first(retry)
+        else:
+            c.packed_interims += len(jobs)
         log.debug(
             "packed %d finals (%.1f s window), %d to decode alone",
             len(jobs),

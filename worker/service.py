@@ -601,6 +601,7 @@ class Worker:
             "interims_dropped_load": c.interim_shed,
             "packs": c.packs,
             "packed_finals": c.packed_finals,
+            "packed_interims": c.packed_interims,
             "pack_retries": c.pack_retries,
         }
 

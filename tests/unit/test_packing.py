@@ -21,7 +21,7 @@ from shared.envelope import Word
 from shared.errors import ConfigError
 from worker.engine import SAMPLE_RATE, Audio, NullEngine, RawWord, Segment
 from worker.packing import MIN_GUARD_S, PACK_PEAK, Layout, layout, pack_audio, packed_samples, split
-from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
+from worker.scheduler import DecodeQueue, InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest
 
 SR = SAMPLE_RATE
@@ -390,3 +390,57 @@ async def test_an_engine_failure_in_a_pack_reaches_every_session_in_it() -> None
         assert engine.windows == []
     finally:
         await sched.close()
+
+
+def interim(level: float, seconds: float = 1.0) -> DecodeRequest:
+    req = final(level, seconds)
+    return DecodeRequest("interim", 0, req.end, req.audio, 0, prompt=req.prompt)
+
+
+async def test_waiting_interims_share_one_call_and_an_unplaced_one_is_skipped() -> None:
+    """Interims of several sessions go in one window (no final waits); one the split
+    cannot place is answered None (the session asks again later), never retried."""
+    engine = LevelEngine()
+    sched = sched_with(engine, PackPolicy(max_items=8, window_s=28.0, guard_s=1.0))
+    try:
+        first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
+        await started(engine, sched, first)
+        engine.ghost_after = 3.5  # in the guard after the second interim's slot (2-3 s)
+        waiting = [
+            asyncio.ensure_future(sched.decode(interim(level), "en", session=f"s{level}"))
+            for level in (0.2, 0.3, 0.4)
+        ]
+        await asyncio.sleep(0)
+        engine.gate.release(2)
+        results = await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
+        assert [r[0].text if r else None for r in results] == ["L0.1", "L0.2", None, None]
+        assert engine.windows == [3] and engine.alone == ["p0.1"]
+        c = sched.counters
+        assert (c.interim, c.packs, c.packed_interims, c.pack_retries) == (3, 1, 3, 0)
+    finally:
+        await sched.close()
+
+
+def test_take_interims_drops_stale_ones_and_leaves_one_that_does_not_fit() -> None:
+    clock = FakeClockForQueue()
+    q: DecodeQueue[int] = DecodeQueue(InterimPolicy(interval_s=1.0, stale_s=1.0), clock)
+    q.push("interim", "old", 0)
+    clock.now += 2.0  # "old" is now stale
+    q.push("interim", "a", 1)
+    q.push("interim", "b", 2)
+    q.push("interim", "c", 3)
+    job, dropped = q.pop()
+    assert job is not None and job.payload == 1 and [d.payload for d in dropped] == [0]
+    taken, dropped = q.take_interims(lambda more: len(more) <= 1, limit=7)
+    assert [j.payload for j in taken] == [2] and dropped == []
+    assert len(q) == 1  # "c" did not fit and waits for the next call
+    follow, _ = q.pop()
+    assert follow is not None and follow.payload == 3
+
+
+class FakeClockForQueue:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
