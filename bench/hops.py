@@ -79,7 +79,11 @@ def worker_child(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         config = Config(
-            redis_url=args.redis_url, engine=args.engine, slots=args.slots, log_level="WARNING"
+            redis_url=args.redis_url,
+            engine=args.engine,
+            vad="energy" if args.engine == "null" else "silero",  # as bench/ingest.py
+            slots=args.slots,
+            log_level="WARNING",
         )
         client = TimedRedis.from_url(
             args.redis_url, decode_responses=False, socket_connect_timeout=5

@@ -3,14 +3,15 @@
     python bench/ingest.py [--sessions 250 500 1000 1500 2000] [--duration-s 20]
                            [--budget-s 600] [--write docs/benchmarks.md]
 
-For each N a fresh `streamscribe up --engine null --certfile none` (plain ws keeps the
-load generator cheap; the null engine takes the model out) with slots and queue limits
-above N, then `streamscribe loadtest` in its own process: N sessions at pace 1.0, 100 ms
-frames, real clips looped to --duration-s, started over N / --ramp-rate seconds. A run
-passes with p99 ack latency <= --max-ack-ms, no failed session and no errors (sessions the
-null worker has not closed by the deadline count as unfinished, not failed). After
-the first failure N is bisected. The gateway's CPU time and RSS come from /proc while the
-run lasts:
+For each N a fresh `streamscribe up --engine null --vad energy --certfile none` (plain
+ws keeps the load generator cheap; the null engine takes the model out, the energy VAD
+takes Silero out: at 150-250 sessions Silero alone used 0.7-0.85 of the 2 cores) with
+slots and queue limits above N, then `streamscribe loadtest` in its own process: N
+sessions at pace 1.0, 100 ms frames, real clips looped to --duration-s, started over
+N / --ramp-rate seconds. A run passes with p99 ack latency <= --max-ack-ms, no failed
+session and no errors (sessions the null worker has not closed by the deadline count as
+unfinished, not failed). After the first failure N is bisected. The gateway's CPU time
+and RSS come from /proc while the run lasts:
 
 - CPU per session: gateway CPU seconds / session-seconds of audio streamed;
 - memory per connection: (peak gateway RSS during the run - RSS before) / N.
@@ -93,6 +94,8 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
         [
             "--engine",
             "null",
+            "--vad",
+            args.vad,
             "--certfile",
             "none",
             "--slots",
@@ -241,6 +244,13 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--ramp-rate", type=float, default=100.0, help="sessions started per s")
     parser.add_argument("--max-ack-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--vad",
+        choices=["energy", "silero"],
+        default="energy",
+        help="the null worker's VAD (energy: no model, so the worker leaves the cores to "
+        "the gateway; silero: what a real worker runs)",
+    )
     parser.add_argument("--drain-timeout-s", type=float, default=30.0)
     parser.add_argument("--budget-s", type=float, default=900.0, help="no new run after this")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
@@ -293,12 +303,13 @@ def main() -> None:
         cmd = "python bench/ingest.py " + " ".join(sys.argv[1:])
         section = (
             f"{HEADING}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
-            f"`streamscribe up --engine null --certfile none` (one gateway process, one "
-            f"worker with the null engine, which still runs VAD on every frame, embedded "
-            f"Valkey) and `streamscribe loadtest` (its own process) on the same cores: the "
-            f"load generator and the worker compete with the gateway. {args.duration_s:.0f} s "
-            f"of real speech per session ({', '.join(args.clips)}, looped), pace 1.0, 100 ms "
-            f"frames, {args.ramp_rate:.0f} sessions started per second, interims on. Each run "
+            f"`streamscribe up --engine null --vad {args.vad} --certfile none` (one gateway "
+            f"process, one worker with the null engine and the {args.vad} VAD on every "
+            f"frame, embedded Valkey) and `streamscribe loadtest` (its own process) on the "
+            f"same cores: the load generator and the worker compete with the gateway. "
+            f"{args.duration_s:.0f} s of real speech per session "
+            f"({', '.join(args.clips)}, looped), pace 1.0, 100 ms frames, "
+            f"{args.ramp_rate:.0f} sessions started per second, interims on. Each run "
             f"first waits up to {args.quiet_wait_s:.0f} s for other processes to use < 0.3 "
             f"cores. Pass: "
             f"no failed session, no errors, p99 ack <= {args.max_ack_ms:.0f} ms (sessions "

@@ -2,7 +2,8 @@
 
 Four tasks per connection, all ending together:
 - reader: client frames -> ServerSession -> the pending queue (bounded: back-pressure);
-- writer: pending queue -> one atomic, idempotent Redis append per batch -> `ack`;
+- writer: pending queue -> one atomic, idempotent Redis append per batch (sent with
+  other connections' appends in one pipeline, gateway/ingest.py) -> `ack`;
 - results: pub/sub + results stream -> `Delivery` -> transcripts and `session.closed`;
 - watchdog: idle timeout.
 Errors become an `error` message and a close code in `_fail`, the one place that maps
@@ -29,6 +30,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.admission import Admission
+from gateway.ingest import BatcherClosed, IngestBatcher
 from gateway.relay import Relay
 from shared import envelope
 from shared.config import Config
@@ -50,7 +52,6 @@ from shared.fleet import Fleet
 from shared.keys import GatewayId, SessionId
 from shared.metrics import Metrics
 from shared.protocol import (
-    Ack,
     CloseStream,
     ConnectionState,
     Finalize,
@@ -78,6 +79,14 @@ def close_reason(text: str) -> str:
     """A close frame's reason is at most 123 bytes of UTF-8."""
     data = text.encode()
     return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+_ACK_TEMPLATE = '{"type": "ack", "seq": %d}'
+
+
+def ack_text(seq: int) -> str:
+    """`build_server_message(Ack(seq))`, without building a dict and encoding JSON."""
+    return _ACK_TEMPLATE % seq
 
 
 def hash_token(token: str) -> str:
@@ -110,6 +119,8 @@ class GatewayContext:
     fleet: Fleet
     gateway_id: GatewayId
     admission: Admission
+    #: Every connection's audio goes to Redis through this one batcher (gateway/ingest.py).
+    ingest: IngestBatcher
     #: Connections that ended while Redis was unreachable: (session, connection, done),
     #: released by the gateway's heartbeat once Redis is back.
     unreleased: list[tuple[SessionId, str, bool]] = field(default_factory=list)
@@ -320,7 +331,10 @@ class Connection:
                 chunk = session.receive_audio(message)
                 if chunk is not None:
                     self.ctx.metrics.inc("audio_frames_total")
-                    await self.pending.put(chunk)
+                    if self.pending.full():
+                        await self.pending.put(chunk)  # back-pressure: stop reading
+                    else:
+                        self.pending.put_nowait(chunk)  # per frame: no coroutine
 
     async def _writer(self) -> None:
         carry: AudioChunk | Control | None = None
@@ -344,14 +358,18 @@ class Connection:
     async def _store_audio(self, batch: list[AudioChunk]) -> None:
         sid = self._sid()
         try:
-            result = await self._with_retries(lambda: self.ctx.store.ingest(sid, batch))
+            result = await self._with_retries(lambda: self.ctx.ingest.ingest(sid, batch))
         except SessionGone as gone:
             self._session_gone(gone)
         except SeqGap as gap:
             raise reconnect(
                 f"audio out of order; resume and resend from seq {gap.next_seq}"
             ) from None
-        await self._send(Ack(seq=result.next_seq - 1))
+        except BatcherClosed:
+            raise reconnect("gateway draining; reconnect and resume") from None
+        # The ack is the one message per frame: its JSON from a template, not the codec
+        # (same text as build_server_message(Ack(seq)); tests/unit/test_ingest_batcher.py).
+        await self.ws.send(ack_text(result.next_seq - 1))
         limit = self.cfg.max_session_audio_s * self._session().params.bytes_per_second
         if result.audio_bytes >= limit and not self._session().server_ended:
             # Stored directly: the writer must never wait on its own (possibly full) queue.
@@ -444,12 +462,18 @@ class Connection:
 
     async def _watchdog(self) -> None:
         session = self._session()
+        poll_s = min(1.0, self.cfg.idle_timeout_s / 4)
         while True:
-            await asyncio.sleep(min(1.0, self.cfg.idle_timeout_s / 4))
             if session.state is not ConnectionState.STREAMING:
+                await asyncio.sleep(poll_s)
                 continue
-            if self.loop.time() - self.last_activity >= self.cfg.idle_timeout_s:
+            # Sleep until the idle deadline rather than polling: while audio flows that
+            # is one wake-up per idle_timeout_s per connection, not one per second.
+            idle_s = self.loop.time() - self.last_activity
+            if idle_s >= self.cfg.idle_timeout_s:
                 await self._server_close("idle_timeout")
+            else:
+                await asyncio.sleep(self.cfg.idle_timeout_s - idle_s)
 
     # --- helpers -------------------------------------------------------------------------
 

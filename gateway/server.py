@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 
 from gateway.admission import Admission
 from gateway.connection import Connection, GatewayContext, release_session
+from gateway.ingest import IngestBatcher
 from gateway.relay import Relay
 from gateway.tls import TLSContext
 from shared.config import Config
@@ -53,6 +54,7 @@ class Gateway:
             assert config.certfile is not None
             self.tls = TLSContext(config.certfile, config.keyfile)
         self.fleet = Fleet(self.redis)
+        self.batcher = IngestBatcher(self.store)
         self.gateway_id = GatewayId(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         self.ctx = GatewayContext(
             config,
@@ -62,6 +64,7 @@ class Gateway:
             self.fleet,
             self.gateway_id,
             Admission(self.redis, config),
+            self.batcher,
         )
         self._server: Server | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -81,6 +84,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.relay.start()
+        self.batcher.start()
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -127,6 +131,7 @@ class Gateway:
             # Only once every session is released: otherwise the registry entry stays, the
             # gateway counts as dead, and the maintenance job detaches what is left.
             await self.fleet.gateway_gone(self.gateway_id)
+        await self.batcher.close()
         await self.relay.close()
         await self.redis.aclose()
         log.info("gateway stopped")
@@ -150,6 +155,8 @@ class Gateway:
                 "connections_open", len(self._server.connections) if self._server else 0
             )
             self.metrics.set("relay_dropped_messages", self.relay.dropped)
+            self.metrics.set("ingest_pipelines", self.batcher.pipelines)
+            self.metrics.set("ingest_calls", self.batcher.calls)
             return _text(ws, http.HTTPStatus.OK, self.metrics.render())
         return _text(
             ws, http.HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {LISTEN_PATH}\n"

@@ -3,7 +3,10 @@
 A lean protocol-v1 client on `websockets` and `shared/protocol.py`, cheap per session:
 one task per session receives and timestamps the server's messages, and one shared
 pacing task sends every session's audio frames on schedule (a heap of due times), so
-nothing is scheduled or logged per frame. Statistics live in `shared/loadstats.py`.
+nothing is scheduled or logged per frame. Each clip's frames are serialized (and masked,
+as a client must) into WebSocket binary frames once, when the clip is loaded; the pacer
+writes those bytes straight to each session's transport, so that the load generator
+leaves the cores to the service it measures. Statistics live in `shared/loadstats.py`.
 
 Unlike the SDK (`shared/client.py`) this client never reconnects: a dropped connection or a
 drain (1012) is what a load test must report, so the session counts as failed with its
@@ -32,6 +35,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 from shared.envelope import Closed, Transcript
 from shared.errors import ConfigError, ProtocolViolation
@@ -71,6 +76,8 @@ class Clip:
     channels: int
     encoding: str
     frames: tuple[bytes, ...]
+    #: `frames`, each as a whole masked WebSocket binary frame, ready for the socket.
+    wire: tuple[bytes, ...]
     ends_s: tuple[float, ...]  # audio seconds at the last sample of each frame (one copy)
     duration_s: float
     reference: str | None  # text of FILE.txt beside FILE.wav, if any
@@ -79,6 +86,13 @@ class Clip:
         """Session audio seconds at the end of frame k of this clip played in a loop."""
         copy, i = divmod(k, len(self.frames))
         return copy * self.duration_s + self.ends_s[i]
+
+
+def wire_frame(payload: bytes) -> bytes:
+    """One binary message as a client sends it: a single masked frame. The masking key is
+    drawn once per clip frame, not per send; the server only requires a mask (RFC 6455's
+    advice on unpredictable keys guards intermediaries, and this is a load generator)."""
+    return Frame(Opcode.BINARY, payload).serialize(mask=True, extensions=[])
 
 
 def load_clip(path: str, frame_ms: int) -> Clip:
@@ -101,6 +115,7 @@ def load_clip(path: str, frame_ms: int) -> Clip:
         channels=audio.channels,
         encoding=audio.encoding,
         frames=frames,
+        wire=tuple(wire_frame(frame) for frame in frames),
         ends_s=tuple(ends),
         duration_s=ends[-1],
         reference=reference or None,
@@ -220,7 +235,8 @@ class Stream:
 
     async def pump(self, now: float) -> float | None:
         """Send every frame that is due; returns when to call again (None: not by time)."""
-        ws, rec, frames = self.ws, self.rec, self.clip.frames
+        ws, rec, wire = self.ws, self.rec, self.clip.wire
+        transport = ws.transport
         try:
             while self.next_frame < self.total and not self.closed:
                 due = self.due(self.next_frame)
@@ -229,11 +245,15 @@ class Stream:
                 if rec.unacked >= self.window:
                     self.waiting = True
                     return None
-                frame = frames[self.next_frame % len(frames)]
+                frame = wire[self.next_frame % len(wire)]
                 # Never let one slow socket stall the pacer for everyone: skip it this time.
-                if ws.transport.get_write_buffer_size() + len(frame) > ws.write_limit_high:
+                if transport.get_write_buffer_size() + len(frame) > ws.write_limit_high:
                     return now + BACKPRESSURE_RETRY_S
-                await ws.send(frame)
+                if ws.protocol.state is not State.OPEN:
+                    raise ConnectionClosed(None, None)  # closing: no more data frames
+                # The pre-built frame, written as `ws.send` would after framing it: whole
+                # frames only, so websockets' own writes (pings, close) never interleave.
+                transport.write(frame)
                 sent = time.monotonic() - self._t0
                 rec.frame_sent(
                     sent,

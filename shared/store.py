@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from shared import envelope, keys, scripts
 from shared.envelope import AudioChunk, Closed, Control, Transcript
@@ -101,6 +101,26 @@ class SeqGap(Exception):
 
 def _s(value: bytes | None, default: str = "") -> str:
     return value.decode() if value is not None else default
+
+
+def _ingest_args(chunks: Sequence[AudioChunk]) -> list[Any]:
+    """INGEST's ARGV: the first seq, then envelope and PCM length per frame."""
+    args: list[Any] = [chunks[0].seq]
+    for chunk in chunks:
+        args += [envelope.encode(chunk), len(chunk.pcm)]
+    return args
+
+
+def _ingest_result(reply: Sequence[Any]) -> IngestResult:
+    """INGEST's reply as a result, or the error it stands for."""
+    next_seq, stored, total = reply
+    if next_seq == -1:
+        raise SessionGone("unknown")
+    if next_seq == -2:
+        raise SessionGone("not_open")
+    if next_seq == -3:
+        raise SeqGap(int(total))
+    return IngestResult(next_seq=int(next_seq), stored=int(stored), audio_bytes=int(total))
 
 
 class Store:
@@ -195,19 +215,57 @@ class Store:
 
     async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:
         """Append frames atomically; already stored seqs are skipped."""
-        args: list[Any] = [chunks[0].seq]
-        for chunk in chunks:
-            args += [envelope.encode(chunk), len(chunk.pcm)]
-        next_seq, stored, total = await self._ingest(
-            keys=[keys.meta(sid), keys.audio(sid)], args=args
+        reply = await self._ingest(
+            keys=[keys.meta(sid), keys.audio(sid)], args=_ingest_args(chunks)
         )
-        if next_seq == -1:
-            raise SessionGone("unknown")
-        if next_seq == -2:
-            raise SessionGone("not_open")
-        if next_seq == -3:
-            raise SeqGap(int(total))
-        return IngestResult(next_seq=int(next_seq), stored=int(stored), audio_bytes=int(total))
+        return _ingest_result(reply)
+
+    async def ingest_many(
+        self, calls: Sequence[tuple[SessionId, Sequence[AudioChunk]]]
+    ) -> list[IngestResult | SessionGone | SeqGap | ResponseError]:
+        """`ingest` for several sessions in one round trip: one pipeline (no MULTI) of
+        INGEST script calls, one per (session, frames) pair, each on that session's own
+        keys (so each call stays in one cluster slot) and each atomic by itself.
+
+        Returns, per call and in order, its result or the error `ingest` would have
+        raised for it. A connection error (nothing known about any call) is raised; the
+        calls are idempotent, so the caller may resend them all.
+        """
+        if not calls:
+            return []
+        replies = await self._ingest_pipeline(calls)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            # The server lost its script cache (restart, SCRIPT FLUSH, failover): a
+            # NOSCRIPT call did not run, so load the script and send just those again.
+            self._ingest.sha = await self.redis.script_load(scripts.INGEST)
+            again = await self._ingest_pipeline([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        out: list[IngestResult | SessionGone | SeqGap | ResponseError] = []
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                out.append(reply)
+                continue
+            try:
+                out.append(_ingest_result(reply))
+            except (SessionGone, SeqGap) as exc:
+                out.append(exc)
+        return out
+
+    async def _ingest_pipeline(
+        self, calls: Sequence[tuple[SessionId, Sequence[AudioChunk]]]
+    ) -> list[Any]:
+        # Plain EVALSHA commands, not the Script object: in a pipeline that would first
+        # ask SCRIPT EXISTS, one more round trip per batch. NOSCRIPT is handled above.
+        pipe = self.redis.pipeline(transaction=False)
+        sha = self._ingest.sha
+        for sid, chunks in calls:
+            pipe.execute_command(
+                "EVALSHA", sha, 2, keys.meta(sid), keys.audio(sid), *_ingest_args(chunks)
+            )
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def append_control(self, sid: SessionId, control: Control) -> None:
         new_state = "closing" if control.kind == "close" else ""

@@ -1,0 +1,166 @@
+"""Batched ingest against a real Valkey and a real gateway: one pipeline of INGEST calls
+keeps each session's order, idempotence, gap refusal and errors exactly as one call per
+session did."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
+
+from shared import envelope, keys
+from shared.envelope import AudioChunk
+from shared.keys import SessionId
+from shared.protocol import SessionParams
+from shared.store import IngestResult, SeqGap, SessionGone, Store
+from tests.conftest import ServiceFactory
+from tests.helpers import drain, open_ws, started
+
+FRAME_BYTES = 3200  # 100 ms of 16 kHz s16le mono
+
+
+def sid(n: int) -> SessionId:
+    return SessionId(f"{n:032x}")
+
+
+def chunk(seq: int, tag: int = 0) -> AudioChunk:
+    return AudioChunk(seq, bytes([tag % 256, seq % 256]) * 4)
+
+
+async def stored_seqs(redis: aioredis.Redis, session: SessionId) -> list[int]:
+    entries = await redis.xrange(keys.audio(session))
+    return [envelope.decode_entry(fields).seq for _, fields in entries]  # type: ignore[union-attr]
+
+
+async def test_ingest_many_gives_each_call_what_ingest_would(redis: aioredis.Redis) -> None:
+    """One pipeline over several sessions: stored, duplicate-skipping, gap, unknown and
+    closed sessions each get the result or error that a lone `ingest` gets."""
+    store = Store(redis)
+    for n in range(4):
+        await store.create_session(sid(n), SessionParams(), "tokenhash", "conn")
+    await store.ingest(sid(1), [chunk(0), chunk(1)])
+    await redis.hset(keys.meta(sid(3)), "state", "closed")  # type: ignore[misc]
+    out = await store.ingest_many(
+        [
+            (sid(0), [chunk(0), chunk(1), chunk(2)]),
+            (sid(1), [chunk(1), chunk(2)]),  # seq 1 already stored: skipped
+            (sid(2), [chunk(4)]),  # nothing stored yet: a gap
+            (sid(3), [chunk(0)]),
+            (sid(9), [chunk(0)]),  # never created
+        ]
+    )
+    assert out[0] == IngestResult(next_seq=3, stored=3, audio_bytes=3 * 8)
+    assert out[1] == IngestResult(next_seq=3, stored=1, audio_bytes=3 * 8)
+    assert isinstance(out[2], SeqGap) and out[2].next_seq == 0
+    assert isinstance(out[3], SessionGone) and out[3].reason == "not_open"
+    assert isinstance(out[4], SessionGone) and out[4].reason == "unknown"
+    assert await stored_seqs(redis, sid(0)) == [0, 1, 2]
+    assert await stored_seqs(redis, sid(1)) == [0, 1, 2]
+    assert await stored_seqs(redis, sid(2)) == []
+
+
+async def test_ingest_many_reloads_a_flushed_script(redis: aioredis.Redis) -> None:
+    """After the server lost its script cache (NOSCRIPT), the calls are sent again once
+    the script is loaded, and each frame is stored exactly once."""
+    store = Store(redis)
+    for n in range(2):
+        await store.create_session(sid(n), SessionParams(), "tokenhash", "conn")
+    await store.ingest_many([(sid(0), [chunk(0)]), (sid(1), [chunk(0)])])
+    await redis.script_flush()
+    out = await store.ingest_many([(sid(0), [chunk(1)]), (sid(1), [chunk(0), chunk(1)])])
+    assert [r.next_seq for r in out if isinstance(r, IngestResult)] == [2, 2]
+    assert await stored_seqs(redis, sid(0)) == [0, 1]
+    assert await stored_seqs(redis, sid(1)) == [0, 1]
+
+
+async def _stream(ws: ClientConnection, tag: int, frames: int) -> int:
+    """Send `frames` frames marked with `tag` and return the last ack's seq."""
+    for seq in range(frames):
+        await ws.send(bytes([tag, seq]) * (FRAME_BYTES // 2))
+    acked = -1
+    while acked < frames - 1:
+        msg = json.loads(await ws.recv())
+        if msg["type"] == "ack":
+            assert msg["seq"] > acked, "acks only move forward"
+            acked = msg["seq"]
+    return acked
+
+
+async def test_concurrent_sessions_store_their_own_audio_in_order(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """Many sessions streaming at once through one gateway: every frame is acked, and each
+    session's audio stream holds exactly its own frames, once each, in order."""
+    svc = await service_factory(with_worker=False)
+    sessions, frames = 24, 30
+    sockets = [await open_ws(svc.url) for _ in range(sessions)]
+    sids = [SessionId((await started(ws))["session_id"]) for ws in sockets]
+    acked = await asyncio.gather(*(_stream(ws, i, frames) for i, ws in enumerate(sockets)))
+    assert acked == [frames - 1] * sessions
+    for i, session in enumerate(sids):
+        entries = await redis.xrange(keys.audio(session))
+        items = [envelope.decode_entry(fields) for _, fields in entries]
+        assert [item.seq for item in items] == list(range(frames))  # type: ignore[union-attr]
+        assert all(
+            item.pcm == bytes([i, item.seq]) * (FRAME_BYTES // 2)  # type: ignore[union-attr]
+            for item in items
+        )
+    batcher = svc.gateway.batcher
+    assert batcher.calls >= sessions and 1 <= batcher.pipelines <= batcher.calls
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_storage_errors_reach_only_their_own_connection(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """Sessions whose frames go out in the same pipelines: a closed session gets 1008, an
+    expired one 4404, one whose stored audio is ahead of a gap 1012 (no error message),
+    and a healthy one keeps getting acks."""
+    svc = await service_factory(with_worker=False)
+    names = ("closed", "expired", "gap", "healthy")
+    sockets = {name: await open_ws(svc.url) for name in names}
+    sids = {name: SessionId((await started(ws))["session_id"]) for name, ws in sockets.items()}
+    for i, ws in enumerate(sockets.values()):
+        assert await _stream(ws, i, 3) == 2
+    await redis.hset(keys.meta(sids["closed"]), "state", "closed")  # type: ignore[misc]
+    await redis.delete(keys.meta(sids["expired"]))
+    await redis.hset(keys.meta(sids["gap"]), "next_seq", 1)  # type: ignore[misc]
+    for ws in sockets.values():
+        await ws.send(bytes(FRAME_BYTES))
+    outcomes = dict(
+        zip(names[:3], await asyncio.gather(*(drain(sockets[n]) for n in names[:3])), strict=True)
+    )
+    closed, expired, gap = outcomes["closed"], outcomes["expired"], outcomes["gap"]
+    assert closed.code == 1008 and closed.of_type("error")[-1]["code"] == "protocol_violation"
+    assert expired.code == 4404 and expired.of_type("error")[-1]["code"] == "not_found"
+    assert gap.code == 1012 and not gap.of_type("error") and "seq 1" in gap.reason
+    healthy = sockets["healthy"]
+    acked = -1
+    while acked < 3:
+        msg = json.loads(await healthy.recv())
+        acked = msg["seq"] if msg["type"] == "ack" else acked
+    assert await stored_seqs(redis, sids["healthy"]) == [0, 1, 2, 3]
+    await healthy.close()
+
+
+async def test_a_flushed_script_cache_does_not_interrupt_a_session(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """SCRIPT FLUSH mid-stream (Redis restarted or failed over): the gateway reloads the
+    script and the session goes on being acked, each frame stored once."""
+    svc = await service_factory(with_worker=False)
+    ws = await open_ws(svc.url)
+    session = SessionId((await started(ws))["session_id"])
+    assert await _stream(ws, 1, 3) == 2
+    await redis.script_flush()
+    for seq in range(3, 6):
+        await ws.send(bytes([1, seq]) * (FRAME_BYTES // 2))
+    acked = -1
+    while acked < 5:
+        msg = json.loads(await ws.recv())
+        acked = msg["seq"] if msg["type"] == "ack" else acked
+    assert await stored_seqs(redis, session) == list(range(6))
+    await ws.close()
