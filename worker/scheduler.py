@@ -442,8 +442,9 @@ class Scheduler:
         else:
             c.packed_interims += len(jobs)
         log.debug(
-            "packed %d finals (%.1f s window), %d to decode alone",
+            "packed %d %ss (%.1f s window), %d to decode alone",
             len(jobs),
+            jobs[0].kind,
             lay.seconds,
             len(retry),
         )
