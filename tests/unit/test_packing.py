@@ -282,17 +282,31 @@ def sched_with(engine: LevelEngine, pack: PackPolicy) -> Scheduler:
     return s
 
 
+Pending = asyncio.Future[list[Segment] | None]
+
+
+async def hold_then_queue(
+    engine: LevelEngine, sched: Scheduler, requests: list[DecodeRequest]
+) -> tuple[Pending, list[Pending]]:
+    """Start a final of session "a" (it holds the engine until the gate opens), then queue
+    `requests`, one session each, so they wait together."""
+    first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
+    await started(engine, sched, first)
+    waiting = [
+        asyncio.ensure_future(sched.decode(req, "en", session=f"s{i}"))
+        for i, req in enumerate(requests)
+    ]
+    await asyncio.sleep(0)  # let them reach the queue (ordering, not timing)
+    return first, waiting
+
+
 async def test_finals_waiting_together_share_one_call_and_each_gets_its_own_words() -> None:
     engine = LevelEngine()
     sched = sched_with(engine, PackPolicy(max_items=8, window_s=28.0, guard_s=1.0))
     try:
-        first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
-        await started(engine, sched, first)
-        waiting = [
-            asyncio.ensure_future(sched.decode(final(level), "en", session=f"s{level}"))
-            for level in (0.2, 0.3, 0.4)
-        ]
-        await asyncio.sleep(0)
+        first, waiting = await hold_then_queue(
+            engine, sched, [final(level) for level in (0.2, 0.3, 0.4)]
+        )
         assert sched.queued == 3
         engine.gate.release(2)
         results = await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
@@ -309,13 +323,9 @@ async def test_an_unattributable_slot_is_decoded_alone_before_anything_else() ->
     sched = sched_with(engine, PackPolicy(max_items=8, window_s=28.0, guard_s=1.0))
     engine.ghost_after = 1.5  # in the guard between the first two packed slots
     try:
-        first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
-        await started(engine, sched, first)
-        waiting = [
-            asyncio.ensure_future(sched.decode(final(level), "en", session=f"s{level}"))
-            for level in (0.2, 0.3, 0.4)
-        ]
-        await asyncio.sleep(0)
+        first, waiting = await hold_then_queue(
+            engine, sched, [final(level) for level in (0.2, 0.3, 0.4)]
+        )
         engine.gate.release(4)  # first alone, the pack, then two slots alone
         results = await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
         assert [r[0].text if r else None for r in results] == ["L0.1", "L0.2", "L0.3", "L0.4"]
@@ -357,13 +367,7 @@ async def test_pack_finals_one_never_packs() -> None:
     engine = LevelEngine()
     sched = sched_with(engine, PackPolicy(max_items=1))
     try:
-        first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
-        await started(engine, sched, first)
-        more = [
-            asyncio.ensure_future(sched.decode(final(level), "en", session=f"s{level}"))
-            for level in (0.2, 0.3)
-        ]
-        await asyncio.sleep(0)
+        first, more = await hold_then_queue(engine, sched, [final(level) for level in (0.2, 0.3)])
         engine.gate.release(3)
         await asyncio.wait_for(asyncio.gather(first, *more), 10)
         assert engine.windows == [] and engine.alone == ["p0.1", "p0.2", "p0.3"]
@@ -375,13 +379,7 @@ async def test_an_engine_failure_in_a_pack_reaches_every_session_in_it() -> None
     engine = LevelEngine()
     sched = sched_with(engine, PackPolicy(max_items=8))
     try:
-        first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
-        await started(engine, sched, first)
-        more = [
-            asyncio.ensure_future(sched.decode(final(level), "en", session=f"s{level}"))
-            for level in (0.2, 0.3)
-        ]
-        await asyncio.sleep(0)
+        first, more = await hold_then_queue(engine, sched, [final(level) for level in (0.2, 0.3)])
         engine.broken = True
         engine.gate.release(2)
         await asyncio.wait_for(first, 10)
@@ -403,14 +401,10 @@ async def test_waiting_interims_share_one_call_and_an_unplaced_one_is_skipped() 
     engine = LevelEngine()
     sched = sched_with(engine, PackPolicy(max_items=8, window_s=28.0, guard_s=1.0))
     try:
-        first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
-        await started(engine, sched, first)
         engine.ghost_after = 3.5  # in the guard after the second interim's slot (2-3 s)
-        waiting = [
-            asyncio.ensure_future(sched.decode(interim(level), "en", session=f"s{level}"))
-            for level in (0.2, 0.3, 0.4)
-        ]
-        await asyncio.sleep(0)
+        first, waiting = await hold_then_queue(
+            engine, sched, [interim(level) for level in (0.2, 0.3, 0.4)]
+        )
         engine.gate.release(2)
         results = await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
         assert [r[0].text if r else None for r in results] == ["L0.1", "L0.2", None, None]
