@@ -46,6 +46,12 @@ WORKER_ENV = {
     "STREAMSCRIBE_CPU_THREADS": "1",
     "STREAMSCRIBE_DEVICE": "cpu",
     "STREAMSCRIBE_READ_BLOCK_MS": "50",
+    # Every final decoded alone: which finals share a packed window depends on timing
+    # (a takeover makes one worker decode several sessions' finals at once), and a packed
+    # decode may differ by a word from an alone one ("sailed away" / "sailed that way" in
+    # s1), which the WER-vs-no-fault check would read as damage. Packing is tested in
+    # tests/unit/test_packing.py and tests/e2e/test_packing_model.py.
+    "STREAMSCRIBE_PACK_FINALS": "1",
 }
 GATEWAY_ENV = {
     "STREAMSCRIBE_HEARTBEAT_S": "1",
