@@ -1,4 +1,4 @@
-"""Cross-session packing of finals into one Whisper window, sans I/O.
+"""Cross-session packing of decodes (finals, or interims) into one Whisper window, sans I/O.
 
 Every faster-whisper call encodes a padded 30 s window whatever the audio length, so a
 final of 2 s costs nearly what 25 s costs. When several sessions' finals wait at once,
