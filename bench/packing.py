@@ -78,13 +78,7 @@ class ModeResult:
 def utterances(clip: ClipRef, cfg: Config) -> list[Utterance]:
     audio = read_wav(clip.path)
     samples = np.frombuffer(audio.data, np.int16).astype(np.float32) / 32768
-    options = StreamOptions(
-        vad_threshold=cfg.vad_threshold,
-        min_silence_s=cfg.min_silence_s,
-        speech_pad_s=cfg.speech_pad_s,
-        max_utterance_s=cfg.max_utterance_s,
-        interim_results=False,
-    )
+    options = StreamOptions.from_config(cfg, interim_results=False)
     t = SessionTranscriber(options, StreamingVad())
     t.close(samples)
     out = []

@@ -105,14 +105,7 @@ class Worker:
         self._takeover_cursor: dict[str, bytes] = {}
         self.maintenance: Maintenance | None = None
         self.takeovers = 0
-        self.options = StreamOptions(
-            vad_threshold=config.vad_threshold,
-            min_silence_s=config.min_silence_s,
-            speech_pad_s=config.speech_pad_s,
-            max_utterance_s=config.max_utterance_s,
-            interim_interval_s=config.interim_interval_s,
-            interim_pause_s=config.interim_pause_s,
-        )
+        self.options = StreamOptions.from_config(config)
 
     # --- lifecycle ---------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from shared.config import Config
 from shared.envelope import Transcript, Word
 from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment
 
@@ -40,6 +41,19 @@ class StreamOptions:
     # words, and its decode would hold up the final that this pause may be about to end in.
     # 0: no such rule.
     interim_pause_s: float = 0.2
+
+    @classmethod
+    def from_config(cls, config: Config, *, interim_results: bool = True) -> StreamOptions:
+        """The service's segmentation settings (the worker and the benchmarks use these)."""
+        return cls(
+            vad_threshold=config.vad_threshold,
+            min_silence_s=config.min_silence_s,
+            speech_pad_s=config.speech_pad_s,
+            max_utterance_s=config.max_utterance_s,
+            interim_interval_s=config.interim_interval_s,
+            interim_results=interim_results,
+            interim_pause_s=config.interim_pause_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)
