@@ -420,7 +420,7 @@ class Scheduler:
             self.engine.transcribe_words,
             pack_audio(audios, lay),
             language=jobs[0].payload.language,
-            beam_size=self.beam_size,
+            beam_size=self.beam_size if jobs[0].kind == "final" else 1,  # as `_decode_one`
         )
         words = await self._run_engine(jobs[0], call, len(jobs), others=jobs[1:])
         if words is None:
