@@ -252,9 +252,20 @@ class Connection:
         if not hmac.compare_digest(meta.token_hash, hash_token(msg.resume_token)):
             raise Forbidden("resume token does not match the session")
         if msg.last_result_id >= meta.finals:
-            raise BadRequest(
-                f"last_result_id {msg.last_result_id} was never sent: the session has "
-                f"{meta.finals} final result(s)"
+            if meta.state != "open":
+                raise BadRequest(
+                    f"last_result_id {msg.last_result_id} was never sent: the session has "
+                    f"{meta.finals} final result(s)"
+                )
+            # The client has finals Redis no longer has: a crash lost writes made after
+            # the last AOF fsync. The worker makes them again from the audio the client
+            # re-sends; they are not sent again (only finals after last_result_id are).
+            log.warning(
+                "session %s: resume with last_result_id %d but %d final(s) stored "
+                "(Redis lost writes?); the missing ones are not sent again",
+                sid,
+                msg.last_result_id,
+                meta.finals,
             )
         self.sid = sid
         self.session.params = meta.params
