@@ -63,6 +63,9 @@ COUNTERS = (
     "packs",
     "packed_finals",
     "pack_retries",
+    "early_decodes",
+    "early_finals",
+    "window_retries",
     "engine_busy_s",
 )
 
@@ -243,6 +246,8 @@ HEADER = [
     "WER",
     "final / interim decodes (dropped: stale, load)",
     "packs (finals in them, decoded again alone)",
+    "early decodes (became finals)",
+    "full-window retries",
     "engine busy",
     "CPU cores: worker, gateway, valkey, loadtest",
     "worker cores: CT2, VAD, engine-py, loop, other",
@@ -267,6 +272,8 @@ def row(r: LoadRun) -> list[str]:
         f"{d['decodes_final']:.0f} / {d['decodes_interim']:.0f} "
         f"({d['interims_dropped_stale']:.0f}, {d['interims_dropped_load']:.0f})",
         f"{d['packs']:.0f} ({d['packed_finals']:.0f}, {d['pack_retries']:.0f})",
+        f"{d.get('early_decodes', 0):.0f} ({d.get('early_finals', 0):.0f})",
+        f"{d.get('window_retries', 0):.0f}",
         f"{r.engine_busy:.0%}",
         ", ".join(f"{c.get(k, 0.0):.2f}" for k in ("worker", "gateway", "valkey", "loadtest")),
         ", ".join(f"{v:.2f}" for v in r.worker_threads.values()),

@@ -20,6 +20,8 @@ from typing import Any
 
 from shared.errors import ConfigError
 
+MIN_ENCODE_S = 10.0  # the least encode_min_s: with less Whisper loops and invents text
+
 ENV_PREFIX = "STREAMSCRIBE_"
 
 COMMON = "common"
@@ -169,6 +171,15 @@ class Config:
         0, "CPU threads for inference (0: faster-whisper's default, 4).", WORKER
     )
     beam_size: int = _opt(1, "Beam size for final decoding.", WORKER)
+    encode_min_s: float = _opt(
+        15.0,
+        "Least audio, in seconds, that Whisper's encoder runs over per decode. A call "
+        "encodes its audio plus 1 s, rounded up to whole seconds, at least this much and "
+        "at most 30 (Whisper's full window, which it was trained on). A shorter window costs "
+        "much less (0.07 s instead of 0.31 s at 15 s on 2 CPU cores) for a small accuracy "
+        "cost; 30 always encodes a full window. At least 10: below that Whisper loops.",
+        WORKER,
+    )
     language: str = _opt("en", "Default language of sessions that name none.", WORKER)
     slots: int = _opt(8, "Most sessions one worker transcribes at once.", WORKER)
     interim_interval_s: float = _opt(
@@ -192,6 +203,14 @@ class Config:
         "may be about to follow); 0 turns this off.",
         WORKER,
     )
+    early_final_s: float = _opt(
+        0.2,
+        "Silence, seconds, after which an open utterance's final is decoded ahead of time; "
+        "if the silence reaches min_silence_s the utterance ends there and that decode is "
+        "its final (its lag loses the silence wait), and if speech resumes it is sent as "
+        "an interim. 0, or min_silence_s or more, turns this off.",
+        WORKER,
+    )
     pack_finals: int = _opt(
         8,
         "Most finals of different sessions decoded together in one Whisper window when they "
@@ -213,7 +232,13 @@ class Config:
     min_silence_s: float = _opt(
         0.5, "Silence that ends an utterance (and triggers its final), seconds.", WORKER
     )
-    speech_pad_s: float = _opt(0.4, "Audio kept around detected speech, seconds.", WORKER)
+    speech_pad_s: float = _opt(
+        0.4,
+        "Audio kept around detected speech, seconds. After the speech of an utterance that "
+        "silence ends, at most the early_final_s pause (in whole 32 ms VAD windows) while "
+        "early finals are on.",
+        WORKER,
+    )
     max_utterance_s: float = _opt(
         20.0, "Longest utterance before it is cut into a final anyway, seconds.", WORKER
     )
@@ -295,6 +320,10 @@ class Config:
             raise ConfigError(f"{_where('pack_window_s')} must be in (0, 30]")
         if not (0.6 <= self.pack_guard_s < self.pack_window_s):
             raise ConfigError(f"{_where('pack_guard_s')} must be >= 0.6 and < pack_window_s")
+        if not (MIN_ENCODE_S <= self.encode_min_s <= 30):
+            raise ConfigError(f"{_where('encode_min_s')} must be in [{MIN_ENCODE_S:g}, 30]")
+        if not (self.early_final_s >= 0 and math.isfinite(self.early_final_s)):
+            raise ConfigError(f"{_where('early_final_s')} must be >= 0")
         if not (self.interim_pause_s >= 0 and math.isfinite(self.interim_pause_s)):
             raise ConfigError(f"{_where('interim_pause_s')} must be >= 0")
         if not 0 < self.interim_busy_target <= self.interim_shed_busy <= 1:

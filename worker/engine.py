@@ -9,6 +9,7 @@ called in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -37,6 +38,13 @@ Audio = npt.NDArray[np.float32]
 # is below faster-whisper's own "failed decode" threshold (-1.0) is dropped. On the 34 real
 # clips (../shared/audio/real, streamed) this changed no word of any final.
 TRAILING_SEGMENT_MIN_LOGPROB = -1.0
+# A segment whose text compresses better than this is a decoding loop (". . . . ." or one
+# phrase over and over): faster-whisper's own threshold for a failed decode. A window
+# shorter than 30 s makes such loops after the last word more likely (seen on a test
+# fixture at 15 s: the last sentence, then 400 confident dots), so a call whose decode
+# loops is decoded again over the full window; a looping segment after the first is
+# dropped like a low-confidence one.
+COMPRESSION_RATIO_MAX = 2.4
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,23 +88,50 @@ class Engine(Protocol):
     ) -> list[RawWord]: ...
 
 
+# The encoder window. faster-whisper pads every call's features to Whisper's 30 s (3000
+# frames), and the encoder's cost grows faster than linearly with its input: measured on
+# the 2-core VM (tiny.en int8), 0.31 s for 3000 frames, 0.074 s for 1500, 0.044 s for 1000.
+# CTranslate2 encodes any length, so a call may encode only `encode_frames(...)` frames:
+# the audio, ENCODE_MARGIN_FRAMES more, rounded up to ENCODE_STEP_FRAMES, never less than
+# the configured minimum (Whisper was trained on 30 s windows; below ~10 s it starts to
+# loop and invent text, see docs/benchmarks.md "Encoder window").
+FULL_WINDOW_FRAMES = 3000  # 30 s at 100 mel frames per second
+ENCODE_MARGIN_FRAMES = 100
+ENCODE_STEP_FRAMES = 100
+FRAMES_PER_SECOND = 100
+
+
+def encode_frames(samples: int, min_s: float) -> int:
+    """Mel frames to encode for `samples` of audio (at most a full 30 s window)."""
+    content = samples // (SAMPLE_RATE // FRAMES_PER_SECOND) + 1
+    want = -(-(content + ENCODE_MARGIN_FRAMES) // ENCODE_STEP_FRAMES) * ENCODE_STEP_FRAMES
+    return min(FULL_WINDOW_FRAMES, max(want, round(min_s * FRAMES_PER_SECOND)))
+
+
 class WhisperEngine:
     """One faster-whisper model instance, shared by every session of the worker."""
 
-    def __init__(self, model: str, device: str, compute_type: str, cpu_threads: int) -> None:
-        from faster_whisper import WhisperModel
-
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        compute_type: str,
+        cpu_threads: int,
+        encode_min_s: float = 30.0,
+    ) -> None:
         path = resolve_model(model)
         if compute_type == "default":
             compute_type = "default" if device != "cpu" else "int8"
         started = time.monotonic()
-        self._model = WhisperModel(
+        self._model = _windowed_model_class()(
             path,
             device=device,
             compute_type=compute_type,
             cpu_threads=cpu_threads,
             num_workers=1,
         )
+        self.encode_min_s = encode_min_s
+        self.window_retries = 0  # calls decoded again over the full window (a loop)
         self.name = model
         # A multilingual model would detect one language per window: packing sessions of
         # different or undetected languages together is never right, so only .en packs.
@@ -124,7 +159,7 @@ class WhisperEngine:
         for i, seg in enumerate(
             self._segments(audio, language, beam_size, word_timestamps, prompt or None)
         ):
-            if i > 0 and seg.avg_logprob < TRAILING_SEGMENT_MIN_LOGPROB:
+            if i > 0 and not _sound(seg):
                 continue  # a guess at the utterance's silent tail, not speech
             words = tuple(
                 Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
@@ -148,7 +183,7 @@ class WhisperEngine:
                 float(w.end),
                 float(w.probability),
                 i,
-                seg.avg_logprob >= TRAILING_SEGMENT_MIN_LOGPROB,
+                _sound(seg),
             )
             for i, seg in enumerate(self._segments(audio, language, beam_size, True, None))
             for w in (seg.words or ())
@@ -164,6 +199,25 @@ class WhisperEngine:
     ) -> list[Any]:
         if not self.multilingual:
             language = "en"
+        frames = encode_frames(len(audio), self.encode_min_s)
+        out = self._decode(audio, frames, language, beam_size, word_timestamps, prompt)
+        if frames < FULL_WINDOW_FRAMES and any(_looping(seg) for seg in out):
+            self.window_retries += 1
+            full = FULL_WINDOW_FRAMES
+            out = self._decode(audio, full, language, beam_size, word_timestamps, prompt)
+        return out
+
+    def _decode(
+        self,
+        audio: Audio,
+        frames: int,
+        language: str | None,
+        beam_size: int,
+        word_timestamps: bool,
+        prompt: str | None,
+    ) -> list[Any]:
+        # One engine thread calls this, so the model's window is set per call safely.
+        self._model.encode_frames = frames
         segments, _info = self._model.transcribe(
             audio,
             language=language,
@@ -186,6 +240,38 @@ class WhisperEngine:
             word_timestamps=True,
             beam_size=1,
         )
+
+
+def _looping(seg: Any) -> bool:
+    return float(getattr(seg, "compression_ratio", 0.0)) > COMPRESSION_RATIO_MAX
+
+
+def _sound(seg: Any) -> bool:
+    """Whether a segment is confident speech: not below the log-probability floor and
+    not a decoding loop."""
+    return seg.avg_logprob >= TRAILING_SEGMENT_MIN_LOGPROB and not _looping(seg)
+
+
+@functools.cache
+def _windowed_model_class() -> Any:
+    """faster-whisper's WhisperModel, encoding only the frames the current call needs.
+
+    faster-whisper hands `encode` a window padded to 30 s; the frames past
+    `encode_frames` are that padding (`_segments` sizes it from the call's audio), so
+    they are cut off before CTranslate2 sees them. Word alignment is given the content
+    length, which is never more than the encoded frames.
+    """
+    from faster_whisper import WhisperModel
+
+    class WindowedWhisperModel(WhisperModel):  # type: ignore[misc]
+        encode_frames = FULL_WINDOW_FRAMES
+
+        def encode(self, features: Any) -> Any:
+            if getattr(features, "shape", (0,))[-1] > self.encode_frames:
+                features = features[..., : self.encode_frames]
+            return super().encode(features)
+
+    return WindowedWhisperModel
 
 
 class NullEngine:
@@ -312,7 +398,14 @@ def make_vad(kind: str) -> StreamingVad | EnergyVad:
     return EnergyVad() if kind == "energy" else StreamingVad()
 
 
-def load_engine(kind: str, model: str, device: str, compute_type: str, cpu_threads: int) -> Engine:
+def load_engine(
+    kind: str,
+    model: str,
+    device: str,
+    compute_type: str,
+    cpu_threads: int,
+    encode_min_s: float = 30.0,
+) -> Engine:
     if kind == "null":
         return NullEngine()
-    return WhisperEngine(model, pick_device(device), compute_type, cpu_threads)
+    return WhisperEngine(model, pick_device(device), compute_type, cpu_threads, encode_min_s)

@@ -105,6 +105,8 @@ class Worker:
         self._takeover_cursor: dict[str, bytes] = {}
         self.maintenance: Maintenance | None = None
         self.takeovers = 0
+        self.early_decodes = 0  # early finals decoded (see worker/stream.py)
+        self.early_finals = 0  # of those, the ones that became their utterance's final
         self.options = StreamOptions.from_config(config)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -122,6 +124,7 @@ class Worker:
                 cfg.device,
                 cfg.compute_type,
                 cfg.cpu_threads,
+                cfg.encode_min_s,
             )
         await loop.run_in_executor(None, getattr(self.engine, "warm_up", lambda: None))
         await loop.run_in_executor(None, make_vad, self.config.vad)  # load the VAD model once
@@ -443,10 +446,13 @@ class Worker:
                     if item.error is not None and item.request.kind == "final":
                         raise RuntimeError("final decode failed") from item.error
                     continue
+                self.early_decodes += item.request.early
                 for out in tr.complete(item.request, item.segments):
                     await self._publish(s, out)
                 continue
             await loop.run_in_executor(self._cpu, self._feed, s, item)
+            for out in tr.take_ready():  # early finals whose utterance has now ended
+                await self._publish(s, out)
         await self._close(s)
 
     def _feed(self, s: Owned, batch: Iterable[tuple[bytes, envelope.Envelope]]) -> None:
@@ -492,6 +498,7 @@ class Worker:
                 raise LeaseLost()
             return
         assert isinstance(out, Final)
+        self.early_finals += out.early
         entry, base = self._checkpoint(s, out.commit_sample)
         if out.transcript is None:
             return
@@ -596,6 +603,9 @@ class Worker:
             "packed_finals": c.packed_finals,
             "packed_interims": c.packed_interims,
             "pack_retries": c.pack_retries,
+            "early_decodes": self.early_decodes,
+            "early_finals": self.early_finals,
+            "window_retries": getattr(self.engine, "window_retries", 0),
         }
 
     async def _redis_trouble(self, where: str, exc: BaseException) -> None:

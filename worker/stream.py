@@ -9,6 +9,17 @@ decodes one at a time (`next_request`): finals of ended utterances first, in ord
 then an interim of the open utterance when `interim_interval_s` of new audio has come
 (not during a pause of `interim_pause_s` or more: a final may be about to follow).
 `complete()` turns a decode into transcripts with session-relative times.
+
+Early finals. Waiting for `min_silence_s` of silence before decoding puts that wait and
+the decode one after the other in every final's lag. So once the open utterance has been
+silent for `early_final_s`, its final is requested at once, on the audio up to then (the
+speech plus `speech_pad_s`, or less if the pause so far is shorter: every utterance that
+silence ends then keeps that much, so its audio is the same whether or not the early decode
+was made). If the silence then reaches `min_silence_s`, the utterance ends exactly there
+and that decode *is* its final: no second decode, and the
+final is out as soon as the silence is confirmed (`take_ready`), or as soon as the decode
+finishes if it is still running. If speech resumes instead, the decode is sent as an
+interim of the utterance, so the work is not lost.
 """
 
 from __future__ import annotations
@@ -41,6 +52,9 @@ class StreamOptions:
     # words, and its decode would hold up the final that this pause may be about to end in.
     # 0: no such rule.
     interim_pause_s: float = 0.2
+    # Decode the final ahead once the open utterance has been silent this long (see the
+    # module docstring). 0, or not less than min_silence_s: never.
+    early_final_s: float = 0.2
 
     @classmethod
     def from_config(cls, config: Config, *, interim_results: bool = True) -> StreamOptions:
@@ -53,6 +67,7 @@ class StreamOptions:
             interim_interval_s=config.interim_interval_s,
             interim_results=interim_results,
             interim_pause_s=config.interim_pause_s,
+            early_final_s=config.early_final_s,
         )
 
 
@@ -64,6 +79,7 @@ class DecodeRequest:
     audio: Audio
     result_id: int
     prompt: str = ""  # text of the session's previous final (decoder context)
+    early: bool = False  # a final asked for before its utterance is known to have ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +91,7 @@ class Interim:
 class Final:
     transcript: Transcript | None  # None: the utterance held no words (no result_id used)
     commit_sample: int  # everything before this sample is fully handled
+    early: bool = False  # decoded before the utterance's end was confirmed
 
 
 Output = Interim | Final
@@ -93,6 +110,13 @@ class SessionTranscriber:
         self._max_utt = int(options.max_utterance_s * SAMPLE_RATE)
         self._interim_every = int(options.interim_interval_s * SAMPLE_RATE)
         self._interim_pause = int(options.interim_pause_s * SAMPLE_RATE)
+        early = int(options.early_final_s * SAMPLE_RATE)
+        self._early_after = early if 0 < early < self._min_silence else 0
+        # Audio kept after the speech of an utterance that silence ended: speech_pad_s, or
+        # with early finals at most the silence the early decode had (whole VAD windows),
+        # so a final's audio never depends on whether its early decode was made in time.
+        early_tail = -(-self._early_after // VAD_WINDOW) * VAD_WINDOW
+        self._tail = min(self._pad, early_tail) if self._early_after else self._pad
         self.finals = finals  # result_id of the next final
         self.committed = start_sample
         self._buf = np.zeros(0, np.float32)
@@ -107,6 +131,11 @@ class SessionTranscriber:
         self._outstanding: DecodeRequest | None = None
         self._prompt = ""
         self.closing = False
+        # Early final of the current pause: the speech end it was asked at, and once
+        # decoded, its result (kept until the utterance ends or speech resumes).
+        self._early_at: int | None = None
+        self._early_done: tuple[DecodeRequest, list[Segment]] | None = None
+        self._ready: deque[Output] = deque()  # finals that needed no decode, to publish
 
     # --- input ----------------------------------------------------------------------
 
@@ -149,7 +178,15 @@ class SessionTranscriber:
             and not self._pending
             and self._outstanding is None
             and self._utt_start is None
+            and not self._ready
         )
+
+    def take_ready(self) -> list[Output]:
+        """Finals that are complete without a decode (an early final whose utterance
+        has now ended), in order. Call after feeding audio."""
+        out = list(self._ready)
+        self._ready.clear()
+        return out
 
     # --- VAD decisions ------------------------------------------------------------------
 
@@ -167,7 +204,7 @@ class SessionTranscriber:
         if prob >= self._neg_threshold:
             self._last_speech_end = end
         elif end - self._last_speech_end >= self._min_silence:
-            self._end_utterance(self._last_speech_end + self._pad)
+            self._end_utterance(self._last_speech_end + self._tail)
             return
         if end - self._utt_start >= self._max_utt:
             self._cut_long_utterance(end)
@@ -184,12 +221,20 @@ class SessionTranscriber:
 
     def _end_utterance(self, end: int, *, keep_open: bool = False) -> None:
         assert self._utt_start is not None
-        floor = max(self.committed, self._pending[-1][1] if self._pending else self.committed)
-        start = max(self._utt_start - self._pad, floor, self._buf_start)
+        start = self._open_start()
         end = min(end, self._total)
         speech = min(self._last_speech_end, end) - self._utt_start
+        early, self._early_done, self._early_at = self._early_done, None, None
         if speech >= MIN_SPEECH_S * SAMPLE_RATE and end > start:
-            self._pending.append((start, end))
+            if (
+                early is not None
+                and not self._pending
+                and (self._outstanding is None or self._outstanding.kind == "interim")
+                and _same_final(early[0], start, end, self.finals, self._prompt)
+            ):
+                self._ready.append(self._finish(*early))
+            else:
+                self._pending.append((start, end))
         elif not self._pending and self._outstanding is None:
             self.committed = max(self.committed, end)  # a blip: nothing to wait for
         if keep_open:
@@ -211,13 +256,28 @@ class SessionTranscriber:
             req = DecodeRequest(
                 "final", start, end, self._slice(start, end), self.finals, self._prompt
             )
+        elif self._early_due():
+            assert self._utt_start is not None
+            start = self._open_start()
+            end = self._last_speech_end + self._tail  # judged already: <= self._vad_pos
+            self._early_at = self._last_speech_end
+            self._last_interim_end = self._vad_pos
+            req = DecodeRequest(
+                "final",
+                start,
+                end,
+                self._slice(start, end),
+                self.finals,
+                self._prompt,
+                early=True,
+            )
         elif (
             self.opt.interim_results
             and self._utt_start is not None
             and self._vad_pos - self._last_interim_end >= self._interim_every
             and not (0 < self._interim_pause <= self._vad_pos - self._last_speech_end)
         ):
-            start = max(self._utt_start - self._pad, self.committed, self._buf_start)
+            start = self._open_start()
             end = self._vad_pos
             self._last_interim_end = end
             req = DecodeRequest(
@@ -233,21 +293,62 @@ class SessionTranscriber:
         if req is not self._outstanding:
             raise RuntimeError("complete() for a request this session is not waiting for")
         self._outstanding = None
-        offset = req.start / SAMPLE_RATE
-        text = " ".join(s.text for s in segments).strip()
+        if req.early and not (
+            self._pending
+            and self._pending[0] == (req.start, req.end)
+            and _same_final(req, req.start, req.end, self.finals, self._prompt)
+        ):
+            return self._early_result(req, segments)
         if req.kind == "interim":
-            if not text or self._utt_start is None or req.result_id != self.finals:
-                return []
-            return [Interim(_transcript(req.result_id, False, offset, req, segments, text))]
+            return self._interim(req, segments)
         self._pending.popleft()
+        return [self._finish(req, segments)]
+
+    def _early_result(self, req: DecodeRequest, segments: list[Segment]) -> list[Output]:
+        """An early final decoded before its utterance ended: kept in case it ends right
+        there, and sent as an interim meanwhile (discarded if the utterance ended
+        somewhere else)."""
+        if self._pending or self._utt_start is None or req.result_id != self.finals:
+            return []
+        if self._early_at == self._last_speech_end:
+            self._early_done = (req, segments)  # no new speech since it was asked for
+        return self._interim(req, segments) if self.opt.interim_results else []
+
+    def _interim(self, req: DecodeRequest, segments: list[Segment]) -> list[Output]:
+        text = " ".join(s.text for s in segments).strip()
+        if not text or self._utt_start is None or req.result_id != self.finals:
+            return []
+        offset = req.start / SAMPLE_RATE
+        return [Interim(_transcript(req.result_id, False, offset, req, segments, text))]
+
+    def _finish(self, req: DecodeRequest, segments: list[Segment]) -> Final:
+        """The final of the utterance `req` covers (already taken off `_pending`)."""
         self.committed = max(self.committed, req.end)
         self._trim()
+        text = " ".join(s.text for s in segments).strip()
         if not text:
-            return [Final(None, self.committed)]
-        transcript = _transcript(self.finals, True, offset, req, segments, text)
+            return Final(None, self.committed, req.early)
+        transcript = _transcript(self.finals, True, req.start / SAMPLE_RATE, req, segments, text)
         self.finals += 1
         self._prompt = text[-PROMPT_CHARS:]
-        return [Final(transcript, self.committed)]
+        return Final(transcript, self.committed, req.early)
+
+    def _early_due(self) -> bool:
+        """Whether the open utterance's pause is long enough to decode its final early."""
+        return (
+            self._early_after > 0
+            and self._utt_start is not None
+            and not self._pending
+            and self._early_at != self._last_speech_end
+            and self._vad_pos - self._last_speech_end >= self._early_after
+            and self._last_speech_end - self._utt_start >= MIN_SPEECH_S * SAMPLE_RATE
+        )
+
+    def _open_start(self) -> int:
+        """Where the open utterance's audio starts (its final's and its interims')."""
+        assert self._utt_start is not None
+        floor = max(self.committed, self._pending[-1][1] if self._pending else self.committed)
+        return max(self._utt_start - self._pad, floor, self._buf_start)
 
     def abandon_request(self, req: DecodeRequest) -> None:
         """A decode failed or was dropped: an interim is simply skipped; a final retried."""
@@ -271,6 +372,11 @@ class SessionTranscriber:
         if keep > self._buf_start:
             self._buf = self._buf[keep - self._buf_start :]
             self._buf_start = keep
+
+
+def _same_final(req: DecodeRequest, start: int, end: int, result_id: int, prompt: str) -> bool:
+    """Whether `req` decoded exactly the final that is now due (same audio and context)."""
+    return (req.start, req.end, req.result_id, req.prompt) == (start, end, result_id, prompt)
 
 
 def _transcript(

@@ -11,8 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 
-from worker.engine import TRAILING_SEGMENT_MIN_LOGPROB, WhisperEngine
+from shared.config import MIN_ENCODE_S, Config
+from shared.errors import ConfigError
+from worker.engine import (
+    COMPRESSION_RATIO_MAX,
+    FULL_WINDOW_FRAMES,
+    TRAILING_SEGMENT_MIN_LOGPROB,
+    WhisperEngine,
+    _windowed_model_class,
+    encode_frames,
+)
 
 
 @dataclass
@@ -30,6 +40,7 @@ class FakeSegment:
     text: str
     avg_logprob: float
     words: list[FakeWord] = field(default_factory=list)
+    compression_ratio: float = 1.0
 
 
 class FakeModel:
@@ -37,12 +48,19 @@ class FakeModel:
         self.segments = segments
         self.kwargs: dict[str, Any] = {}
         self.iterated = 0
+        self.encode_frames = FULL_WINDOW_FRAMES
+        self.window_at_call = 0
+        self.windows: list[int] = []  # the window of every call
+        self.by_window: dict[int, list[FakeSegment]] = {}  # other segments for a window
 
     def transcribe(self, audio: Any, **kwargs: Any) -> tuple[Iterator[FakeSegment], None]:
         self.kwargs = kwargs
+        self.window_at_call = self.encode_frames
+        self.windows.append(self.encode_frames)
+        segments = self.by_window.get(self.encode_frames, self.segments)
 
         def lazy() -> Iterator[FakeSegment]:
-            for seg in self.segments:
+            for seg in segments:
                 self.iterated += 1
                 yield seg
 
@@ -55,6 +73,8 @@ def engine_with(segments: list[FakeSegment]) -> tuple[WhisperEngine, FakeModel]:
     engine._model = model
     engine.name = "fake"
     engine.multilingual = False
+    engine.encode_min_s = 15.0
+    engine.window_retries = 0
     return engine, model
 
 
@@ -95,3 +115,132 @@ def test_confident_later_segments_and_a_weak_first_one_are_kept() -> None:
         ]
     )
     assert decode(engine) == ["first part", "second part", "third part"]
+
+
+# --- the encoder window -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "min_s", "frames"),
+    [
+        (0.0, 15.0, 1500),  # nothing: the minimum
+        (1.0, 15.0, 1500),
+        (13.99, 15.0, 1500),  # 1400 content frames + 100 margin: exactly the minimum
+        (14.0, 15.0, 1600),  # 1401 + 100: rounded up to the next second
+        (20.0, 10.0, 2200),
+        (27.0, 15.0, 2900),
+        (29.5, 15.0, FULL_WINDOW_FRAMES),  # never more than Whisper's window
+        (45.0, 15.0, FULL_WINDOW_FRAMES),
+        (1.0, 30.0, FULL_WINDOW_FRAMES),  # 30: always the full window
+        (1.0, MIN_ENCODE_S, 1000),
+    ],
+)
+def test_encode_frames(seconds: float, min_s: float, frames: int) -> None:
+    assert encode_frames(round(seconds * 16000), min_s) == frames
+
+
+def test_each_call_sets_the_window_from_its_own_audio() -> None:
+    engine, model = engine_with([FakeSegment(0.0, 0.5, " However.", -0.5)])
+    audio = np.zeros(16000 * 20, np.float32)
+    engine.transcribe(audio, language="en", word_timestamps=True, beam_size=1)
+    assert model.window_at_call == 2200
+    engine.transcribe_words(np.zeros(16000, np.float32), language="en", beam_size=1)
+    assert model.window_at_call == 1500
+    engine.encode_min_s = 30.0
+    decode(engine)
+    assert model.window_at_call == FULL_WINDOW_FRAMES
+
+
+class FakeCt2:
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.device_index = [0]
+        self.shapes: list[tuple[int, ...]] = []
+
+    def encode(self, features: Any, to_cpu: bool = False) -> str:
+        self.shapes.append(tuple(features.shape))
+        return "encoded"
+
+
+def test_windowed_model_encodes_only_the_window() -> None:
+    """faster-whisper pads every window to 3000 frames; the model cuts that padding off
+    before CTranslate2 encodes it, and leaves a shorter input alone."""
+    cls = _windowed_model_class()
+    model = object.__new__(cls)  # no model load
+    model.model = FakeCt2()
+    model.encode_frames = 1200
+    padded = np.zeros((80, FULL_WINDOW_FRAMES), np.float32)
+    assert model.encode(padded) == "encoded"
+    model.encode(np.zeros((80, 900), np.float32))
+    model.encode_frames = FULL_WINDOW_FRAMES
+    model.encode(padded)
+    assert model.model.shapes == [(1, 80, 1200), (1, 80, 900), (1, 80, FULL_WINDOW_FRAMES)]
+
+
+@pytest.mark.parametrize("value", [MIN_ENCODE_S, 15.0, 30.0])
+def test_encode_min_s_accepted(value: float) -> None:
+    assert Config(encode_min_s=value).encode_min_s == value
+
+
+@pytest.mark.parametrize("value", [MIN_ENCODE_S - 0.01, 30.01, float("nan")])
+def test_encode_min_s_refused(value: float) -> None:
+    with pytest.raises(ConfigError, match="ENCODE_MIN_S"):
+        Config(encode_min_s=value)
+
+
+LOOP = " . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . ."
+
+
+def test_a_looping_short_window_decode_is_done_again_over_the_full_window() -> None:
+    """The last sentence, then a confident loop of dots (seen at 15 s): the call is
+    decoded again over 30 s, and that result is the one returned."""
+    engine, model = engine_with(
+        [
+            FakeSegment(0.0, 2.0, " The little boat sailed away.", -0.2),
+            FakeSegment(2.0, 3.0, LOOP, -0.01, compression_ratio=COMPRESSION_RATIO_MAX + 0.1),
+        ]
+    )
+    model.by_window[FULL_WINDOW_FRAMES] = [
+        FakeSegment(0.0, 2.0, " The little boat sailed that way.", -0.3)
+    ]
+    assert decode(engine) == ["The little boat sailed that way."]
+    assert model.windows == [1500, FULL_WINDOW_FRAMES]
+    assert engine.window_retries == 1
+
+
+def test_a_ratio_at_the_threshold_is_not_a_loop() -> None:
+    engine, model = engine_with(
+        [
+            FakeSegment(0.0, 2.0, " one", -0.2),
+            FakeSegment(2.0, 3.0, " two two", -0.2, compression_ratio=COMPRESSION_RATIO_MAX),
+        ]
+    )
+    assert decode(engine) == ["one", "two two"]
+    assert model.windows == [1500] and engine.window_retries == 0
+
+
+def test_a_loop_after_the_first_segment_of_a_full_window_is_dropped() -> None:
+    """Over the full window there is nothing to retry: a looping later segment goes like
+    a low-confidence one; a looping first segment (all there is) stays."""
+    engine, model = engine_with(
+        [
+            FakeSegment(0.0, 2.0, " first", -0.2, compression_ratio=3.0),
+            FakeSegment(2.0, 3.0, LOOP, -0.01, compression_ratio=29.7),
+        ]
+    )
+    engine.encode_min_s = 30.0
+    assert decode(engine) == ["first"]
+    assert model.windows == [FULL_WINDOW_FRAMES] and engine.window_retries == 0
+
+
+def test_packed_words_of_a_looping_segment_are_unreliable() -> None:
+    engine, _ = engine_with(
+        [
+            FakeSegment(0.0, 1.0, " yes", -0.2, [FakeWord(" yes", 0.0, 1.0)]),
+            FakeSegment(1.0, 2.0, LOOP, -0.01, [FakeWord(" .", 1.0, 2.0)], 29.7),
+        ]
+    )
+    engine.encode_min_s = 30.0
+    words = engine.transcribe_words(np.zeros(16000, np.float32), language="en", beam_size=1)
+    assert [(w.text, w.reliable) for w in words] == [(" yes", True), (" .", False)]

@@ -3,7 +3,8 @@ the interim policy): not during a pause, where a final may be about to follow.
 
 Audio is whole 512-sample VAD windows; "speech" is loud, "silence" zeros, and the fake VAD
 says 1.0 or 0.0. Defaults: 1 s interim interval, 0.5 s silence ends an utterance, no
-interim after 0.2 s (7 windows) of pause.
+interim after 0.2 s (7 windows) of pause. Early finals (tests/unit/test_early_final.py)
+are off here unless a test turns them on: these tests are about interims alone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def fake_vad(audio: Audio) -> np.ndarray:
 
 
 def transcriber(**options: float) -> SessionTranscriber:
+    options.setdefault("early_final_s", 0.0)
     return SessionTranscriber(StreamOptions(**options), fake_vad)  # type: ignore[arg-type]
 
 

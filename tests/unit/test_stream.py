@@ -4,7 +4,8 @@ Audio is built from whole 512-sample VAD windows at 16 kHz: "speech" is a consta
 "silence" is zeros, and the fake VAD says 1.0 for a window whose mean absolute amplitude
 is over 0.1, else 0.0. With the default options (0.5 s silence = 8000 samples, 0.2 s pad
 = 3200 samples, 1 s interim interval = 16000 samples) the sample positions below follow
-directly from the window counts.
+directly from the window counts. Early finals are off in this file (`early_final_s=0`):
+they are tested in tests/unit/test_early_final.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from worker.stream import (
 
 W = VAD_WINDOW
 PAD = 3200  # default speech_pad_s * SAMPLE_RATE
-NO_INTERIMS = StreamOptions(interim_results=False)
+NO_INTERIMS = StreamOptions(interim_results=False, early_final_s=0.0)
 
 
 def speech(windows: int) -> Audio:
@@ -78,7 +79,7 @@ def finals_of(t: SessionTranscriber) -> list[DecodeRequest]:
 
 def test_silence_alone_requests_nothing() -> None:
     """Pure silence opens no utterance and asks for no decode."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, silence(200))
     assert t.next_request() is None
     t.close()
@@ -137,7 +138,7 @@ def test_exactly_one_final_per_utterance() -> None:
 
 def test_padding_follows_the_option() -> None:
     """With speech_pad_s=0 the final covers exactly the speech windows."""
-    t = transcriber(StreamOptions(interim_results=False, speech_pad_s=0.0))
+    t = transcriber(StreamOptions(early_final_s=0.0, interim_results=False, speech_pad_s=0.0))
     push(t, silence(10), speech(50), silence(16))
     req = t.next_request()
     assert req is not None
@@ -190,7 +191,7 @@ def test_one_request_at_a_time() -> None:
 
 def test_finals_are_requested_before_interims() -> None:
     """With an ended utterance pending and an open one due an interim, the final comes first."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, silence(10), speech(20), silence(20), speech(40))
     first = t.next_request()
     assert first is not None and first.kind == "final"
@@ -214,7 +215,7 @@ def test_finals_come_in_utterance_order() -> None:
 
 def test_interim_after_each_interval_of_new_speech() -> None:
     """An interim is due once 1 s (16000 samples) of audio follows the utterance start."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, silence(10), speech(31))  # 31 windows = 15872 samples of speech
     assert t.next_request() is None
     push(t, speech(1))  # 16384
@@ -241,7 +242,7 @@ def test_no_interims_when_interim_results_is_false() -> None:
 
 def test_interim_with_empty_text_yields_nothing() -> None:
     """An interim decode that found no words produces no output."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, silence(10), speech(40))
     req = t.next_request()
     assert req is not None and req.kind == "interim"
@@ -250,7 +251,7 @@ def test_interim_with_empty_text_yields_nothing() -> None:
 
 def test_interim_of_an_utterance_that_ended_meanwhile_is_dropped() -> None:
     """An interim completed after its utterance has ended (and nothing is open) is not sent."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, silence(10), speech(40))
     req = t.next_request()
     assert req is not None and req.kind == "interim"
@@ -262,7 +263,7 @@ def test_interim_of_an_utterance_that_ended_meanwhile_is_dropped() -> None:
 
 def test_interims_carry_the_result_id_of_the_next_final() -> None:
     """After two finals, the open utterance's interim has result_id 2."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, *(p for _ in range(2) for p in (silence(10), speech(20), silence(20))))
     push(t, speech(40))
     kinds = [(req.kind, req.result_id) for req, _ in decode_all(t)]
@@ -429,7 +430,7 @@ def test_not_done_before_close() -> None:
 
 def test_long_utterance_is_cut_into_several_contiguous_finals() -> None:
     """9.6 s of unbroken speech with max_utterance_s=3 becomes several finals that tile it."""
-    opts = StreamOptions(interim_results=False, max_utterance_s=3.0)
+    opts = StreamOptions(early_final_s=0.0, interim_results=False, max_utterance_s=3.0)
     t = transcriber(opts)
     push(t, silence(10), speech(300), silence(20))
     reqs = finals_of(t)
@@ -444,7 +445,7 @@ def test_long_utterance_is_cut_into_several_contiguous_finals() -> None:
 
 def test_long_utterance_with_short_max_is_not_lost() -> None:
     """With max_utterance_s=1 (a valid config) every second of long speech is still decoded."""
-    t = transcriber(StreamOptions(interim_results=False, max_utterance_s=1.0))
+    t = transcriber(StreamOptions(early_final_s=0.0, interim_results=False, max_utterance_s=1.0))
     push(t, silence(10), speech(300))
     t.close()
     reqs = finals_of(t)
@@ -454,7 +455,7 @@ def test_long_utterance_with_short_max_is_not_lost() -> None:
 
 def test_blip_shorter_than_min_speech_is_never_decoded() -> None:
     """4 windows (0.128 s) of speech are a blip: no interim, no final, done on close."""
-    t = transcriber(StreamOptions())
+    t = transcriber(StreamOptions(early_final_s=0.0))
     push(t, silence(10), speech(4), silence(40))
     assert t.next_request() is None
     t.close()
