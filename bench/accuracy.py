@@ -1,12 +1,15 @@
 """Accuracy through the service vs the model's own offline accuracy, on the same clips.
 
-    python bench/accuracy.py [--clips DIR_WITH_manifest.tsv] [--write docs/benchmarks.md]
+    python bench/accuracy.py [--clips DIR_WITH_manifest.tsv] [--set FIELD=VALUE ...]
+                             [--write docs/benchmarks.md]
 
 Starts an embedded Valkey, one gateway and one worker (tiny.en, CPU int8) in-process,
 streams every clip of the manifest (as fast as acknowledged, 4 at a time), and compares
 normalised WER (jiwer + whisper-normalizer's English normalizer) with faster-whisper on
 the whole clip in one call. Prints a table; with --write, replaces the accuracy section
-of the benchmarks document.
+of the benchmarks document. `--set` changes a numeric worker setting for the service
+run (e.g. `--set encode_min_s=30 --set early_final_s=0`); the offline side is always
+plain faster-whisper over full 30 s windows.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import datetime
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +52,7 @@ def load_manifest(folder: Path) -> list[tuple[str, Path, str]]:
 
 
 def offline(engine: WhisperEngine, path: Path) -> str:
+    """The whole clip in one call, over a full 30 s window: plain faster-whisper."""
     audio = read_wav(path)
     conv = AudioConverter(
         SessionParams(
@@ -54,10 +60,12 @@ def offline(engine: WhisperEngine, path: Path) -> str:
         )
     )
     samples = np.concatenate([conv.convert(audio.data), conv.flush()])
-    return " ".join(
-        s.text
-        for s in engine.transcribe(samples, language="en", word_timestamps=False, beam_size=1)
-    )
+    window, engine.encode_min_s = engine.encode_min_s, 30.0
+    try:
+        segments = engine.transcribe(samples, language="en", word_timestamps=False, beam_size=1)
+    finally:
+        engine.encode_min_s = window
+    return " ".join(s.text for s in segments)
 
 
 async def streamed(url: str, path: Path) -> str:
@@ -79,12 +87,14 @@ async def streamed(url: str, path: Path) -> str:
     return " ".join(finals)
 
 
-async def measure(clips: list[tuple[str, Path, str]], concurrency: int) -> dict[str, object]:
+async def measure(
+    clips: list[tuple[str, Path, str]], concurrency: int, settings: dict[str, Any]
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         valkey = EmbeddedValkey(Path(tmp))
         valkey.start()
-        engine = WhisperEngine("tiny.en", "cpu", "int8", 0)
-        config = Config(redis_url=valkey.url, port=0, certfile="none")
+        config = Config(redis_url=valkey.url, port=0, certfile="none", **settings)
+        engine = WhisperEngine("tiny.en", "cpu", "int8", 0, config.encode_min_s)
         worker = Worker(config, engine=engine)
         await worker.start()
         gateway = Gateway(config)
@@ -131,8 +141,22 @@ def main() -> None:
         "fixtures and ../shared/audio/real if present)",
     )
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a worker setting for the service run (a Config field, e.g. encode_min_s=30)",
+    )
     parser.add_argument("--write", type=Path, help="update this markdown file's accuracy section")
     args = parser.parse_args()
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    settings: dict[str, Any] = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            parser.error(f"--set {item}: no such setting")
+        settings[name] = float(value) if fields[name] == "float" else int(value)
     folders = args.clips or [
         p
         for p in (ROOT / "tests/fixtures/audio", ROOT.parent / "shared/audio/real")
@@ -145,7 +169,7 @@ def main() -> None:
     for folder in folders:
         clips = [c for c in load_manifest(folder) if c[1].exists()]
         print(f"measuring {len(clips)} clips from {folder} ...", flush=True)
-        r = asyncio.run(measure(clips, args.concurrency))
+        r = asyncio.run(measure(clips, args.concurrency, settings))
         diff = float(r["service_wer"]) - float(r["offline_wer"])  # type: ignore[arg-type]
         lines.append(
             f"| {folder.name} | {r['clips']} | {float(r['audio_s']):.1f} | "  # type: ignore[arg-type]

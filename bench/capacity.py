@@ -6,7 +6,8 @@
                              [--json OUT] [--write docs/benchmarks.md]
 
 1. Offline bound: bench/offline.py on the same clips, in its own process, before the
-   service starts (audio seconds per second; nothing else of ours is running).
+   service starts (audio seconds per second; nothing else of ours is running): the
+   better of one call at a time and two calls at once on one model.
 2. For each variant (default: the shipped settings), starts `streamscribe up` (own state
    dir, free port, embedded Valkey, development TLS certificate, enough slots), then runs
    `streamscribe loadtest --json` in its own process at pace 1.0 with N sessions on the
@@ -92,7 +93,7 @@ class LoadRun:
     cpu_share: dict[str, float]  # process -> cores used on average during the run
     decodes: dict[str, float]  # counter -> count during the run
     worker_threads: dict[str, float]  # thread group -> cores used on average
-    engine_busy: float  # fraction of the run the engine thread was decoding
+    engine_busy: float  # decode-seconds per second of the run (up to decode_threads)
     errors: dict[str, Any] = field(default_factory=dict)
     retried: int = 0  # runs thrown away because other processes loaded the machine
 
@@ -285,12 +286,16 @@ def row(r: LoadRun) -> list[str]:
 def offline_bound(clip_ids: list[str], cpu_threads: str | None, tmp: Path) -> dict[str, Any]:
     out = tmp / "offline.json"
     cmd = [sys.executable, str(ROOT / "bench" / "offline.py"), "--clips", *clip_ids]
-    cmd += ["--no-call-cost", "--repeats", "3", "--json", str(out)]
+    cmd += ["--no-call-cost", "--repeats", "3", "--parallel", "1", "2", "--json", str(out)]
     if cpu_threads is not None:
         cmd += ["--cpu-threads", cpu_threads]
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, stdout=subprocess.DEVNULL)
-    result: dict[str, Any] = json.loads(out.read_text())[0]
-    return result
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=900, stdout=subprocess.DEVNULL)
+    rows: list[dict[str, Any]] = json.loads(out.read_text())
+    # The ceiling is the best faster-whisper alone does on these cores: one call at a
+    # time, or two at once on one model (what the worker's decode_threads does).
+    best = max(rows, key=lambda r: float(r["bound"]))
+    by_parallel = {int(r["parallel"]): float(r["bound"]) for r in rows}
+    return {**best, "by_parallel": by_parallel}
 
 
 def render(variants: list[Variant], offline: dict[str, Any], args: argparse.Namespace) -> str:
@@ -376,7 +381,12 @@ def main() -> None:
         audio = stage_clips(clips, tmp / "clips")
         print(f"offline bound on {', '.join(args.clips)} ...", flush=True)
         offline = offline_bound(args.clips, args.cpu_threads, tmp)
-        print(f"offline bound: {offline['bound']:.1f} audio s / s", flush=True)
+        print(
+            f"offline bound: {offline['bound']:.1f} audio s / s "
+            f"(one call at a time {offline['by_parallel'].get(1, 0.0):.1f}, "
+            f"two at once {offline['by_parallel'].get(2, 0.0):.1f})",
+            flush=True,
+        )
         for i, v in enumerate(variants):
             sweep(v, audio, args, tmp / f"up-{i}", deadline)
     text = render(variants, offline, args)
@@ -397,12 +407,15 @@ def main() -> None:
             f"certificate. A run passes when every session completes without errors and "
             f"the p95 final lag is at most {args.max_lag_s:.1f} s. *ratio* = largest passing "
             f"N / offline bound (audio s per s, bench/offline.py on the same clips in the "
-            f"same run: {offline['bound']:.1f}, load average before it "
+            f"same run: {offline['bound']:.1f}, the better of one call at a time, "
+            f"{offline['by_parallel'].get(1, 0.0):.1f}, and two calls at once on one model, "
+            f"{offline['by_parallel'].get(2, 0.0):.1f}; load average before it "
             f"{offline['load_before']}). CPU cores = CPU seconds of each process / wall "
             f"seconds of the run; worker cores split by thread (CT2 = CTranslate2's native "
             f"compute threads, VAD = conversion + Silero, engine-py = faster-whisper's Python "
             f"side incl. feature extraction, loop = the event loop and Redis I/O). *Engine "
-            f"busy* = time the engine thread spent in decode calls / wall time. *Other "
+            f"busy* = time spent in decode calls, summed over the engine's decode threads "
+            f"(`decode_threads`, default 2), / wall time: up to 200%. *Other "
             f"processes* = cores used by processes outside this benchmark (the machine is "
             f"shared; each run first waits up to {args.quiet_wait_s:.0f} s for < 0.3 cores)."
             f"\n\n{text}\n"

@@ -1,7 +1,7 @@
 """Offline bound: faster-whisper alone on the benchmark clips, audio seconds per second.
 
-    python bench/offline.py [--clips ID ...] [--cpu-threads N ...] [--repeats 3]
-                            [--json OUT] [--write docs/benchmarks.md]
+    python bench/offline.py [--clips ID ...] [--cpu-threads N ...] [--parallel 1 2]
+                            [--repeats 3] [--json OUT] [--write docs/benchmarks.md]
 
 The same model and settings as the worker (tiny.en, int8 on CPU, beam 1, the worker's
 `cpu_threads` default), each whole clip in one `transcribe()` call, one call at a time:
@@ -9,16 +9,24 @@ the ceiling that a streaming service on the same cores is compared with. Also pr
 one call costs for 1-28 s of speech, with and without word timestamps (the worker's finals
 ask for them), which is where a streamer's cost comes from. Prints tables; with --write,
 replaces the "Offline bound" section of the benchmarks document.
+
+`--parallel P` (several values: one row each) runs P calls at once on one model
+(CTranslate2 workers, as the worker's `decode_threads`), each clip P times, with
+`cpu_threads` 0 meaning the cores shared out among the P calls: on a machine where one
+call cannot use every core, that is the higher ceiling, and bench/capacity.py compares
+with the best row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +60,7 @@ CALL_LENGTHS_S = (1, 2, 4, 8, 16, 28)
 @dataclass
 class OfflineResult:
     cpu_threads: int
+    parallel: int  # calls at once
     clips: int
     audio_s: float
     wall_s: float  # median over repeats of the time for all clips
@@ -84,20 +93,31 @@ def own_cpu_s() -> float:
 
 
 def measure(
-    clips: list[ClipRef], cpu_threads: int, repeats: int, call_cost: bool, quiet_wait_s: float
+    clips: list[ClipRef],
+    cpu_threads: int,
+    repeats: int,
+    call_cost: bool,
+    quiet_wait_s: float,
+    parallel: int = 1,
 ) -> OfflineResult:
-    engine = WhisperEngine("tiny.en", "cpu", "int8", cpu_threads)
+    threads = cpu_threads
+    if parallel > 1 and cpu_threads == 0:
+        threads = max(1, (os.cpu_count() or 1) // parallel)
+    engine = WhisperEngine("tiny.en", "cpu", "int8", threads, workers=parallel)
     engine.warm_up()
     inputs = [samples(c.path) for c in clips]
-    audio_s = sum(len(a) for a in inputs) / SAMPLE_RATE
+    audio_s = sum(len(a) for a in inputs) / SAMPLE_RATE * parallel
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="offline")
     busy_before = wait_quiet(quiet_wait_s)
     load_before = load_average()
     sys0, own0, t_start = system_busy_s(), own_cpu_s(), time.perf_counter()
     walls, texts = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        texts = [transcribe(engine, a) for a in inputs]
+        texts = list(pool.map(lambda a: transcribe(engine, a), inputs * parallel))
         walls.append(time.perf_counter() - t0)
+    pool.shutdown()
+    texts = texts[: len(inputs)]
     wall = statistics.median(walls)
     costs: dict[str, dict[str, float]] = {}
     if call_cost:
@@ -116,6 +136,7 @@ def measure(
     foreign = max(0.0, (system_busy_s() - sys0 - (own_cpu_s() - own0)) / elapsed)
     return OfflineResult(
         cpu_threads=cpu_threads,
+        parallel=parallel,
         clips=len(clips),
         audio_s=audio_s,
         wall_s=wall,
@@ -128,7 +149,9 @@ def measure(
     )
 
 
-def threads_label(n: int) -> str:
+def threads_label(n: int, parallel: int = 1) -> str:
+    if n == 0 and parallel > 1:
+        return f"0 (cores / {parallel}: {max(1, (os.cpu_count() or 1) // parallel)} per call)"
     return f"{n} (faster-whisper default: 4)" if n == 0 else str(n)
 
 
@@ -136,6 +159,7 @@ def render(results: list[OfflineResult]) -> str:
     bound = table(
         [
             "cpu_threads",
+            "calls at once",
             "clips",
             "audio s",
             "wall s (median)",
@@ -146,7 +170,8 @@ def render(results: list[OfflineResult]) -> str:
         ],
         [
             [
-                threads_label(r.cpu_threads),
+                threads_label(r.cpu_threads, r.parallel),
+                r.parallel,
                 r.clips,
                 f"{r.audio_s:.1f}",
                 f"{r.wall_s:.2f}",
@@ -166,7 +191,7 @@ def render(results: list[OfflineResult]) -> str:
         for length, c in r.call_cost.items():
             cost_rows.append(
                 [
-                    threads_label(r.cpu_threads),
+                    threads_label(r.cpu_threads, r.parallel),
                     length,
                     f"{c['plain']:.3f}",
                     f"{c['words']:.3f}",
@@ -191,6 +216,9 @@ def main() -> None:
         default=[Config().cpu_threads],
         help="CTranslate2 threads; several values: one row each (default: the worker's)",
     )
+    parser.add_argument(
+        "--parallel", type=int, nargs="+", default=[1], help="calls at once; one row each"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--quiet-wait-s",
@@ -207,8 +235,14 @@ def main() -> None:
     clips = pick_clips(args.clips)
     results = []
     for n in args.cpu_threads:
-        print(f"cpu_threads={n}: {len(clips)} clips x {args.repeats} ...", flush=True)
-        results.append(measure(clips, n, args.repeats, not args.no_call_cost, args.quiet_wait_s))
+        for p in args.parallel:
+            print(f"cpu_threads={n}, {p} at once: {len(clips)} clips x {args.repeats} ...")
+            results.append(
+                measure(
+                    clips, n, args.repeats, not args.no_call_cost and p == 1,
+                    args.quiet_wait_s, p,
+                )
+            )  # fmt: skip
     text = render(results)
     print(text)
     if args.json:
@@ -217,7 +251,8 @@ def main() -> None:
         cmd = "python bench/offline.py " + " ".join(sys.argv[1:])
         section = (
             f"{HEADING}\n\nMeasured {today()} on the {machine()}, tiny.en int8 CPU, beam 1, "
-            f"each whole clip in one call, one call at a time; command `{cmd}`. Clips: "
+            f"each whole clip in one call (with *calls at once* > 1, each clip that many "
+            f"times, that many calls running together on one model); command `{cmd}`. Clips: "
             f"{', '.join(c.id for c in clips)} (`../shared/audio/real`). *audio s / s* is "
             f"the offline bound that bench/capacity.py compares with. The machine is "
             f"shared: each row first waits up to {args.quiet_wait_s:.0f} s for other "

@@ -212,7 +212,7 @@ def main() -> None:
     manifest = load_manifest()
     clips = {c: manifest[c] for c in (args.clips or sorted(manifest))}
     policy = PackPolicy(args.pack_finals, args.pack_window_s, args.pack_guard_s)
-    engine = WhisperEngine(cfg.model, "cpu", "int8", cfg.cpu_threads)
+    engine = WhisperEngine(cfg.model, "cpu", "int8", cfg.cpu_threads, cfg.encode_min_s)
     engine.warm_up()
     items = [u for c in clips.values() for u in utterances(c, cfg)]
     print(f"{len(clips)} clips, {len(items)} utterances", flush=True)

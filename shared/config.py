@@ -168,7 +168,17 @@ class Config:
         WORKER,
     )
     cpu_threads: int = _opt(
-        0, "CPU threads for inference (0: faster-whisper's default, 4).", WORKER
+        0,
+        "CPU threads per decode (0: the machine's cores shared out among decode_threads, at "
+        "least 1 each).",
+        WORKER,
+    )
+    decode_threads: int = _opt(
+        2,
+        "Decodes one worker runs at once on its one model (CTranslate2 workers; the model's "
+        "weights are shared). On 2 CPU cores two single-threaded decodes get about twice "
+        "the work done of one decode on both cores.",
+        WORKER,
     )
     beam_size: int = _opt(1, "Beam size for final decoding.", WORKER)
     encode_min_s: float = _opt(
@@ -332,6 +342,8 @@ class Config:
             )
         if not 0 < self.vad_threshold < 1:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
+        if self.decode_threads < 1:
+            raise ConfigError(f"{_where('decode_threads')} must be >= 1")
         if self.cpu_threads < 0:
             raise ConfigError(f"{_where('cpu_threads')} must be >= 0")
         if not 3.0 <= self.max_utterance_s <= 28.0:

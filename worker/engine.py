@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +46,15 @@ TRAILING_SEGMENT_MIN_LOGPROB = -1.0
 # loops is decoded again over the full window; a looping segment after the first is
 # dropped like a low-confidence one.
 COMPRESSION_RATIO_MAX = 2.4
+# Whisper's classic tail hallucination ("Thank you.", "Okay.", a lone ".") after the last
+# word comes from faster-whisper decoding the rest of the window again after the first
+# segment: that pass sees mostly padding, so the model itself rates it likely non-speech.
+# Measured on the 34 real clips streamed (tiny.en, 15 s window): every such segment had
+# no_speech_prob 0.37-0.90 and avg_logprob -0.73 to -1.50; every real later segment had
+# no_speech_prob <= 0.10 and avg_logprob >= -0.45. A later segment at or over both
+# thresholds below is dropped (Whisper's own rule, 0.6 and -1.0, is for whole windows).
+TRAILING_SEGMENT_NO_SPEECH = 0.3
+TRAILING_SEGMENT_NO_SPEECH_LOGPROB = -0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,7 @@ class WhisperEngine:
         compute_type: str,
         cpu_threads: int,
         encode_min_s: float = 30.0,
+        workers: int = 1,
     ) -> None:
         path = resolve_model(model)
         if compute_type == "default":
@@ -128,9 +139,10 @@ class WhisperEngine:
             device=device,
             compute_type=compute_type,
             cpu_threads=cpu_threads,
-            num_workers=1,
+            num_workers=workers,  # decodes that may run at once, one per calling thread
         )
         self.encode_min_s = encode_min_s
+        self.workers = workers
         self.window_retries = 0  # calls decoded again over the full window (a loop)
         self.name = model
         # A multilingual model would detect one language per window: packing sessions of
@@ -216,8 +228,7 @@ class WhisperEngine:
         word_timestamps: bool,
         prompt: str | None,
     ) -> list[Any]:
-        # One engine thread calls this, so the model's window is set per call safely.
-        self._model.encode_frames = frames
+        self._model.encode_frames = frames  # for this thread's call only
         segments, _info = self._model.transcribe(
             audio,
             language=language,
@@ -247,9 +258,13 @@ def _looping(seg: Any) -> bool:
 
 
 def _sound(seg: Any) -> bool:
-    """Whether a segment is confident speech: not below the log-probability floor and
-    not a decoding loop."""
-    return seg.avg_logprob >= TRAILING_SEGMENT_MIN_LOGPROB and not _looping(seg)
+    """Whether a segment is confident speech: not below the log-probability floor, not a
+    decoding loop, and not text the model itself rates as likely non-speech."""
+    no_speech = (
+        float(getattr(seg, "no_speech_prob", 0.0)) >= TRAILING_SEGMENT_NO_SPEECH
+        and seg.avg_logprob < TRAILING_SEGMENT_NO_SPEECH_LOGPROB
+    )
+    return seg.avg_logprob >= TRAILING_SEGMENT_MIN_LOGPROB and not _looping(seg) and not no_speech
 
 
 @functools.cache
@@ -264,7 +279,16 @@ def _windowed_model_class() -> Any:
     from faster_whisper import WhisperModel
 
     class WindowedWhisperModel(WhisperModel):  # type: ignore[misc]
-        encode_frames = FULL_WINDOW_FRAMES
+        # Per calling thread: with several decode threads each call has its own window.
+        _window = threading.local()
+
+        @property
+        def encode_frames(self) -> int:
+            return int(getattr(self._window, "frames", FULL_WINDOW_FRAMES))
+
+        @encode_frames.setter
+        def encode_frames(self, frames: int) -> None:
+            self._window.frames = frames
 
         def encode(self, features: Any) -> Any:
             if getattr(features, "shape", (0,))[-1] > self.encode_frames:
@@ -405,7 +429,14 @@ def load_engine(
     compute_type: str,
     cpu_threads: int,
     encode_min_s: float = 30.0,
+    workers: int = 1,
 ) -> Engine:
+    """The engine a worker runs. `cpu_threads` 0: the cores shared out among `workers`
+    concurrent decodes (at least one thread each)."""
     if kind == "null":
         return NullEngine()
-    return WhisperEngine(model, pick_device(device), compute_type, cpu_threads, encode_min_s)
+    if cpu_threads == 0:
+        cpu_threads = max(1, (os.cpu_count() or 1) // workers)
+    return WhisperEngine(
+        model, pick_device(device), compute_type, cpu_threads, encode_min_s, workers
+    )

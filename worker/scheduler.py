@@ -1,14 +1,18 @@
 """One model, many sessions: the decode queue in front of the engine thread.
 
 The policy is a sans-I/O object (`DecodeQueue`) with an injected clock; `Scheduler` is the
-thin async shell that runs its choices on the one engine thread.
+thin async shell that runs its choices on the engine threads: `concurrency` decodes at once
+on the one model (`decode_threads`; on a CPU two single-threaded decodes get about twice
+the work of one two-threaded decode done, since CTranslate2's intra-op threads parallelise
+tiny.en's small matrices poorly).
 
 - Finals go before interims, and among each kind the oldest request first, so no interim
   is ever started while a final waits.
 - An interim that waited longer than `stale_s` is dropped without decoding: the session
   has moved on and will ask again.
-- Interims adapt to load. `LoadMeter` measures the fraction of the last `load_window_s`
-  the engine spent decoding (finals and interims). Up to `busy_target` every session gets
+- Interims adapt to load. `LoadMeter` measures the fraction of the engine's decode
+  capacity (`concurrency` decodes at once) used over the last `load_window_s` (finals
+  and interims). Up to `busy_target` every session gets
   an interim every `interval_s`; above it the spacing between two interim decodes of one
   session grows as `interval_s * (1 - busy_target) / (1 - busy)`; from `shed_busy` on no
   interim is decoded at all. So interims use only engine time that finals leave idle, and
@@ -86,34 +90,45 @@ class InterimPolicy:
 
 
 class LoadMeter:
-    """The fraction of the last `window_s` seconds that the engine spent decoding."""
+    """The fraction of the engine's decode capacity (`capacity` decodes at once) used over
+    the last `window_s` seconds."""
 
-    def __init__(self, window_s: float = LOAD_WINDOW_S) -> None:
+    def __init__(self, window_s: float = LOAD_WINDOW_S, capacity: int = 1) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
         self.window_s = window_s
+        self.capacity = capacity
         self._spans: deque[tuple[float, float]] = deque()  # finished decodes (start, end)
-        self._running_since: float | None = None
+        self._running: list[float] = []  # start times of the decodes running now
 
-    def started(self, now: float) -> None:
-        if self._running_since is not None:
-            raise RuntimeError("a decode is already running: one engine thread, one decode")
-        self._running_since = now
+    def started(self, now: float) -> float:
+        """A decode starts; returns its start time, to hand back to `finished`."""
+        if len(self._running) >= self.capacity:
+            raise RuntimeError(
+                f"{self.capacity} decode(s) already running: the engine runs at most that many"
+            )
+        self._running.append(now)
+        return now
 
-    def finished(self, now: float) -> None:
-        if self._running_since is None:
+    def finished(self, now: float, started_at: float | None = None) -> None:
+        if not self._running:
             raise RuntimeError("finished() without started()")
-        self._spans.append((self._running_since, now))
-        self._running_since = None
+        if started_at is None:
+            started_at = self._running[0]
+        self._running.remove(started_at)
+        self._spans.append((started_at, now))
 
     def busy_fraction(self, now: float) -> float:
         lo = now - self.window_s
+        # Spans finish out of order with several decodes at once: drop from the left only
+        # those that ended before the window (the rest are bounded by the same rule).
         while self._spans and self._spans[0][1] <= lo:
-            self._spans.popleft()  # bounded: only spans that end inside the window stay
-        busy = sum(min(end, now) - max(start, lo) for start, end in self._spans)
-        if self._running_since is not None:
-            busy += now - max(self._running_since, lo)
-        return min(1.0, max(0.0, busy / self.window_s))
+            self._spans.popleft()
+        busy = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in self._spans)
+        busy += sum(now - max(start, lo) for start in self._running)
+        return min(1.0, max(0.0, busy / (self.window_s * self.capacity)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +168,7 @@ class Job(Generic[T]):
     queued_at: float = field(compare=False)
     payload: T = field(compare=False)
     alone: bool = field(default=False, compare=False)  # never packed (a pack's retry)
+    started_at: float = field(default=0.0, compare=False)  # when its decode began
 
 
 @dataclass
@@ -171,11 +187,16 @@ class DecodeQueue(Generic[T]):
     """The scheduling policy without I/O: jobs in, the next job to decode out."""
 
     def __init__(
-        self, policy: InterimPolicy, clock: Clock, *, load_window_s: float = LOAD_WINDOW_S
+        self,
+        policy: InterimPolicy,
+        clock: Clock,
+        *,
+        load_window_s: float = LOAD_WINDOW_S,
+        concurrency: int = 1,
     ) -> None:
         self.policy = policy
         self.clock = clock
-        self.load = LoadMeter(load_window_s)
+        self.load = LoadMeter(load_window_s, concurrency)
         self.counters = QueueCounters()
         self._heap: list[Job[T]] = []
         self._order = itertools.count()
@@ -277,10 +298,10 @@ class DecodeQueue(Generic[T]):
             heapq.heappush(self._heap, job)
 
     def started(self, job: Job[T]) -> None:
-        self.load.started(self.clock())
+        job.started_at = self.load.started(self.clock())
 
     def finished(self, job: Job[T], count: int = 1) -> None:
-        self.load.finished(self.clock())
+        self.load.finished(self.clock(), job.started_at)
         if job.kind == "final":
             self.counters.final += count
         else:
@@ -306,7 +327,8 @@ class _Work:
 
 
 class Scheduler:
-    """Runs the queue's choices on one engine thread; decoding never blocks the loop."""
+    """Runs the queue's choices on `concurrency` engine threads (decodes at once on the one
+    model); decoding never blocks the loop."""
 
     def __init__(
         self,
@@ -317,17 +339,25 @@ class Scheduler:
         pack: PackPolicy | None = None,
         clock: Clock = time.monotonic,
         load_window_s: float = LOAD_WINDOW_S,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.engine = engine
         self.beam_size = beam_size
+        self.concurrency = concurrency
         self.pack = pack or PackPolicy(max_items=1)
         self._packs = self.pack.enabled and bool(getattr(engine, "can_pack", False))
-        self.queue: DecodeQueue[_Work] = DecodeQueue(policy, clock, load_window_s=load_window_s)
+        self.queue: DecodeQueue[_Work] = DecodeQueue(
+            policy, clock, load_window_s=load_window_s, concurrency=concurrency
+        )
         self._clock = clock
         self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._free = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="engine")
         self._task: asyncio.Task[None] | None = None
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # decode-seconds, summed over the engine threads
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler")
@@ -357,6 +387,21 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
+            await self._free.acquire()  # an engine thread is free
+            try:
+                job = await self._next_job()
+            except BaseException:
+                self._free.release()
+                raise
+            more = self._pack_with(job)
+            decode = self._decode_pack([job, *more]) if more else self._decode_one(job)
+            task = asyncio.create_task(decode, name="decode")
+            self._inflight.add(task)
+            task.add_done_callback(self._decoded)
+
+    async def _next_job(self) -> Job[_Work]:
+        """The next job to decode, waiting for one if the queue has none."""
+        while True:
             job, dropped = self.queue.pop()
             for gone in dropped:
                 if not gone.payload.future.done():
@@ -367,11 +412,13 @@ class Scheduler:
                 continue
             if job.payload.future.done():  # the session went away
                 continue
-            more = self._pack_with(job)
-            if more:
-                await self._decode_pack([job, *more])
-            else:
-                await self._decode_one(job)
+            return job
+
+    def _decoded(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._free.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("decode task failed", exc_info=task.exception())
 
     def _pack_with(self, job: Job[_Work]) -> list[Job[_Work]]:
         """Jobs of other sessions to decode in one window with `job`: finals with a
@@ -478,6 +525,10 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         for job in self.queue.drain():
             if not job.payload.future.done():
                 job.payload.future.cancel()

@@ -125,6 +125,7 @@ class Worker:
                 cfg.compute_type,
                 cfg.cpu_threads,
                 cfg.encode_min_s,
+                cfg.decode_threads,
             )
         await loop.run_in_executor(None, getattr(self.engine, "warm_up", lambda: None))
         await loop.run_in_executor(None, make_vad, self.config.vad)  # load the VAD model once
@@ -141,6 +142,12 @@ class Worker:
                 max_items=self.config.pack_finals,
                 window_s=self.config.pack_window_s,
                 guard_s=self.config.pack_guard_s,
+            ),
+            # decode_threads, but no more than the engine was built for (an engine handed
+            # in, as tests and benchmarks do, may have been built for fewer).
+            concurrency=min(
+                self.config.decode_threads,
+                getattr(self.engine, "workers", self.config.decode_threads),
             ),
         )
         self.scheduler.start()

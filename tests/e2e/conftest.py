@@ -6,11 +6,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.engine import WhisperEngine
+from shared.config import Config
+from worker.engine import WhisperEngine, load_engine
 
 
 @pytest.fixture(scope="session")
 def whisper() -> Iterator[WhisperEngine]:
-    engine = WhisperEngine("tiny.en", "cpu", "int8", 0)
+    """tiny.en on CPU as a worker builds it with the shipped settings (encoder window,
+    concurrent decodes, threads per decode)."""
+    cfg = Config()
+    engine = load_engine(
+        "whisper", "tiny.en", "cpu", "int8", 0, cfg.encode_min_s, cfg.decode_threads
+    )
+    assert isinstance(engine, WhisperEngine)
     engine.warm_up()
     yield engine

@@ -111,7 +111,8 @@ def test_packed_words_never_land_in_another_session(
 async def test_sessions_whose_finals_are_packed_get_only_their_own_words(
     service_factory: ServiceFactory, whisper: WhisperEngine
 ) -> None:
-    svc = await service_factory(engine=whisper, slots=8, pack_finals=8)
+    # One decode at a time, so that finals of the 4 sessions wait together and get packed.
+    svc = await service_factory(engine=whisper, slots=8, pack_finals=8, decode_threads=1)
     names = ["s1", "s2", "s3", "s4"]
     results = await asyncio.gather(*(stream(svc.url, f"{n}.wav", realtime=False) for n in names))
     assert svc.worker is not None and svc.worker.scheduler is not None

@@ -19,6 +19,8 @@ from worker.engine import (
     COMPRESSION_RATIO_MAX,
     FULL_WINDOW_FRAMES,
     TRAILING_SEGMENT_MIN_LOGPROB,
+    TRAILING_SEGMENT_NO_SPEECH,
+    TRAILING_SEGMENT_NO_SPEECH_LOGPROB,
     WhisperEngine,
     _windowed_model_class,
     encode_frames,
@@ -41,6 +43,7 @@ class FakeSegment:
     avg_logprob: float
     words: list[FakeWord] = field(default_factory=list)
     compression_ratio: float = 1.0
+    no_speech_prob: float = 0.0
 
 
 class FakeModel:
@@ -244,3 +247,61 @@ def test_packed_words_of_a_looping_segment_are_unreliable() -> None:
     engine.encode_min_s = 30.0
     words = engine.transcribe_words(np.zeros(16000, np.float32), language="en", beam_size=1)
     assert [(w.text, w.reliable) for w in words] == [(" yes", True), (" .", False)]
+
+
+@pytest.mark.parametrize(
+    ("no_speech", "logprob", "kept"),
+    [
+        (0.68, -1.00 + 0.01, False),  # jfk: " Thank you." after the last word
+        (TRAILING_SEGMENT_NO_SPEECH, TRAILING_SEGMENT_NO_SPEECH_LOGPROB - 0.01, False),
+        (TRAILING_SEGMENT_NO_SPEECH - 0.01, TRAILING_SEGMENT_NO_SPEECH_LOGPROB - 0.01, True),
+        (TRAILING_SEGMENT_NO_SPEECH, TRAILING_SEGMENT_NO_SPEECH_LOGPROB, True),
+        (0.07, -0.24, True),  # a real continuation: same window, confident
+    ],
+)
+def test_a_later_segment_the_model_rates_as_non_speech_is_dropped(
+    no_speech: float, logprob: float, kept: bool
+) -> None:
+    engine, _ = engine_with(
+        [
+            FakeSegment(0.0, 2.0, " Ask what you can do for your country.", -0.3),
+            FakeSegment(2.8, 2.9, " Thank you.", logprob, no_speech_prob=no_speech),
+        ]
+    )
+    expected = ["Ask what you can do for your country."] + (["Thank you."] if kept else [])
+    assert decode(engine) == expected
+
+
+def test_a_first_segment_rated_non_speech_is_kept() -> None:
+    """The first segment may be all there is (a quiet speaker): never dropped."""
+    engine, _ = engine_with([FakeSegment(0.0, 1.0, " Okay.", -0.9, no_speech_prob=0.6)])
+    assert decode(engine) == ["Okay."]
+
+
+def test_the_window_is_per_thread() -> None:
+    """With several decode threads on one model, each call's window is its own."""
+    import threading
+
+    model = object.__new__(_windowed_model_class())
+    model.encode_frames = 1100
+    seen: list[int] = []
+
+    def other() -> None:
+        seen.append(model.encode_frames)  # not set in this thread: the full window
+        model.encode_frames = 2300
+        seen.append(model.encode_frames)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [FULL_WINDOW_FRAMES, 2300]
+    assert model.encode_frames == 1100
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, False), (1, True), (2, True)])
+def test_decode_threads_edge(value: int, ok: bool) -> None:
+    if ok:
+        assert Config(decode_threads=value).decode_threads == value
+    else:
+        with pytest.raises(ConfigError, match="DECODE_THREADS"):
+            Config(decode_threads=value)

@@ -131,6 +131,25 @@ def test_load_meter_refuses_two_decodes_at_once() -> None:
         meter.started(1.5)
 
 
+def test_load_meter_with_two_decode_threads_measures_the_share_of_both() -> None:
+    """Capacity 2: one decode running all window long is half the capacity, two are all of
+    it, a third at once is a bug; decodes may finish in any order."""
+    meter = LoadMeter(window_s=4.0, capacity=2)
+    a = meter.started(100.0)
+    assert meter.busy_fraction(104.0) == pytest.approx(0.5)
+    b = meter.started(104.0)
+    with pytest.raises(RuntimeError):
+        meter.started(104.5)
+    assert meter.busy_fraction(106.0) == pytest.approx((4.0 + 2.0) / 8.0)
+    meter.finished(107.0, b)  # the later one ends first
+    meter.finished(108.0, a)
+    # Window [104, 108]: a ran all of it, b 3 s of it.
+    assert meter.busy_fraction(108.0) == pytest.approx((4.0 + 3.0) / 8.0)
+    assert meter.busy_fraction(200.0) == 0.0
+    with pytest.raises(ValueError):
+        LoadMeter(capacity=0)
+
+
 def test_spacing_grows_with_load_and_sheds_at_the_top() -> None:
     """Full rate up to busy_target, spacing (1-target)/(1-busy) times longer above it,
     no interims from shed_busy on."""
@@ -384,3 +403,34 @@ async def test_scheduler_answers_a_dropped_interim_with_none() -> None:
         assert sched.counters.interim_shed == 1
     finally:
         await sched.close()
+
+
+async def test_two_decode_threads_run_two_decodes_at_once_and_no_third() -> None:
+    """concurrency=2: two finals are in the engine together; a third waits in the queue
+    until one of them is done."""
+    engine = GateEngine()
+    policy = InterimPolicy(interval_s=60.0, stale_s=60.0)
+    sched = Scheduler(engine, beam_size=1, policy=policy, concurrency=2)
+    sched.start()
+    try:
+        jobs = [
+            asyncio.ensure_future(sched.decode(request("final", f"f{i}"), "en", session=f"s{i}"))
+            for i in range(3)
+        ]
+        started = {await engine.next_call(), await engine.next_call()}
+        assert started == {"f0", "f1"}  # both in the engine, neither released yet
+        assert sched.queued == 1 and engine.calls.empty()
+        engine.release.release()
+        assert await engine.next_call() == "f2"
+        engine.release.release()
+        engine.release.release()
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 10)
+        assert sorted(r[0].text for r in results if r) == ["f0", "f1", "f2"]
+        assert sched.counters.final == 3
+    finally:
+        await sched.close()
+
+
+def test_scheduler_refuses_no_decode_threads() -> None:
+    with pytest.raises(ValueError):
+        Scheduler(GateEngine(), beam_size=1, policy=POLICY, concurrency=0)  # type: ignore[arg-type]
