@@ -160,9 +160,15 @@ class SessionTranscriber:
         self._trim()
 
     def finalize(self) -> None:
-        """End the open utterance now (client `finalize`, or end of stream)."""
-        if self._utt_start is not None:
-            self._end_utterance(self._total)
+        """End the open utterance now (client `finalize`, or end of stream).
+
+        In a pause already long enough for an early final, the utterance ends where it
+        would have had the silence gone on (so its early decode, if made, is its final):
+        the rest is judged silence, plus at most one VAD window not yet judged."""
+        if self._utt_start is None:
+            return
+        paused = self._vad_pos - self._last_speech_end >= self._early_after > 0
+        self._end_utterance(self._last_speech_end + self._tail if paused else self._total)
 
     def close(self, tail: Audio | None = None) -> None:
         """No more audio: finalize what is open; `done` turns true once all is decoded."""

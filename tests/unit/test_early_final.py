@@ -191,13 +191,47 @@ def test_the_next_utterance_gets_the_early_final_as_prompt() -> None:
     assert nxt.start >= req.end  # never overlaps the early final's audio
 
 
-def test_finalize_after_an_early_decode_decodes_the_final_normally() -> None:
-    """A client `finalize` ends the utterance at the last sample, not where the early
-    decode did: that decode is not the final."""
+def test_finalize_in_a_pause_makes_the_early_decode_the_final() -> None:
+    """A client `finalize` (or the end of the stream) in a pause long enough for an early
+    final ends the utterance where the silence would have: the early decode is the final."""
     t = transcriber()
     req = early_request(t)
     t.complete(req, said("hello"))
+    t.push_audio(silence(2))
     t.finalize()
+    ready = t.take_ready()
+    assert len(ready) == 1 and isinstance(ready[0], Final) and ready[0].early
+    assert ready[0].commit_sample == req.end
+    assert t.next_request() is None
+
+
+def test_finalize_in_a_pause_ends_at_the_same_place_without_an_early_decode() -> None:
+    """The same audio and mark without the early decode having run (the session was
+    busy): the final covers the same samples, so its text cannot depend on timing."""
+    t = transcriber()
+    t.push_audio(np.concatenate([silence(10), speech(50), silence(9)]))
+    t.finalize()
+    req = t.next_request()
+    assert req is not None and not req.early
+    assert (req.start, req.end) == (SPEECH_START - PAD, SPEECH_END + PAD)
+
+
+def test_finalize_before_the_pause_is_long_enough_takes_all_the_audio() -> None:
+    t = transcriber()
+    t.push_audio(np.concatenate([silence(10), speech(50), silence(6)]))
+    t.finalize()
+    req = t.next_request()
+    assert req is not None and req.kind == "final" and not req.early
+    assert req.end == t.total_samples
+
+
+def test_close_after_speech_resumed_takes_all_the_audio() -> None:
+    """The early decode was for an earlier pause: the stream's end cuts the utterance at
+    its last sample, and that decode is not used."""
+    t = transcriber()
+    req = early_request(t)
+    t.complete(req, said("hello"))
+    t.close(speech(5))
     assert t.take_ready() == []
     final_req = t.next_request()
     assert final_req is not None and not final_req.early
