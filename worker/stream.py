@@ -12,14 +12,14 @@ then an interim of the open utterance when `interim_interval_s` of new audio has
 
 Early finals. Waiting for `min_silence_s` of silence before decoding puts that wait and
 the decode one after the other in every final's lag. So once the open utterance has been
-silent for `early_final_s`, its final is requested at once, on the audio up to then (the
-speech plus `speech_pad_s`, or less if the pause so far is shorter: every utterance that
-silence ends then keeps that much, so its audio is the same whether or not the early decode
-was made). If the silence then reaches `min_silence_s`, the utterance ends exactly there
-and that decode *is* its final: no second decode, and the
-final is out as soon as the silence is confirmed (`take_ready`), or as soon as the decode
-finishes if it is still running. If speech resumes instead, the decode is sent as an
-interim of the utterance, so the work is not lost.
+silent for `early_final_s`, its final is requested at once, on the audio up to then: the
+speech plus `speech_pad_s`, but at most the `early_final_s` pause in whole VAD windows.
+Every utterance that silence (or a `finalize` in such a pause) ends keeps exactly that
+much, so its audio is the same whether or not the early decode was made. If the silence
+reaches `min_silence_s`, the utterance ends there and that decode *is* its final: no
+second decode, and the final is out as soon as the silence is confirmed (`take_ready`),
+or as soon as the decode finishes if it is still running. If speech resumes instead, the
+decode is sent as an interim of the utterance, so the work is not lost.
 """
 
 from __future__ import annotations
