@@ -202,7 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", nargs="*", help="clip ids (default: all)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--pack-finals", type=int, default=cfg.pack_finals)
+    ap.add_argument("--pack-finals", type=int, default=8)  # the service default is 1: off
     ap.add_argument("--pack-window-s", type=float, default=cfg.pack_window_s)
     ap.add_argument("--pack-guard-s", type=float, default=cfg.pack_guard_s)
     ap.add_argument("--json", type=Path)

@@ -222,9 +222,11 @@ class Config:
         WORKER,
     )
     pack_finals: int = _opt(
-        8,
+        1,
         "Most finals of different sessions decoded together in one Whisper window when they "
-        "wait at the same time (one encoder pass for all); 1 decodes every final alone.",
+        "wait at the same time (one encoder pass for all); 1 decodes every final alone. "
+        "Packing pays when every call encodes a full 30 s window (encode_min_s 30: 2.2x the "
+        "throughput on 2 CPU cores); with a shorter window it does not (docs/benchmarks.md).",
         WORKER,
     )
     pack_window_s: float = _opt(
