@@ -122,8 +122,8 @@ class LoadMeter:
 
     def busy_fraction(self, now: float) -> float:
         lo = now - self.window_s
-        # Spans finish out of order with several decodes at once: drop from the left only
-        # those that ended before the window (the rest are bounded by the same rule).
+        # Spans are appended as decodes finish, so they are in order of their ends (their
+        # starts may not be, with several decodes at once): the oldest ends go first.
         while self._spans and self._spans[0][1] <= lo:
             self._spans.popleft()
         busy = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in self._spans)
