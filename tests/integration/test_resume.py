@@ -8,6 +8,17 @@ from tests.conftest import ServiceFactory
 from tests.helpers import drain, fixture, open_ws, started
 
 
+def _resume(sid: str, token: str, last_result_id: int) -> str:
+    return json.dumps(
+        {
+            "type": "resume",
+            "session_id": sid,
+            "resume_token": token,
+            "last_result_id": last_result_id,
+        }
+    )
+
+
 async def test_resume_replays_missed_finals_and_continues(service_factory: ServiceFactory) -> None:
     """A client that drops after sending audio resumes: session.resumed with next_seq equal
     to the frames stored, every final after last_result_id, then the rest of the session."""
@@ -25,16 +36,7 @@ async def test_resume_replays_missed_finals_and_continues(service_factory: Servi
             acked = msg["seq"]
     await ws.close()
     ws2 = await open_ws(svc.url, f"session_id={first['session_id']}")
-    await ws2.send(
-        json.dumps(
-            {
-                "type": "resume",
-                "session_id": first["session_id"],
-                "resume_token": first["resume_token"],
-                "last_result_id": -1,
-            }
-        )
-    )
+    await ws2.send(_resume(first["session_id"], first["resume_token"], -1))
     resumed = json.loads(await ws2.recv())
     assert resumed == {
         "type": "session.resumed",
@@ -64,16 +66,7 @@ async def test_resume_of_a_closed_session_replays_then_closes(
     await ws.send(json.dumps({"type": "close_stream"}))
     original = await drain(ws)
     ws2 = await open_ws(svc.url, f"session_id={first['session_id']}")
-    await ws2.send(
-        json.dumps(
-            {
-                "type": "resume",
-                "session_id": first["session_id"],
-                "resume_token": first["resume_token"],
-                "last_result_id": 0,
-            }
-        )
-    )
+    await ws2.send(_resume(first["session_id"], first["resume_token"], 0))
     out = await drain(ws2)
     assert out.code == 1000
     assert out.messages[0]["type"] == "session.resumed"
@@ -87,16 +80,7 @@ async def test_newer_connection_replaces_older_with_4409(service_factory: Servic
     ws = await open_ws(svc.url)
     first = await started(ws)
     ws2 = await open_ws(svc.url, f"session_id={first['session_id']}")
-    await ws2.send(
-        json.dumps(
-            {
-                "type": "resume",
-                "session_id": first["session_id"],
-                "resume_token": first["resume_token"],
-                "last_result_id": -1,
-            }
-        )
-    )
+    await ws2.send(_resume(first["session_id"], first["resume_token"], -1))
     assert json.loads(await ws2.recv())["type"] == "session.resumed"
     old = await drain(ws)
     assert old.code == 4409 and old.reason
@@ -104,17 +88,6 @@ async def test_newer_connection_replaces_older_with_4409(service_factory: Servic
     await ws2.send(json.dumps({"type": "close_stream"}))
     out = await drain(ws2)
     assert out.code == 1000
-
-
-def _resume(sid: str, token: str, last_result_id: int) -> str:
-    return json.dumps(
-        {
-            "type": "resume",
-            "session_id": sid,
-            "resume_token": token,
-            "last_result_id": last_result_id,
-        }
-    )
 
 
 async def test_resume_of_a_closed_session_claiming_unsent_finals_is_4400(

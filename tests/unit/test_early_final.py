@@ -17,25 +17,13 @@ import pytest
 from shared.config import Config
 from shared.envelope import Word
 from shared.errors import ConfigError
-from worker.engine import VAD_WINDOW, Audio, Segment
+from tests.vad_audio import fake_vad, silence, speech
+from worker.engine import VAD_WINDOW, Segment
 from worker.stream import DecodeRequest, Final, Interim, SessionTranscriber, StreamOptions
 
 W = VAD_WINDOW
 PAD = 3200
 SPEECH_START, SPEECH_END = 10 * W, 60 * W  # silence(10) + speech(50)
-
-
-def speech(windows: int) -> Audio:
-    return np.full(windows * W, 0.5, np.float32)
-
-
-def silence(windows: int) -> Audio:
-    return np.zeros(windows * W, np.float32)
-
-
-def fake_vad(audio: Audio) -> np.ndarray:
-    loud = np.abs(audio.reshape(-1, W)).mean(axis=1) > 0.1
-    return np.where(loud, 1.0, 0.0).astype(np.float32)
 
 
 def transcriber(**options: float | bool) -> SessionTranscriber:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from shared.envelope import Transcript, Word
+from tests.vad_audio import fake_vad, silence, speech
 from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment
 from worker.stream import (
     DecodeRequest,
@@ -29,21 +30,6 @@ from worker.stream import (
 W = VAD_WINDOW
 PAD = 3200  # default speech_pad_s * SAMPLE_RATE
 NO_INTERIMS = StreamOptions(interim_results=False, early_final_s=0.0)
-
-
-def speech(windows: int) -> Audio:
-    return np.full(windows * W, 0.5, np.float32)
-
-
-def silence(windows: int) -> Audio:
-    return np.zeros(windows * W, np.float32)
-
-
-def fake_vad(audio: Audio) -> np.ndarray:
-    """Speech probability per 512-sample window: 1.0 if loud, else 0.0."""
-    assert audio.size % W == 0, "the VAD must only ever see whole windows"
-    loud = np.abs(audio.reshape(-1, W)).mean(axis=1) > 0.1
-    return np.where(loud, 1.0, 0.0).astype(np.float32)
 
 
 def transcriber(options: StreamOptions = NO_INTERIMS, **kwargs: int) -> SessionTranscriber:
