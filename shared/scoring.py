@@ -28,3 +28,15 @@ def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     if not pairs:
         return 0.0
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word errors, reference words) of one pair, normalized text: what a corpus WER
+    adds up, so a clip's share of it can be told."""
+    import jiwer
+
+    ref = normalize(reference)
+    if not ref:
+        return 0, 0
+    out = jiwer.process_words(ref, normalize(hypothesis))
+    return out.substitutions + out.deletions + out.insertions, len(ref.split())

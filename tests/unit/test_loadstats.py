@@ -15,7 +15,7 @@ from shared.loadstats import (
     SessionRecorder,
     percentile,
 )
-from shared.scoring import wer
+from shared.scoring import wer, word_errors
 
 RUN = RunInfo(
     url="ws://127.0.0.1:1/v1/listen",
@@ -233,6 +233,19 @@ def test_wer_is_a_corpus_figure_over_completed_sessions_with_a_reference() -> No
     assert report.wer.value == pytest.approx(1 / 6)
     assert (report.wer.sessions, report.wer.reference_words) == (2, 6)
     assert [s.wer for s in report.per_session] == [pytest.approx(0.25), 0.0, None, None]
+
+
+def test_word_errors_count_what_corpus_wer_adds_up() -> None:
+    """One clip's share of a corpus WER: errors and reference words after normalising
+    (spelled digits become one number, so a one-word reference can carry many errors)."""
+    assert word_errors("the cat sat down", "The cat sat town.") == (1, 4)
+    assert word_errors("the cat sat down", "the cat sat down") == (0, 4)
+    assert word_errors("", "anything") == (0, 0)
+    assert word_errors("one two three", "1 2 3") == (3, 1)
+    errors = [word_errors("the cat sat down", "the cat sat town"), word_errors("hi", "hi")]
+    assert sum(e for e, _ in errors) / sum(n for _, n in errors) == pytest.approx(
+        wer(["the cat sat down", "hi"], ["the cat sat town", "hi"])
+    )
 
 
 def test_wer_without_references_or_scorer_says_why() -> None:

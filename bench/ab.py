@@ -1,0 +1,127 @@
+"""A/B at one load: variants of `streamscribe up` taking turns at the same N sessions.
+
+    python bench/ab.py --sessions 17 --repeats 3 --variant default= \\
+                       --variant 'shed 0.8=--interim-shed-busy 0.8' [--json OUT]
+
+bench/capacity.py sweeps one variant after the other, and this shared VM's speed can move
+by 2x in between. Here every variant's `streamscribe up` runs for the whole comparison
+(idle ones cost next to nothing), and the load runs take turns: variant A, variant B, A,
+B, ... each `--repeats` times, so a slow spell hits them alike. Each run is
+`streamscribe loadtest` at pace 1.0 on the capacity clips, as in bench/capacity.py
+(`--slots` is set so that every session is served at once); each line printed is one run:
+sessions completed, final lag p50 / p95 / max, interims per session-second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.capacity import Variant, parse_variant
+from bench.common import (
+    DEFAULT_CLIPS,
+    pick_clips,
+    run_loadtest,
+    running_up,
+    stage_clips,
+    table,
+    wait_quiet,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=17)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration-s", type=float, default=40.0)
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        help="NAME=UP FLAGS [-- LOADTEST FLAGS] (repeatable; at least two)",
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    variants: list[Variant] = args.variant or []
+    if len(variants) < 2:
+        parser.error("give at least two --variant")
+    rows: list[list[str]] = []
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ss-ab-") as tmp_name, contextlib.ExitStack() as st:
+        tmp = Path(tmp_name)
+        audio = stage_clips(pick_clips(DEFAULT_CLIPS), tmp / "clips")
+        slots = ["--slots", str(args.sessions + 1)]
+        ups = [
+            st.enter_context(running_up(tmp / f"up{i}", [*slots, *v.up_args], tmp / f"{i}.log"))
+            for i, v in enumerate(variants)
+        ]
+        for rep in range(args.repeats):
+            for i, (variant, service) in enumerate(zip(variants, ups, strict=True)):
+                wait_quiet(30.0)
+                report = run_loadtest(
+                    service.url,
+                    audio,
+                    args.sessions,
+                    tmp / f"load-{rep}-{i}.json",
+                    cafile=service.cafile,
+                    extra=[
+                        "--pace",
+                        "1.0",
+                        "--duration-s",
+                        str(args.duration_s),
+                        "--ramp-s",
+                        "4",
+                        *variant.loadtest_args,
+                    ],
+                )
+                lag = report["metrics"]["final_lag_s"]
+                per = report["per_session"]
+                audio_s = sum(float(s["audio_s_sent"]) for s in per)
+                interims = sum(int(s["interims_received"]) for s in per)
+                result = {
+                    "variant": variant.name,
+                    "repeat": rep + 1,
+                    "completed": int(report["completed"]),
+                    "final_lag_s": {k: lag.get(k) for k in ("p50", "p95", "max")},
+                    "interims_per_session_s": interims / audio_s if audio_s else 0.0,
+                }
+                results.append(result)
+                row = [
+                    variant.name,
+                    str(rep + 1),
+                    f"{result['completed']}/{args.sessions}",
+                    *(
+                        f"{float(lag[k]):.2f}" if lag.get(k) is not None else "-"
+                        for k in ("p50", "p95", "max")
+                    ),
+                    f"{result['interims_per_session_s']:.3f}",
+                ]
+                rows.append(row)
+                print(" | ".join(row), flush=True)
+    print(
+        table(
+            [
+                "variant",
+                "run",
+                "completed",
+                "final lag p50 s",
+                "p95 s",
+                "max s",
+                "interims / session-s",
+            ],
+            rows,
+        )
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
