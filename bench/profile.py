@@ -1,6 +1,6 @@
 """Where the worker's time goes: a sampling profile of the worker under real-time load.
 
-    python bench/profile.py [--sessions 13] [--duration-s 40] [--up-flags '...']
+    python bench/profile.py [--sessions 15] [--duration-s 40] [--up-flags '...']
                             [--json OUT] [--write docs/benchmarks.md]
 
 Starts `streamscribe up` (the shipped settings with a slot for every session, plus
@@ -105,7 +105,7 @@ def parse_raw(text: str) -> Counter[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, default=13)
+    parser.add_argument("--sessions", type=int, default=15)
     parser.add_argument("--duration-s", type=float, default=40.0)
     parser.add_argument("--up-flags", default="", help="extra `streamscribe up` flags")
     parser.add_argument("--json", type=Path)
