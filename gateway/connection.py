@@ -73,6 +73,11 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_FRAMES = 64
 REDIS_RETRIES = 5
+#: A session no worker has claimed after this long is announced as `queued`. A worker
+#: with a free slot claims a new session within milliseconds (its read of the dispatch
+#: lanes is already waiting); looking at once told some sessions that never waited that
+#: they were queued (`streamscribe loadtest`: 1 of 8 sessions, with 8 free slots).
+QUEUED_AFTER_S = 0.25
 
 
 def close_reason(text: str) -> str:
@@ -452,6 +457,7 @@ class Connection:
         sid = self._sid()
         waited_since = self.loop.time()
         last: int | None = None
+        await asyncio.sleep(min(QUEUED_AFTER_S, self.cfg.max_queue_wait_s))
         while True:
             epoch = await self._with_retries(lambda: self.ctx.store.epoch(sid))
             if epoch is None or epoch > 0:

@@ -165,3 +165,21 @@ async def test_high_priority_is_allowed_per_api_key(service_factory: ServiceFact
     ws = await open_ws(svc.url, "access_token=k-basic")
     await started(ws)
     assert (await finish(ws)).code == 1000
+
+
+async def test_session_a_free_worker_takes_at_once_is_never_told_it_is_queued(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """With free slots, a new session is claimed within milliseconds; it must not get a
+    `queued` message on the way (it used to, when the gateway looked before the worker's
+    claim had landed)."""
+    svc = await service_factory(slots=8, queue_update_s=0.1)
+    for _ in range(4):
+        sockets = [await open_ws(svc.url) for _ in range(8)]
+        sids = [(await started(ws))["session_id"] for ws in sockets]
+        for sid in sids:
+            await until(lambda sid=sid: epoch(redis, sid), "the session to be claimed")
+        for ws in sockets:
+            out = await finish(ws)
+            assert out.code == 1000
+            assert not out.of_type("queued")
