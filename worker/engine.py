@@ -55,6 +55,17 @@ COMPRESSION_RATIO_MAX = 2.4
 # thresholds below is dropped (Whisper's own rule, 0.6 and -1.0, is for whole windows).
 TRAILING_SEGMENT_NO_SPEECH = 0.3
 TRAILING_SEGMENT_NO_SPEECH_LOGPROB = -0.5
+# A loop runs until Whisper's 448-token limit: on the fixture that loops after its last
+# word, ~400 dots, about 1 s of decoding for 2.4 s of audio, which then gets dropped. A
+# call on short audio may generate at most MAX_TOKENS_BASE + MAX_TOKENS_PER_S tokens per
+# second of it: several times what speech needs (English runs at 3-5 tokens a second,
+# timestamps included; digits and CJK text at most ~15), so only a loop ever reaches it.
+# At or above SAFE_NEW_TOKENS no cap is passed: faster-whisper keeps up to 223 prompt
+# tokens and refuses a prompt + cap over 448, so a larger cap could fail a call with a
+# long prompt; such long audio keeps faster-whisper's own limit.
+MAX_TOKENS_PER_S = 20
+MAX_TOKENS_BASE = 20
+SAFE_NEW_TOKENS = 220
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,13 @@ FULL_WINDOW_FRAMES = 3000  # 30 s at 100 mel frames per second
 ENCODE_MARGIN_FRAMES = 100
 ENCODE_STEP_FRAMES = 100
 FRAMES_PER_SECOND = 100
+
+
+def max_new_tokens(samples: int) -> int | None:
+    """The most tokens one decoding pass over `samples` of audio may generate (None:
+    faster-whisper's own limit)."""
+    cap = MAX_TOKENS_BASE + -(-MAX_TOKENS_PER_S * samples // SAMPLE_RATE)
+    return cap if cap < SAFE_NEW_TOKENS else None
 
 
 def encode_frames(samples: int, min_s: float) -> int:
@@ -213,7 +231,7 @@ class WhisperEngine:
             language = "en"
         frames = encode_frames(len(audio), self.encode_min_s)
         out = self._decode(audio, frames, language, beam_size, word_timestamps, prompt)
-        if frames < FULL_WINDOW_FRAMES and any(_looping(seg) for seg in out):
+        if frames < FULL_WINDOW_FRAMES and _loop_may_hide_speech(out):
             self.window_retries += 1
             full = FULL_WINDOW_FRAMES
             out = self._decode(audio, full, language, beam_size, word_timestamps, prompt)
@@ -239,6 +257,7 @@ class WhisperEngine:
             initial_prompt=prompt,  # the session's previous final: context, as offline
             without_timestamps=not word_timestamps,
             temperature=0.0,  # no fallback: see TRAILING_SEGMENT_MIN_LOGPROB
+            max_new_tokens=max_new_tokens(len(audio)),  # cuts a loop short
         )
         return list(segments)  # iterating runs the decoder: keep it in the calling thread
 
@@ -255,6 +274,21 @@ class WhisperEngine:
 
 def _looping(seg: Any) -> bool:
     return float(getattr(seg, "compression_ratio", 0.0)) > COMPRESSION_RATIO_MAX
+
+
+def _loop_may_hide_speech(segments: list[Any]) -> bool:
+    """Whether a decode over a short window looped where there may be speech: in its first
+    segment, or in a later one the model does not rate as likely non-speech. A later loop
+    the model rates as non-speech (`no_speech_prob` >= TRAILING_SEGMENT_NO_SPEECH) is the
+    silent tail after the last word: `_sound` drops it, and the first segment stands
+    without a full-window decode. Measured on the fixture that loops ("The little boat
+    sailed away.", then dots with no_speech_prob 0.92): the first segment was the right
+    text, and the full window that used to replace it heard "sailed that way"."""
+    return any(
+        _looping(seg)
+        and (i == 0 or float(getattr(seg, "no_speech_prob", 0.0)) < TRAILING_SEGMENT_NO_SPEECH)
+        for i, seg in enumerate(segments)
+    )
 
 
 def _sound(seg: Any) -> bool:

@@ -24,6 +24,7 @@ from worker.engine import (
     WhisperEngine,
     _windowed_model_class,
     encode_frames,
+    max_new_tokens,
 )
 
 
@@ -195,13 +196,24 @@ def test_encode_min_s_refused(value: float) -> None:
 LOOP = " . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . . ."
 
 
-def test_a_looping_short_window_decode_is_done_again_over_the_full_window() -> None:
-    """The last sentence, then a confident loop of dots (seen at 15 s): the call is
-    decoded again over 30 s, and that result is the one returned."""
+@pytest.mark.parametrize("no_speech", [0.0, TRAILING_SEGMENT_NO_SPEECH - 0.01])
+def test_a_looping_short_window_decode_is_done_again_over_the_full_window(
+    no_speech: float,
+) -> None:
+    """A confident loop of dots after the first sentence that the model does not rate as
+    non-speech may have eaten words: the call is decoded again over 30 s, and that result
+    is the one returned."""
     engine, model = engine_with(
         [
             FakeSegment(0.0, 2.0, " The little boat sailed away.", -0.2),
-            FakeSegment(2.0, 3.0, LOOP, -0.01, compression_ratio=COMPRESSION_RATIO_MAX + 0.1),
+            FakeSegment(
+                2.0,
+                3.0,
+                LOOP,
+                -0.01,
+                compression_ratio=COMPRESSION_RATIO_MAX + 0.1,
+                no_speech_prob=no_speech,
+            ),
         ]
     )
     model.by_window[FULL_WINDOW_FRAMES] = [
@@ -210,6 +222,53 @@ def test_a_looping_short_window_decode_is_done_again_over_the_full_window() -> N
     assert decode(engine) == ["The little boat sailed that way."]
     assert model.windows == [1500, FULL_WINDOW_FRAMES]
     assert engine.window_retries == 1
+
+
+def test_a_looping_first_segment_is_decoded_again_whatever_its_no_speech_rating() -> None:
+    engine, model = engine_with(
+        [FakeSegment(0.0, 2.0, LOOP, -0.01, compression_ratio=29.7, no_speech_prob=0.9)]
+    )
+    model.by_window[FULL_WINDOW_FRAMES] = [FakeSegment(0.0, 2.0, " hello there", -0.3)]
+    assert decode(engine) == ["hello there"]
+    assert model.windows == [1500, FULL_WINDOW_FRAMES] and engine.window_retries == 1
+
+
+@pytest.mark.parametrize("no_speech", [TRAILING_SEGMENT_NO_SPEECH, 0.92])
+def test_a_loop_over_the_silent_tail_is_dropped_without_a_full_window(no_speech: float) -> None:
+    """The fixture that loops at 12-15 s: the first segment is right ("sailed away"), the
+    dots after it are rated non-speech (0.92): they are dropped and the first segment
+    stands, with no 30 s decode (that one heard "sailed that way")."""
+    engine, model = engine_with(
+        [
+            FakeSegment(0.0, 2.0, " The little boat sailed away.", -0.2),
+            FakeSegment(2.0, 2.3, LOOP, -0.02, compression_ratio=29.7, no_speech_prob=no_speech),
+        ]
+    )
+    model.by_window[FULL_WINDOW_FRAMES] = [
+        FakeSegment(0.0, 2.0, " The little boat sailed that way.", -0.3)
+    ]
+    assert decode(engine) == ["The little boat sailed away."]
+    assert model.windows == [1500] and engine.window_retries == 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "cap"),
+    [(0.0, 20), (1.0, 40), (2.35, 67), (9.95, 219), (9.96, None), (28.0, None)],
+)
+def test_generation_is_capped_by_the_audio_length(seconds: float, cap: int | None) -> None:
+    """A loop on short audio stops at 20 + 20 tokens a second instead of Whisper's 448;
+    from 220 on, no cap (a long prompt plus a larger one could exceed 448)."""
+    assert max_new_tokens(round(seconds * 16000)) == cap
+
+
+def test_each_call_passes_its_token_cap() -> None:
+    engine, model = engine_with([FakeSegment(0.0, 0.5, " hi", -0.2)])
+    decode(engine)  # 1 s of audio
+    assert model.kwargs["max_new_tokens"] == 40
+    engine.transcribe(
+        np.zeros(16000 * 20, np.float32), language="en", word_timestamps=False, beam_size=1
+    )
+    assert model.kwargs["max_new_tokens"] is None
 
 
 def test_a_ratio_at_the_threshold_is_not_a_loop() -> None:
