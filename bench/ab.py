@@ -9,7 +9,10 @@ by 2x in between. Here every variant's `streamscribe up` runs for the whole comp
 B, ... each `--repeats` times, so a slow spell hits them alike. Each run is
 `streamscribe loadtest` at pace 1.0 on the capacity clips, as in bench/capacity.py
 (`--slots` is set so that every session is served at once); each line printed is one run:
-sessions completed, final lag p50 / p95 / max, interims per session-second.
+sessions completed, final lag p50 / p95 / max, interims per session-second, and the cores
+that processes other than ours used meanwhile (the rest of the machine's busy time, steal
+included, less every `up`'s and the load generator's own CPU): a run with a high figure
+there was disturbed and says little about its variant.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.capacity import Variant, parse_variant
 from bench.common import (
     DEFAULT_CLIPS,
+    UpService,
     pick_clips,
     run_loadtest,
     running_up,
     stage_clips,
+    system_busy_s,
     table,
     wait_quiet,
 )
+
+
+def _cpu(ups: list[UpService]) -> float:
+    """CPU seconds used so far by every process of every running `up`."""
+    return sum(sum(up.cpu().values()) for up in ups)
 
 
 def main() -> None:
@@ -65,6 +76,7 @@ def main() -> None:
         for rep in range(args.repeats):
             for i, (variant, service) in enumerate(zip(variants, ups, strict=True)):
                 wait_quiet(30.0)
+                sys0, ours0, t0 = system_busy_s(), _cpu(ups), time.monotonic()
                 report = run_loadtest(
                     service.url,
                     audio,
@@ -81,6 +93,9 @@ def main() -> None:
                         *variant.loadtest_args,
                     ],
                 )
+                wall = time.monotonic() - t0
+                ours = _cpu(ups) - ours0 + float(report["loadtest_cpu_s"])
+                foreign = max(0.0, (system_busy_s() - sys0 - ours) / wall)
                 lag = report["metrics"]["final_lag_s"]
                 per = report["per_session"]
                 audio_s = sum(float(s["audio_s_sent"]) for s in per)
@@ -91,6 +106,7 @@ def main() -> None:
                     "completed": int(report["completed"]),
                     "final_lag_s": {k: lag.get(k) for k in ("p50", "p95", "max")},
                     "interims_per_session_s": interims / audio_s if audio_s else 0.0,
+                    "other_cores": foreign,
                 }
                 results.append(result)
                 row = [
@@ -102,6 +118,7 @@ def main() -> None:
                         for k in ("p50", "p95", "max")
                     ),
                     f"{result['interims_per_session_s']:.3f}",
+                    f"{foreign:.2f}",
                 ]
                 rows.append(row)
                 print(" | ".join(row), flush=True)
@@ -115,6 +132,7 @@ def main() -> None:
                 "p95 s",
                 "max s",
                 "interims / session-s",
+                "other processes' cores",
             ],
             rows,
         )
