@@ -32,6 +32,7 @@ from bench.capacity import Variant, parse_variant
 from bench.common import (
     DEFAULT_CLIPS,
     UpService,
+    interims_per_session_s,
     pick_clips,
     run_loadtest,
     running_up,
@@ -97,15 +98,12 @@ def main() -> None:
                 ours = _cpu(ups) - ours0 + float(report["loadtest_cpu_s"])
                 foreign = max(0.0, (system_busy_s() - sys0 - ours) / wall)
                 lag = report["metrics"]["final_lag_s"]
-                per = report["per_session"]
-                audio_s = sum(float(s["audio_s_sent"]) for s in per)
-                interims = sum(int(s["interims_received"]) for s in per)
                 result = {
                     "variant": variant.name,
                     "repeat": rep + 1,
                     "completed": int(report["completed"]),
                     "final_lag_s": {k: lag.get(k) for k in ("p50", "p95", "max")},
-                    "interims_per_session_s": interims / audio_s if audio_s else 0.0,
+                    "interims_per_session_s": interims_per_session_s(report),
                     "other_cores": foreign,
                 }
                 results.append(result)

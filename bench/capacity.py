@@ -40,12 +40,14 @@ from bench.common import (
     DEFAULT_CLIPS,
     ROOT,
     UpService,
+    interims_per_session_s,
     load_average,
     machine,
     pick_clips,
     replace_section,
     run_loadtest,
     stage_clips,
+    streamed_audio_s,
     system_busy_s,
     table,
     thread_cpu,
@@ -164,9 +166,7 @@ def one_run(
         for k in ("errors_by_close_code", "error_messages", "connect_errors", "anomalies")
         if report.get(k)
     }
-    per = report["per_session"]
-    audio_s = sum(float(s["audio_s_sent"]) for s in per)
-    interims = sum(int(s["interims_received"]) for s in per)
+    audio_s = streamed_audio_s(report)
     passed = report["completed"] == n and not errors and p95 is not None and p95 <= args.max_lag_s
     return LoadRun(
         sessions=n,
@@ -179,7 +179,7 @@ def one_run(
         final_lag_max=metric(report, "final_lag_s", "max"),
         first_interim_p50=metric(report, "first_interim_s", "p50"),
         ack_p99=metric(report, "ack_latency_s", "p99"),
-        interims_per_session_s=interims / audio_s if audio_s else 0.0,
+        interims_per_session_s=interims_per_session_s(report),
         wer=None if report["wer"] is None else float(report["wer"]["value"]),
         audio_s=audio_s,
         elapsed_s=float(report["elapsed_s"]),

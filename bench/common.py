@@ -346,6 +346,18 @@ def worker_stats(redis_url: str) -> dict[str, float]:
         client.close()
 
 
+def streamed_audio_s(report: dict[str, Any]) -> float:
+    """Audio seconds sent over all sessions of a `streamscribe loadtest --json` report."""
+    return sum(float(s["audio_s_sent"]) for s in report["per_session"])
+
+
+def interims_per_session_s(report: dict[str, Any]) -> float:
+    """Interim results received per session-second of audio sent, over a whole report."""
+    audio_s = streamed_audio_s(report)
+    interims = sum(int(s["interims_received"]) for s in report["per_session"])
+    return interims / audio_s if audio_s else 0.0
+
+
 def run_loadtest(
     url: str,
     audio: Sequence[Path],

@@ -46,6 +46,7 @@ from bench.common import (
     replace_section,
     rss_bytes,
     stage_clips,
+    streamed_audio_s,
     streamscribe,
     system_busy_s,
     table,
@@ -164,7 +165,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
         for k in ("errors_by_close_code", "error_messages", "connect_errors", "anomalies")
         if report.get(k)
     }
-    session_s = sum(float(s["audio_s_sent"]) for s in report["per_session"])
+    session_s = streamed_audio_s(report)
     ack_p99 = ms(m["ack_latency_s"]["p99"])
     # The gateway's criterion: acks and errors. Sessions the (null) worker had not closed
     # by the deadline are "unfinished", reported but not held against the gateway.
