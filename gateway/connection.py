@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from gateway.admission import Admission
 from gateway.ingest import BatcherClosed, IngestBatcher
@@ -92,6 +93,26 @@ _ACK_TEMPLATE = '{"type": "ack", "seq": %d}'
 def ack_text(seq: int) -> str:
     """`build_server_message(Ack(seq))`, without building a dict and encoding JSON."""
     return _ACK_TEMPLATE % seq
+
+
+def send_now(ws: ServerConnection, text: str) -> bool:
+    """Frame and write `text` at once, as `ws.send` would, without its per-message
+    coroutine, context manager and drain: True if it was written. The gateway sends an
+    ack per stored frame, and that machinery was most of an ack's cost.
+
+    Only when nothing can go wrong that `ws.send` would handle: the connection is open, no
+    fragmented message is being sent (attribute of websockets >= 15; missing, this says
+    no), and the socket's write buffer is under its high-water mark, so a client that does
+    not read still meets `ws.send`'s back-pressure on the next message. Otherwise False:
+    the caller awaits `ws.send`."""
+    if getattr(ws, "send_in_progress", False) is not None or ws.protocol.state is not State.OPEN:
+        return False
+    transport = ws.transport
+    if transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
+        return False
+    ws.protocol.send_text(text.encode())
+    ws.send_data()
+    return True
 
 
 def hash_token(token: str) -> str:
@@ -385,7 +406,9 @@ class Connection:
             raise reconnect("gateway draining; reconnect and resume") from None
         # The ack is the one message per frame: its JSON from a template, not the codec
         # (same text as build_server_message(Ack(seq)); tests/unit/test_ingest_batcher.py).
-        await self.ws.send(ack_text(result.next_seq - 1))
+        ack = ack_text(result.next_seq - 1)
+        if not send_now(self.ws, ack):
+            await self.ws.send(ack)
         limit = self.cfg.max_session_audio_s * self._session().params.bytes_per_second
         if result.audio_bytes >= limit and not self._session().server_ended:
             # Stored directly: the writer must never wait on its own (possibly full) queue.

@@ -38,6 +38,9 @@ def setup_logging(level: str) -> None:
 
 
 def run_loop(coro: Any) -> None:
+    from shared.runtime import tune_gc
+
+    tune_gc()
     try:
         import uvloop
 

@@ -666,6 +666,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from shared.runtime import tune_gc
+
+    tune_gc()
     try:
         import uvloop
     except ImportError:

@@ -54,3 +54,59 @@ class AudioConverter:
             return np.zeros(0, np.float32)
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+class SampleBuffer:
+    """A session's recent samples, addressed by absolute sample index.
+
+    Appending copies only the new samples (amortised: the storage doubles when full), and
+    dropping old samples moves an offset; the live part is compacted only when the storage
+    must grow anyway or its dead head is at least as long as the live part. Concatenating
+    onto an array instead copied the whole open utterance (up to `max_utterance_s`) for
+    every frame."""
+
+    __slots__ = ("_data", "_head", "_len", "start")
+
+    def __init__(self, start: int = 0, capacity: int = TARGET_RATE) -> None:
+        self._data = np.zeros(max(1, capacity), np.float32)
+        self._head = 0  # storage index of sample `start`
+        self._len = 0
+        self.start = start  # absolute index of the oldest sample kept
+
+    @property
+    def end(self) -> int:
+        """Absolute index one past the newest sample."""
+        return self.start + self._len
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, samples: Audio) -> None:
+        n = samples.size
+        if self._head + self._len + n > self._data.size:
+            live = self._data[self._head : self._head + self._len]
+            if self._len + n > self._data.size // 2 or self._head < self._len:
+                data = np.empty(max(2 * self._data.size, 2 * (self._len + n)), np.float32)
+            else:
+                data = self._data  # plenty of room once the dead head is dropped
+            data[: self._len] = live  # (overlapping move within one array is safe here)
+            self._data, self._head = data, 0
+        tail = self._head + self._len
+        self._data[tail : tail + n] = samples
+        self._len += n
+
+    def view(self, start: int, end: int) -> Audio:
+        """Samples [start, end) without copying; valid until the next `append`."""
+        if start < self.start or end > self.end or start > end:
+            raise IndexError(f"samples [{start}, {end}) not in [{self.start}, {self.end})")
+        lo = self._head + start - self.start
+        return self._data[lo : lo + end - start]
+
+    def drop_before(self, keep: int) -> None:
+        """Forget every sample before absolute index `keep` (clamped to what is held)."""
+        keep = min(max(keep, self.start), self.end)
+        self._head += keep - self.start
+        self._len -= keep - self.start
+        self.start = keep
+        if self._len == 0:
+            self._head = 0

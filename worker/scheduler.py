@@ -102,6 +102,10 @@ class LoadMeter:
         self.capacity = capacity
         self._spans: deque[tuple[float, float]] = deque()  # finished decodes (start, end)
         self._running: list[float] = []  # start times of the decodes running now
+        # Kept as spans come and go, so that a reading costs the spans at the window's
+        # edge, not all of them (a null engine makes thousands of spans per window):
+        self._spans_total = 0.0  # sum of the spans' durations
+        self._longest = 0.0  # no span in `_spans` is longer than this
 
     def started(self, now: float) -> float:
         """A decode starts; returns its start time, to hand back to `finished`."""
@@ -119,14 +123,29 @@ class LoadMeter:
             started_at = self._running[0]
         self._running.remove(started_at)
         self._spans.append((started_at, now))
+        self._spans_total += now - started_at
+        self._longest = max(self._longest, now - started_at)
 
     def busy_fraction(self, now: float) -> float:
         lo = now - self.window_s
         # Spans are appended as decodes finish, so they are in order of their ends (their
         # starts may not be, with several decodes at once): the oldest ends go first.
-        while self._spans and self._spans[0][1] <= lo:
-            self._spans.popleft()
-        busy = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in self._spans)
+        spans = self._spans
+        while spans and spans[0][1] <= lo:
+            start, end = spans.popleft()
+            self._spans_total -= end - start
+        if not spans:
+            self._spans_total = self._longest = 0.0
+        # Only a span that ends before lo + its length can start before lo; spans are in
+        # order of their ends, so the scan stops at the first that ends later than any could.
+        busy = self._spans_total
+        for start, end in spans:
+            if end >= lo + self._longest:
+                break
+            if start < lo:
+                busy -= lo - start
+        if spans and spans[-1][1] > now:  # asked about a time before the latest span ended
+            busy -= sum(max(0.0, end - max(start, now)) for start, end in spans)
         busy += sum(now - max(start, lo) for start in self._running)
         return min(1.0, max(0.0, busy / (self.window_s * self.capacity)))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import os
 import signal
@@ -48,8 +49,6 @@ from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscri
 
 log = logging.getLogger(__name__)
 
-INBOX_HIGH_WATER = 64  # batches: stop reading a session whose task is this far behind
-
 
 class LeaseLost(Exception):
     """This worker no longer owns the session: stop without publishing."""
@@ -60,6 +59,15 @@ class Decoded:
     request: DecodeRequest
     segments: list[Any] | None
     error: BaseException | None = None
+
+
+class Fed(enum.Enum):
+    """Inbox note: audio read for the session has been fed to its transcriber."""
+
+    FED = "fed"
+
+
+FED = Fed.FED
 
 
 @dataclass
@@ -73,14 +81,14 @@ class Owned:
     transcriber: SessionTranscriber
     converter: AudioConverter
     last_id: bytes
-    inbox: asyncio.Queue[list[tuple[bytes, envelope.Envelope]] | Decoded] = field(
-        default_factory=asyncio.Queue
-    )
+    inbox: asyncio.Queue[Decoded | Fed] = field(default_factory=asyncio.Queue)
     entries: deque[tuple[bytes, int]] = field(default_factory=deque)  # (entry id, base sample)
     close_reason: CloseReason | None = None
     next_seq: int | None = None  # the audio seq expected next (None: from the first read)
     task: asyncio.Task[None] | None = None
     decode_task: asyncio.Task[None] | None = None
+    feed_error: Exception | None = None  # set by the VAD thread; raised by the session task
+    fed_noted: bool = False  # a FED note is in the inbox, not yet taken
 
 
 class Worker:
@@ -97,6 +105,8 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._slot_freed = asyncio.Event()
         self._session_added = asyncio.Event()
+        self._fed = asyncio.Event()  # clear while a feed job runs on the VAD thread
+        self._fed.set()
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -376,11 +386,24 @@ class Worker:
     # --- reading audio -----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        """Read the audio of every owned session, at most once per `read_interval_ms`, and
+        feed each reply's audio to its sessions in one job on the VAD thread.
+
+        One job per reply, not one per session: at real time a session has about one
+        frame per read, and a thread hand-off per frame cost more than the frame's own
+        conversion and VAD (null engine, hundreds of sessions). While the job runs, the
+        session tasks wait at `_fed` before touching their transcriber (see `_may_touch`),
+        so a transcriber is never used from two threads at once."""
+        interval = self.config.read_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        started = -interval
         while not self._closing.is_set():
+            wait = started + interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # pacing: let the next read find more per session
+            started = loop.time()
             streams = {
-                keys.audio(s.sid): s.last_id
-                for s in self.owned.values()
-                if s.close_reason is None and s.inbox.qsize() < INBOX_HIGH_WATER
+                keys.audio(s.sid): s.last_id for s in self.owned.values() if s.close_reason is None
             }
             if not streams:
                 self._session_added.clear()
@@ -394,6 +417,7 @@ class Worker:
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("read", exc)
                 continue
+            work: list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]] = []
             for key, entries in reply or []:
                 sid = keys.parse_session_from_key(key.decode())
                 owned = self.owned.get(sid) if sid else None
@@ -408,7 +432,35 @@ class Worker:
                         log.error(
                             "session %s: unreadable audio entry %s skipped: %s", sid, entry_id, exc
                         )
-                owned.inbox.put_nowait(batch)
+                work.append((owned, batch))
+            if not work:
+                continue
+            self._fed.clear()
+            try:
+                await loop.run_in_executor(self._cpu, self._feed_all, work)
+            finally:
+                self._fed.set()
+            for owned, _ in work:
+                if not owned.fed_noted:  # one note is enough, however many reads it covers
+                    owned.fed_noted = True
+                    owned.inbox.put_nowait(FED)
+
+    async def _may_touch(self) -> None:
+        """Return once no feed job is running (at once if none is): from then until its
+        next `await`, a session task may use its transcriber."""
+        if not self._fed.is_set():
+            await self._fed.wait()
+
+    def _feed_all(self, work: list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]]) -> None:
+        """`_feed` for each session of one read (runs in the VAD thread). A session whose
+        audio cannot be fed is failed by its own task, not by the others'."""
+        for owned, batch in work:
+            if owned.feed_error is not None:
+                continue
+            try:
+                self._feed(owned, batch)
+            except Exception as exc:
+                owned.feed_error = exc
 
     # --- one session -------------------------------------------------------------------
 
@@ -440,12 +492,17 @@ class Worker:
         tr = s.transcriber
         assert self.scheduler is not None
         decoding = False
-        loop = asyncio.get_running_loop()
-        while not tr.done:
+        while True:
+            await self._may_touch()
+            if tr.done:
+                break
             if not decoding and (req := tr.next_request()) is not None:
                 decoding = True
                 s.decode_task = asyncio.create_task(self._decode(s, req))
             item = await s.inbox.get()
+            await self._may_touch()
+            if s.feed_error is not None:
+                raise s.feed_error
             if isinstance(item, Decoded):
                 decoding = False
                 if item.error is not None or item.segments is None:
@@ -454,11 +511,11 @@ class Worker:
                         raise RuntimeError("final decode failed") from item.error
                     continue
                 self.early_decodes += item.request.early
-                for out in tr.complete(item.request, item.segments):
-                    await self._publish(s, out)
-                continue
-            await loop.run_in_executor(self._cpu, self._feed, s, item)
-            for out in tr.take_ready():  # early finals whose utterance has now ended
+                outs = tr.complete(item.request, item.segments)
+            else:  # FED: its audio was fed; early finals whose utterance has now ended
+                s.fed_noted = False
+                outs = tr.take_ready()
+            for out in outs:
                 await self._publish(s, out)
         await self._close(s)
 

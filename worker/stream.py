@@ -33,6 +33,7 @@ import numpy as np
 
 from shared.config import Config
 from shared.envelope import Transcript, Word
+from worker.audio import SampleBuffer
 from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment
 
 MIN_SPEECH_S = 0.15  # shorter "utterances" are noise blips: never decoded
@@ -119,8 +120,7 @@ class SessionTranscriber:
         self._tail = min(self._pad, early_tail) if self._early_after else self._pad
         self.finals = finals  # result_id of the next final
         self.committed = start_sample
-        self._buf = np.zeros(0, np.float32)
-        self._buf_start = start_sample
+        self._buf = SampleBuffer(start_sample)
         self._total = start_sample  # samples received (session index of the next one)
         self._vad_pos = start_sample  # next sample the VAD has not judged
         self._utt_start: int | None = None  # open utterance: first speech sample
@@ -148,12 +148,11 @@ class SessionTranscriber:
             raise RuntimeError("push_audio after close")
         if samples.size == 0:
             return
-        self._buf = np.concatenate([self._buf, samples.astype(np.float32, copy=False)])
+        self._buf.append(samples)
         self._total += samples.size
         whole = (self._total - self._vad_pos) // VAD_WINDOW * VAD_WINDOW
         if whole:
-            lo = self._vad_pos - self._buf_start
-            probs = self._vad(self._buf[lo : lo + whole])
+            probs = self._vad(self._buf.view(self._vad_pos, self._vad_pos + whole))
             for i, p in enumerate(probs):
                 self._judge(self._vad_pos + i * VAD_WINDOW, float(p))
             self._vad_pos += whole
@@ -354,7 +353,7 @@ class SessionTranscriber:
         """Where the open utterance's audio starts (its final's and its interims')."""
         assert self._utt_start is not None
         floor = max(self.committed, self._pending[-1][1] if self._pending else self.committed)
-        return max(self._utt_start - self._pad, floor, self._buf_start)
+        return max(self._utt_start - self._pad, floor, self._buf.start)
 
     def abandon_request(self, req: DecodeRequest) -> None:
         """A decode failed or was dropped: an interim is simply skipped; a final retried."""
@@ -364,7 +363,7 @@ class SessionTranscriber:
     # --- buffer ----------------------------------------------------------------------
 
     def _slice(self, start: int, end: int) -> Audio:
-        return self._buf[start - self._buf_start : end - self._buf_start].copy()
+        return self._buf.view(start, end).copy()
 
     def _trim(self) -> None:
         keep = self._vad_pos - self._pad
@@ -374,10 +373,7 @@ class SessionTranscriber:
             keep = min(keep, self._pending[0][0])
         if self._outstanding is not None:
             keep = min(keep, self._outstanding.start)
-        keep = max(keep, self._buf_start)
-        if keep > self._buf_start:
-            self._buf = self._buf[keep - self._buf_start :]
-            self._buf_start = keep
+        self._buf.drop_before(keep)
 
 
 def _same_final(req: DecodeRequest, start: int, end: int, result_id: int, prompt: str) -> bool:

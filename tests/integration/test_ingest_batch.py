@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 
@@ -73,6 +74,70 @@ async def test_ingest_many_reloads_a_flushed_script(redis: aioredis.Redis) -> No
     assert [r.next_seq for r in out if isinstance(r, IngestResult)] == [2, 2]
     assert await stored_seqs(redis, sid(0)) == [0, 1]
     assert await stored_seqs(redis, sid(1)) == [0, 1]
+
+
+def test_packed_calls_are_the_bytes_redis_py_would_send() -> None:
+    """The gateway packs its INGEST pipeline itself; each call must be byte for byte what
+    redis-py's `pack_command` makes of the same EVALSHA (frames large and small, one and
+    several per call)."""
+    from redis.asyncio.connection import Connection
+
+    from shared.store import _ingest_args, pack_ingest_calls
+
+    conn = Connection()
+    sha = "a" * 40
+    calls = [
+        (sid(1), [chunk(0)]),
+        (sid(2), [AudioChunk(7, b"\x01\x02" * 3200), AudioChunk(8, b"")]),
+        (sid(3), [chunk(n, n) for n in range(5)]),
+    ]
+    want = b"".join(
+        b"".join(
+            conn.pack_command("EVALSHA", sha, 2, keys.meta(s), keys.audio(s), *_ingest_args(c))
+        )
+        for s, c in calls
+    )
+    assert pack_ingest_calls(sha, calls) == want
+
+
+async def test_a_pipeline_cut_off_before_its_replies_leaves_no_stale_reply(
+    redis: aioredis.Redis,
+) -> None:
+    """A pipeline cancelled while its replies are still due (the gateway shutting down, a
+    caller's task cancelled) must not leave its connection in the pool with those replies
+    unread: the next pipeline on it would take them for its own. Here the server holds the
+    first pipeline (CLIENT PAUSE WRITE) while it is cancelled; the next one must get its
+    own results, and every frame is stored once."""
+    store = Store(redis)
+    await store.create_session(sid(0), SessionParams(), "tokenhash", "conn")
+    await store.create_session(sid(1), SessionParams(), "tokenhash", "conn")
+    await store.ingest_many([(sid(0), [chunk(0)]), (sid(1), [chunk(0)])])
+    admin = aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool(**redis.connection_pool.connection_kwargs)
+    )
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+        held = asyncio.create_task(store.ingest_many([(sid(0), [chunk(1)])]))
+        for _ in range(500):  # until the server holds the EVALSHA (bounded)
+            clients = await admin.client_list()
+            if any(c.get("cmd") == "evalsha" for c in clients) and not held.done():
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the paused EVALSHA never showed in CLIENT LIST")
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        out = await store.ingest_many([(sid(1), [chunk(1), chunk(2)])])
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await admin.connection_pool.disconnect()
+    assert out == [IngestResult(next_seq=3, stored=2, audio_bytes=3 * 8)]
+    assert await stored_seqs(redis, sid(1)) == [0, 1, 2]
+    # The held call may or may not have run once the pause ended; never twice.
+    assert await stored_seqs(redis, sid(0)) in ([0], [0, 1])
 
 
 async def _stream(ws: ClientConnection, tag: int, frames: int) -> int:

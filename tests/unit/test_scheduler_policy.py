@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import random
 import threading
 
 import numpy as np
@@ -121,6 +122,29 @@ def test_load_meter_counts_finished_and_running_decodes_in_the_window() -> None:
     assert meter.busy_fraction(200.0) == 0.0
     with pytest.raises(RuntimeError):
         meter.finished(201.0)
+
+
+def test_load_meter_matches_a_full_recount_over_many_overlapping_decodes() -> None:
+    """The meter keeps a running total and scans only the window's edge; it must read the
+    same as summing every span's overlap with the window, with decodes of any length
+    finishing out of order on two threads."""
+    rng = random.Random(3)
+    meter = LoadMeter(window_s=2.0, capacity=2)
+    spans: list[tuple[float, float]] = []
+    running: list[float] = []
+    now = 0.0
+    for _ in range(2000):
+        now += rng.choice([0.001, 0.01, 0.1, 0.7])
+        if len(running) < 2 and rng.random() < 0.6:
+            running.append(meter.started(now))
+        elif running:
+            start = running.pop(rng.randrange(len(running)))
+            meter.finished(now, start)
+            spans.append((start, now))
+        lo = now - 2.0
+        want = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in spans)
+        want += sum(now - max(start, lo) for start in running)
+        assert meter.busy_fraction(now) == pytest.approx(min(1.0, want / 4.0), abs=1e-9)
 
 
 def test_load_meter_refuses_two_decodes_at_once() -> None:
