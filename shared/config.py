@@ -167,6 +167,13 @@ class Config:
         "CTranslate2 compute type (default: int8 on CPU, the model's own type on CUDA).",
         WORKER,
     )
+    prompt_chars: int = _opt(
+        200,
+        "Characters of a session's previous final (its end) given to the next decode as "
+        "Whisper's prompt, for context and consistent casing and punctuation; 0: no prompt. "
+        "A prompt lengthens every decode (the decoder reads it first).",
+        WORKER,
+    )
     cpu_threads: int = _opt(
         0,
         "CPU threads per decode (0: the machine's cores shared out among decode_threads, at "
@@ -362,6 +369,8 @@ class Config:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
         if self.decode_threads < 1:
             raise ConfigError(f"{_where('decode_threads')} must be >= 1")
+        if not 0 <= self.prompt_chars <= 1000:
+            raise ConfigError(f"{_where('prompt_chars')} must be 0..1000")
         if not 0 <= self.read_interval_ms <= 1000:
             raise ConfigError(f"{_where('read_interval_ms')} must be 0..1000")
         if self.cpu_threads < 0:

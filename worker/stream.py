@@ -38,7 +38,6 @@ from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment
 
 MIN_SPEECH_S = 0.15  # shorter "utterances" are noise blips: never decoded
 CUT_SEARCH_S = 2.0  # where to look for a pause when an utterance must be cut
-PROMPT_CHARS = 200  # how much of the previous final conditions the next decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +55,9 @@ class StreamOptions:
     # Decode the final ahead once the open utterance has been silent this long (see the
     # module docstring). 0, or not less than min_silence_s: never.
     early_final_s: float = 0.2
+    # How much of the session's previous final (its last characters) conditions the next
+    # decode as Whisper's prompt; 0: none.
+    prompt_chars: int = 200
 
     @classmethod
     def from_config(cls, config: Config, *, interim_results: bool = True) -> StreamOptions:
@@ -69,6 +71,7 @@ class StreamOptions:
             interim_results=interim_results,
             interim_pause_s=config.interim_pause_s,
             early_final_s=config.early_final_s,
+            prompt_chars=config.prompt_chars,
         )
 
 
@@ -335,7 +338,7 @@ class SessionTranscriber:
             return Final(None, self.committed, req.early)
         transcript = _transcript(self.finals, True, req.start / SAMPLE_RATE, req, segments, text)
         self.finals += 1
-        self._prompt = text[-PROMPT_CHARS:]
+        self._prompt = text[-self.opt.prompt_chars :] if self.opt.prompt_chars else ""
         return Final(transcript, self.committed, req.early)
 
     def _early_due(self) -> bool:

@@ -254,6 +254,15 @@ def test_cpu_threads_may_be_zero_but_not_negative() -> None:
     assert names_both(config_error(cpu_threads=-1), "cpu_threads")
 
 
+@pytest.mark.parametrize("field", ["prompt_chars", "read_interval_ms"])
+def test_zero_to_a_thousand_options_at_their_edges(field: str) -> None:
+    """prompt_chars and read_interval_ms: 0 (off) and 1000 are taken; -1 and 1001 are not."""
+    assert getattr(Config(**{field: 0}), field) == 0
+    assert getattr(Config(**{field: 1000}), field) == 1000
+    assert names_both(config_error(**{field: -1}), field)
+    assert names_both(config_error(**{field: 1001}), field)
+
+
 def test_max_utterance_is_capped_at_whisper_window() -> None:
     """max_utterance_s accepts 28 and rejects anything longer."""
     assert Config(max_utterance_s=28.0).max_utterance_s == 28.0

@@ -179,6 +179,20 @@ def test_the_next_utterance_gets_the_early_final_as_prompt() -> None:
     assert nxt.start >= req.end  # never overlaps the early final's audio
 
 
+@pytest.mark.parametrize(("chars", "prompt"), [(0, ""), (5, "there"), (200, "hello there")])
+def test_prompt_chars_is_how_much_of_the_previous_final_the_next_decode_gets(
+    chars: int, prompt: str
+) -> None:
+    t = transcriber(prompt_chars=chars)
+    req = early_request(t)
+    assert req.prompt == ""  # the session's first utterance has no previous final
+    t.complete(req, said("hello there"))
+    t.push_audio(np.concatenate([silence(9), speech(20), silence(16)]))
+    assert len(t.take_ready()) == 1
+    nxt = t.next_request()
+    assert nxt is not None and nxt.prompt == prompt
+
+
 def test_finalize_in_a_pause_makes_the_early_decode_the_final() -> None:
     """A client `finalize` (or the end of the stream) in a pause long enough for an early
     final ends the utterance where the silence would have: the early decode is the final."""
