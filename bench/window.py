@@ -35,7 +35,7 @@ from bench.packing import utterances
 from shared.config import Config
 from shared.scoring import wer
 from worker.engine import SAMPLE_RATE, WhisperEngine, encode_frames
-from worker.stream import StreamOptions
+from worker.stream import prompt_of
 
 HEADING = "## Encoder window: cost and accuracy per `encode_min_s`"
 INTERIM_S = 2.0
@@ -109,7 +109,7 @@ def main() -> None:
                 interim_s[v][i] = min(interim_s[v][i], time.perf_counter() - t0)
                 text = " ".join(s.text for s in segs)
                 if text:
-                    prompts[v][u.clip] = text[-StreamOptions().prompt_chars :]
+                    prompts[v][u.clip] = prompt_of(text, Config().prompt_chars)
                 if rep == 0:
                     texts[v].setdefault(u.clip, []).append(text)
                     retries[v] += engine.window_retries - before

@@ -56,8 +56,8 @@ class StreamOptions:
     # module docstring). 0, or not less than min_silence_s: never.
     early_final_s: float = 0.2
     # How much of the session's previous final (its last characters) conditions the next
-    # decode as Whisper's prompt; 0: none.
-    prompt_chars: int = 200
+    # decode as Whisper's prompt; 0: none (the service default is Config.prompt_chars).
+    prompt_chars: int = 0
 
     @classmethod
     def from_config(cls, config: Config, *, interim_results: bool = True) -> StreamOptions:
@@ -338,7 +338,7 @@ class SessionTranscriber:
             return Final(None, self.committed, req.early)
         transcript = _transcript(self.finals, True, req.start / SAMPLE_RATE, req, segments, text)
         self.finals += 1
-        self._prompt = text[-self.opt.prompt_chars :] if self.opt.prompt_chars else ""
+        self._prompt = prompt_of(text, self.opt.prompt_chars)
         return Final(transcript, self.committed, req.early)
 
     def _early_due(self) -> bool:
@@ -377,6 +377,12 @@ class SessionTranscriber:
         if self._outstanding is not None:
             keep = min(keep, self._outstanding.start)
         self._buf.drop_before(keep)
+
+
+def prompt_of(final_text: str, chars: int) -> str:
+    """The prompt a final's text gives the session's next decode: its last `chars`
+    characters (none for 0)."""
+    return final_text[-chars:] if chars > 0 else ""
 
 
 def _same_final(req: DecodeRequest, start: int, end: int, result_id: int, prompt: str) -> bool:

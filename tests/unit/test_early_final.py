@@ -168,7 +168,7 @@ def test_an_utterance_ended_in_one_push_ends_where_an_early_final_would() -> Non
 
 
 def test_the_next_utterance_gets_the_early_final_as_prompt() -> None:
-    t = transcriber()
+    t = transcriber(prompt_chars=200)
     req = early_request(t)
     t.complete(req, said("hello there"))
     t.push_audio(np.concatenate([silence(9), speech(20), silence(16)]))
