@@ -436,10 +436,16 @@ class Worker:
             if not work:
                 continue
             self._fed.clear()
+            job = loop.run_in_executor(self._cpu, self._feed_all, work)
             try:
-                await loop.run_in_executor(self._cpu, self._feed_all, work)
+                await asyncio.shield(job)
             finally:
-                self._fed.set()
+                # Cancelled (shutdown) while the job runs: the session tasks stay held
+                # until it has finished, not just until this task has stopped.
+                if job.done():
+                    self._fed.set()
+                else:
+                    job.add_done_callback(lambda _: self._fed.set())
             for owned, _ in work:
                 if not owned.fed_noted:  # one note is enough, however many reads it covers
                     owned.fed_noted = True

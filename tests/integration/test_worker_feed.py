@@ -113,3 +113,39 @@ async def test_audio_that_cannot_be_fed_fails_its_own_session_only(
         await asyncio.sleep(0.05)
     assert why == b"ValueError: unconvertible test audio"
     await bad.close()
+
+
+async def test_a_read_loop_stopped_mid_feed_holds_the_sessions_until_the_feed_ends(
+    service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the read loop, possibly while its feed job is running on the VAD
+    thread. The job cannot be interrupted, so the session tasks must stay held at the gate
+    until it has finished, not only until the read loop has stopped."""
+    from worker.service import Worker
+
+    entered, release = threading.Event(), threading.Event()
+    feed_all = Worker._feed_all
+
+    def slow_feed_all(self: Worker, work: Any) -> None:
+        entered.set()
+        release.wait(10)  # bounded: the test releases it
+        feed_all(self, work)
+
+    monkeypatch.setattr(Worker, "_feed_all", slow_feed_all)
+    svc = await service_factory(vad="energy")
+    worker = svc.worker
+    assert worker is not None
+    ws = await open_ws(svc.url)
+    await started(ws)
+    loop = asyncio.get_running_loop()
+    frames = list(fixture("s1.wav").frames(100))
+    await ws.send(frames[0])
+    assert await loop.run_in_executor(None, entered.wait, 10)
+    read_loop = next(t for t in worker._tasks if t.get_coro().__name__ == "_read_loop")  # type: ignore[union-attr]
+    read_loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read_loop
+    assert not worker._fed.is_set()  # the job still runs: sessions are held
+    release.set()
+    await asyncio.wait_for(worker._fed.wait(), 10)
+    await ws.close()
