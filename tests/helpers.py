@@ -71,3 +71,14 @@ def fixture(name: str) -> WavAudio:
 
 def reference(name: str) -> str:
     return (FIXTURES / f"{name}.txt").read_text().strip()
+
+
+async def stream_session(url: str, audio: WavAudio, frame_ms: int = 100) -> Outcome:
+    """A new session that sends all of `audio` as fast as the socket takes it, then
+    `close_stream`, and reads everything until the server closes."""
+    ws = await open_ws(url)
+    await started(ws)
+    for frame in audio.frames(frame_ms):
+        await ws.send(frame)
+    await ws.send(json.dumps({"type": "close_stream"}))
+    return await drain(ws)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, fixture, open_ws, started
+from tests.helpers import drain, fixture, open_ws, started, stream_session
 from worker.stream import SessionTranscriber
 
 GUARDED = ("push_audio", "finalize", "close", "next_request", "complete", "take_ready",
@@ -59,12 +59,7 @@ async def test_a_transcriber_is_never_used_from_two_threads_at_once(
     audio = fixture("s1.wav")
 
     async def one_session() -> int:
-        ws = await open_ws(svc.url)
-        await started(ws)
-        for frame in audio.frames(100):
-            await ws.send(frame)
-        await ws.send(json.dumps({"type": "close_stream"}))
-        out = await drain(ws)
+        out = await stream_session(svc.url, audio)
         assert out.code == 1000
         return len(out.finals)
 
