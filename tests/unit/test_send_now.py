@@ -1,0 +1,72 @@
+"""`gateway.connection.send_now`: when an ack may skip `ws.send`'s machinery. The
+decision alone, on a stand-in connection (the real path runs in every integration test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from websockets.protocol import State
+
+from gateway.connection import send_now
+
+
+@dataclass
+class Transport:
+    size: int = 0
+    high: int = 65536
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self.high // 4, self.high)
+
+
+@dataclass
+class Protocol:
+    state: State = State.OPEN
+    texts: list[bytes] = field(default_factory=list)
+
+    def send_text(self, data: bytes) -> None:
+        self.texts.append(data)
+
+
+@dataclass
+class Ws:
+    protocol: Protocol = field(default_factory=Protocol)
+    transport: Transport = field(default_factory=Transport)
+    send_in_progress: Any = None
+    flushed: int = 0
+
+    def send_data(self) -> None:
+        self.flushed += 1
+
+
+def test_an_open_idle_connection_gets_the_frame_at_once() -> None:
+    ws = Ws()
+    assert send_now(ws, '{"type":"ack","seq":3}')  # type: ignore[arg-type]
+    assert ws.protocol.texts == [b'{"type":"ack","seq":3}'] and ws.flushed == 1
+
+
+@pytest.mark.parametrize(
+    "ws",
+    [
+        Ws(protocol=Protocol(state=State.CLOSING)),  # closing: ws.send raises properly
+        Ws(send_in_progress=object()),  # a fragmented message is being sent
+        Ws(transport=Transport(size=65536)),  # at the high-water mark: back-pressure
+    ],
+    ids=["closing", "fragmented", "buffer-full"],
+)
+def test_otherwise_the_caller_must_await_ws_send(ws: Ws) -> None:
+    assert not send_now(ws, "x")  # type: ignore[arg-type]
+    assert ws.protocol.texts == [] and ws.flushed == 0
+
+
+def test_without_the_fragment_attribute_it_never_takes_the_shortcut() -> None:
+    class Old:  # websockets < 15 has no `send_in_progress`
+        protocol = Protocol()
+        transport = Transport()
+
+    assert not send_now(Old(), "x")  # type: ignore[arg-type]
