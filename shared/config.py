@@ -447,10 +447,11 @@ def fields_for(*parts: str) -> list[dataclasses.Field[Any]]:
 def add_arguments(parser: argparse.ArgumentParser, *parts: str) -> None:
     """Add one flag per setting of the given parts; unset flags stay out of the namespace."""
     for f in fields_for(*parts):
+        text = f"{f.metadata['help']} [env {env_name(f.name)}; default {_show(f.default)}]"
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f"{f.metadata['help']} [env {env_name(f.name)}; default {_show(f.default)}]",
+            "help": text.replace("%", "%%"),  # argparse %-formats help: a literal % is %%
         }
         if f.metadata["metavar"]:
             kwargs["metavar"] = f.metadata["metavar"]

@@ -325,3 +325,22 @@ def test_maintenance_interval_must_divide_a_minute(seconds: int) -> None:
 def test_maintenance_intervals_that_divide_a_minute_are_accepted(seconds: int) -> None:
     """Every divisor of 60 is a valid maintenance interval."""
     assert Config(maintenance_interval_s=seconds).maintenance_interval_s == seconds
+
+
+@pytest.mark.parametrize("command", ["up", "gateway", "worker", "transcribe", "status", "loadtest"])
+def test_every_commands_help_renders_and_lists_its_settings(command: str) -> None:
+    """`streamscribe COMMAND --help` prints (argparse %-formats help texts: a bare % in a
+    setting's help once made `worker --help` crash), and shows every setting's help."""
+    from shared.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        command
+    ]
+    text = sub.format_help()
+    assert f"usage: streamscribe {command}" in text
+    for action in sub._actions:
+        if action.dest in {f.name for f in dataclasses.fields(Config)}:
+            assert action.option_strings[0] in text
+    if command in ("up", "worker"):
+        assert "13% of the decode time" in " ".join(text.split())  # the % is shown as is
