@@ -246,6 +246,15 @@ class Config:
         "throughput on 2 CPU cores); with a shorter window it does not (docs/benchmarks.md).",
         WORKER,
     )
+    batch_decodes: int = _opt(
+        1,
+        "Most decodes of different sessions run as one batched model call when they wait "
+        "at the same time (one window per session, stacked: one encoder and decoder pass "
+        "for all), finals with finals and interims with interims, of one language and "
+        "prompt; 1: off. Meant for GPUs, where a batch costs little more than one window; "
+        "on CPU each window costs the same either way. Takes precedence over pack_finals.",
+        WORKER,
+    )
     pack_window_s: float = _opt(
         28.0,
         "Most audio in one packed window, guards included, seconds (at most 30: Whisper's window).",
@@ -350,6 +359,8 @@ class Config:
             raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
         if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
             raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
+        if not 1 <= self.batch_decodes <= 64:
+            raise ConfigError(f"{_where('batch_decodes')} must be 1..64")
         if self.pack_finals < 1:
             raise ConfigError(f"{_where('pack_finals')} must be >= 1")
         if not 0 < self.pack_window_s <= 30:

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,6 +121,8 @@ FULL_WINDOW_FRAMES = 3000  # 30 s at 100 mel frames per second
 ENCODE_MARGIN_FRAMES = 100
 ENCODE_STEP_FRAMES = 100
 FRAMES_PER_SECOND = 100
+FRAME_SAMPLES = SAMPLE_RATE // FRAMES_PER_SECOND
+BATCH_GAP = FRAME_SAMPLES  # zeros after each request of a batched call, at least
 
 
 def max_new_tokens(samples: int) -> int | None:
@@ -167,6 +170,10 @@ class WhisperEngine:
         # different or undetected languages together is never right, so only .en packs.
         self.can_pack = not bool(self._model.model.is_multilingual)
         self.multilingual = bool(self._model.model.is_multilingual)
+        # Batching stacks separate windows (one per request): nothing of one request is in
+        # another's window, so any model may batch; requests must share language and prompt.
+        self.can_batch = True
+        self.batched_calls = 0
         log.info(
             "model %s loaded from %s on %s (%s) in %.1fs",
             model,
@@ -185,19 +192,84 @@ class WhisperEngine:
         beam_size: int,
         prompt: str | None = None,
     ) -> list[Segment]:
-        out: list[Segment] = []
-        for i, seg in enumerate(
-            self._segments(audio, language, beam_size, word_timestamps, prompt or None)
-        ):
-            if i > 0 and not _sound(seg):
-                continue  # a guess at the utterance's silent tail, not speech
-            words = tuple(
-                Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
-                for w in (seg.words or ())
-            )
-            text = seg.text.strip()
-            if text:
-                out.append(Segment(float(seg.start), float(seg.end), text, words))
+        return _kept(self._segments(audio, language, beam_size, word_timestamps, prompt or None))
+
+    def transcribe_batch(
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[list[Segment]]:
+        """`transcribe` of several requests in one batched model call: one window per
+        request, stacked (faster-whisper's `BatchedInferencePipeline` over clips laid end to
+        end; each clip gets its own features, so no request's window holds another's
+        audio). All windows are encoded over the longest request's `encode_frames`. A
+        request whose decode loops where there may be speech is decoded again alone (as
+        `transcribe` would), so batching never keeps a result `transcribe` would not."""
+        if len(audios) <= 1:
+            return [
+                self.transcribe(
+                    a, language=language, word_timestamps=word_timestamps,
+                    beam_size=beam_size, prompt=prompt,
+                )
+                for a in audios
+            ]  # fmt: skip
+        if not self.multilingual:
+            language = "en"
+        # Requests laid end to end, each starting on a whole mel frame with at least
+        # BATCH_GAP zeros before the next: faster-whisper turns clip times back into
+        # samples with int(), and a sample lost to rounding then falls in the gap, never
+        # in another request's clip. Each segment says which clip it is from by `seek`.
+        starts: list[int] = []
+        parts: list[Audio] = []
+        pos = 0
+        for a in audios:
+            starts.append(pos)
+            pos += len(a)
+            pad = BATCH_GAP + (-(pos + BATCH_GAP)) % FRAME_SAMPLES
+            parts += [np.asarray(a, dtype=np.float32), np.zeros(pad, np.float32)]
+            pos += pad
+        clips = [
+            {"start": st / SAMPLE_RATE, "end": (st + len(a)) / SAMPLE_RATE}
+            for st, a in zip(starts, audios, strict=True)
+        ]
+        # What faster-whisper makes of each clip's start: its samples, offset and seek.
+        fw_starts = [int(c["start"] * SAMPLE_RATE) for c in clips]
+        seek_of = {int(fs / SAMPLE_RATE * FRAMES_PER_SECOND): i for i, fs in enumerate(fw_starts)}
+        caps = [max_new_tokens(len(a)) for a in audios]
+        self._model.encode_frames = max(encode_frames(len(a), self.encode_min_s) for a in audios)
+        segments, _info = _batched_pipeline(self._model).transcribe(
+            np.concatenate(parts),
+            language=language,
+            beam_size=beam_size,
+            word_timestamps=word_timestamps,
+            without_timestamps=not word_timestamps,
+            vad_filter=False,
+            clip_timestamps=clips,
+            batch_size=len(audios),
+            condition_on_previous_text=False,
+            initial_prompt=prompt or None,
+            temperature=0.0,
+            max_new_tokens=None if None in caps else max(c for c in caps if c is not None),
+        )
+        per: list[list[Any]] = [[] for _ in audios]
+        for seg in segments:  # iterating runs the decoder: in the calling thread
+            per[seek_of[int(seg.seek)]].append(seg)
+        self.batched_calls += 1
+        out: list[list[Segment]] = []
+        for i, segs in enumerate(per):
+            if _loop_may_hide_speech(segs):
+                out.append(
+                    self.transcribe(
+                        audios[i], language=language, word_timestamps=word_timestamps,
+                        beam_size=beam_size, prompt=prompt,
+                    )
+                )  # fmt: skip
+                continue
+            out.append(_kept(segs, fw_starts[i] / SAMPLE_RATE))
         return out
 
     def transcribe_words(
@@ -272,6 +344,36 @@ class WhisperEngine:
         )
 
 
+def _kept(segments: list[Any], offset: float = 0.0) -> list[Segment]:
+    """One decode's faster-whisper segments as ours, times less `offset` (never below 0):
+    the first segment, and later ones only if they are confident speech (`_sound`; the
+    rest is a guess at the utterance's silent tail)."""
+
+    def t(value: Any) -> float:  # a batched clip's times can round to just before it
+        return max(0.0, float(value) - offset)
+
+    out: list[Segment] = []
+    for i, seg in enumerate(segments):
+        if i > 0 and not _sound(seg):
+            continue
+        words = tuple(
+            Word(w.word.strip(), t(w.start), t(w.end), float(w.probability))
+            for w in (seg.words or ())
+        )
+        text = seg.text.strip()
+        if text:
+            out.append(Segment(t(seg.start), t(seg.end), text, words))
+    return out
+
+
+@functools.cache
+def _batched_pipeline(model: Any) -> Any:
+    """faster-whisper's batched pipeline over the worker's one model (made once)."""
+    from faster_whisper import BatchedInferencePipeline
+
+    return BatchedInferencePipeline(model=model)
+
+
 def _looping(seg: Any) -> bool:
     return float(getattr(seg, "compression_ratio", 0.0)) > COMPRESSION_RATIO_MAX
 
@@ -337,6 +439,7 @@ class NullEngine:
 
     name = "null"
     can_pack = True
+    can_batch = True
 
     def transcribe(
         self,
@@ -373,6 +476,22 @@ class NullEngine:
                 a = lo / SAMPLE_RATE + i * seconds / n
                 out.append(RawWord(" speech", a, a + seconds / n, 1.0, k))
         return out
+
+    def transcribe_batch(
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[list[Segment]]:
+        return [
+            self.transcribe(
+                a, language=language, word_timestamps=word_timestamps, beam_size=beam_size
+            )
+            for a in audios
+        ]
 
     def warm_up(self) -> None:
         pass

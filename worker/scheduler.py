@@ -200,6 +200,8 @@ class QueueCounters:
     packed_finals: int = 0  # finals decoded in those calls
     packed_interims: int = 0  # interims decoded in calls with other sessions' interims
     pack_retries: int = 0  # finals of a pack that had to be decoded again alone
+    batches: int = 0  # batched engine calls: several sessions' windows stacked
+    batched: int = 0  # finals and interims decoded in those calls
 
 
 class DecodeQueue(Generic[T]):
@@ -356,6 +358,7 @@ class Scheduler:
         beam_size: int,
         policy: InterimPolicy,
         pack: PackPolicy | None = None,
+        batch: int = 1,
         clock: Clock = time.monotonic,
         load_window_s: float = LOAD_WINDOW_S,
         concurrency: int = 1,
@@ -366,7 +369,14 @@ class Scheduler:
         self.beam_size = beam_size
         self.concurrency = concurrency
         self.pack = pack or PackPolicy(max_items=1)
-        self._packs = self.pack.enabled and bool(getattr(engine, "can_pack", False))
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        # Batching (separate windows stacked in one call) takes precedence over packing
+        # (several utterances in one window): it cannot misplace a word.
+        self.batch = batch if getattr(engine, "can_batch", False) else 1
+        self._packs = (
+            self.batch == 1 and self.pack.enabled and bool(getattr(engine, "can_pack", False))
+        )
         self.queue: DecodeQueue[_Work] = DecodeQueue(
             policy, clock, load_window_s=load_window_s, concurrency=concurrency
         )
@@ -412,8 +422,12 @@ class Scheduler:
             except BaseException:
                 self._free.release()
                 raise
-            more = self._pack_with(job)
-            decode = self._decode_pack([job, *more]) if more else self._decode_one(job)
+            if self.batch > 1:
+                more = self._batch_with(job)
+                decode = self._decode_batch([job, *more]) if more else self._decode_one(job)
+            else:
+                more = self._pack_with(job)
+                decode = self._decode_pack([job, *more]) if more else self._decode_one(job)
             task = asyncio.create_task(decode, name="decode")
             self._inflight.add(task)
             task.add_done_callback(self._decoded)
@@ -461,6 +475,49 @@ class Scheduler:
                 if not gone.payload.future.done():
                     gone.payload.future.set_result(None)
         return [j for j in more if not j.payload.future.done()]
+
+    def _batch_with(self, job: Job[_Work]) -> list[Job[_Work]]:
+        """Jobs of other sessions to decode in one batched call with `job`: of its kind
+        (a final does not wait for interims), its language and its prompt (one call has
+        one of each), oldest first, up to `batch` in all."""
+        first = job.payload
+
+        def fits(more: list[Job[_Work]]) -> bool:
+            return all(
+                j.payload.language == first.language
+                and j.payload.request.prompt == first.request.prompt
+                for j in more
+            )
+
+        if job.kind == "final":
+            more = self.queue.take_finals(fits, self.batch - 1)
+        else:
+            more, dropped = self.queue.take_interims(fits, self.batch - 1)
+            for gone in dropped:
+                if not gone.payload.future.done():
+                    gone.payload.future.set_result(None)
+        return [j for j in more if not j.payload.future.done()]
+
+    async def _decode_batch(self, jobs: list[Job[_Work]]) -> None:
+        """One batched engine call for several sessions' finals (or interims): each gets
+        the segments of its own window."""
+        final = jobs[0].kind == "final"
+        call = functools.partial(
+            self.engine.transcribe_batch,  # type: ignore[attr-defined]
+            [j.payload.request.audio for j in jobs],
+            language=jobs[0].payload.language,
+            word_timestamps=final,
+            beam_size=self.beam_size if final else 1,  # as `_decode_one`
+            prompt=jobs[0].payload.request.prompt,
+        )
+        results = await self._run_engine(jobs[0], call, len(jobs), others=jobs[1:])
+        if results is None:
+            return
+        for job, segments in zip(jobs, results, strict=True):
+            if not job.payload.future.done():
+                job.payload.future.set_result(segments)
+        self.queue.counters.batches += 1
+        self.queue.counters.batched += len(jobs)
 
     async def _decode_one(self, job: Job[_Work]) -> None:
         work = job.payload

@@ -153,6 +153,7 @@ class Worker:
                 window_s=self.config.pack_window_s,
                 guard_s=self.config.pack_guard_s,
             ),
+            batch=self.config.batch_decodes,
             # decode_threads, but no more than the engine was built for (an engine handed
             # in, as tests and benchmarks do, may have been built for fewer).
             concurrency=min(
@@ -673,6 +674,8 @@ class Worker:
             "packed_finals": c.packed_finals,
             "packed_interims": c.packed_interims,
             "pack_retries": c.pack_retries,
+            "batches": c.batches,
+            "batched": c.batched,
             "early_decodes": self.early_decodes,
             "early_finals": self.early_finals,
             "window_retries": getattr(self.engine, "window_retries", 0),
