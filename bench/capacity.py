@@ -283,9 +283,12 @@ def row(r: LoadRun) -> list[str]:
     ]
 
 
-def offline_bound(clip_ids: list[str], cpu_threads: str | None, tmp: Path) -> dict[str, Any]:
+def offline_bound(
+    clip_ids: list[str], cpu_threads: str | None, tmp: Path, device: str = "cpu"
+) -> dict[str, Any]:
     out = tmp / "offline.json"
     cmd = [sys.executable, str(ROOT / "bench" / "offline.py"), "--clips", *clip_ids]
+    cmd += ["--device", device]
     cmd += ["--no-call-cost", "--repeats", "3", "--parallel", "1", "2", "--json", str(out)]
     if cpu_threads is not None:
         cmd += ["--cpu-threads", cpu_threads]
@@ -345,6 +348,13 @@ def main() -> None:
         help="NAME=UP FLAGS [-- LOADTEST FLAGS] (repeatable); default: one variant, defaults",
     )
     parser.add_argument("--cpu-threads", help="passed to the offline bound and to every `up`")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the model runs: passed to the offline bound and to every `up` (a GPU "
+        "run: compare variants such as --variant 'alone=' --variant 'batch 8=--batch-decodes 8')",
+    )
     parser.add_argument("--budget-s", type=float, default=600.0, help="no new run after this")
     parser.add_argument(
         "--quiet-wait-s",
@@ -376,11 +386,14 @@ def main() -> None:
     if args.cpu_threads is not None:
         for v in variants:
             v.up_args += ["--cpu-threads", args.cpu_threads]
+    if args.device != "cpu":
+        for v in variants:
+            v.up_args += ["--device", args.device]
     with tempfile.TemporaryDirectory(prefix="ss-capacity-") as tmp_name:
         tmp = Path(tmp_name)
         audio = stage_clips(clips, tmp / "clips")
         print(f"offline bound on {', '.join(args.clips)} ...", flush=True)
-        offline = offline_bound(args.clips, args.cpu_threads, tmp)
+        offline = offline_bound(args.clips, args.cpu_threads, tmp, args.device)
         print(
             f"offline bound: {offline['bound']:.1f} audio s / s "
             f"(one call at a time {offline['by_parallel'].get(1, 0.0):.1f}, "

@@ -99,11 +99,14 @@ def measure(
     call_cost: bool,
     quiet_wait_s: float,
     parallel: int = 1,
+    device: str = "cpu",
 ) -> OfflineResult:
     threads = cpu_threads
     if parallel > 1 and cpu_threads == 0:
         threads = max(1, (os.cpu_count() or 1) // parallel)
-    engine = WhisperEngine("tiny.en", "cpu", "int8", threads, workers=parallel)
+    # The worker's own choice per device: int8 on CPU, CTranslate2's default on a GPU.
+    compute = "int8" if device == "cpu" else "default"
+    engine = WhisperEngine("tiny.en", device, compute, threads, workers=parallel)
     engine.warm_up()
     inputs = [samples(c.path) for c in clips]
     audio_s = sum(len(a) for a in inputs) / SAMPLE_RATE * parallel
@@ -221,6 +224,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs"
+    )
+    parser.add_argument(
         "--quiet-wait-s",
         type=float,
         default=120.0,
@@ -240,7 +246,7 @@ def main() -> None:
             results.append(
                 measure(
                     clips, n, args.repeats, not args.no_call_cost and p == 1,
-                    args.quiet_wait_s, p,
+                    args.quiet_wait_s, p, args.device,
                 )
             )  # fmt: skip
     text = render(results)
