@@ -208,8 +208,11 @@ class WhisperEngine:
         end; each clip gets its own features, so no request's window holds another's
         audio). All windows are encoded over the longest request's `encode_frames`. A
         request whose decode loops where there may be speech is decoded again alone (as
-        `transcribe` would), so batching never keeps a result `transcribe` would not."""
-        if len(audios) <= 1:
+        `transcribe` would), so batching never keeps a result `transcribe` would not. A
+        multilingual model asked to detect the language decodes each request alone."""
+        if len(audios) <= 1 or (self.multilingual and language is None):
+            # Alone: one request, or languages to detect (the batched pipeline would
+            # detect one language over every request's audio together).
             return [
                 self.transcribe(
                     a, language=language, word_timestamps=word_timestamps,
