@@ -12,25 +12,18 @@ a time, so their finals meet in the queue and are batched, and each gets its own
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 
-from shared.scoring import wer
 from tests.conftest import ServiceFactory
 from tests.e2e.test_model_pipeline import stream
-from tests.e2e.test_packing_model import SESSIONS, sentences
-from tests.helpers import reference
+from tests.e2e.test_packing_model import SESSIONS, assert_own_words, sentences
 from worker.engine import SAMPLE_RATE, WhisperEngine
 
 pytestmark = pytest.mark.model
 # Word alignment works in 20 ms steps; the batched path sizes its alignment from whole
 # seconds of audio and drops the last mel frame, so a time may move by a few steps.
 TIME_TOLERANCE_S = 0.061
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z]+", text.lower()))
 
 
 @pytest.mark.parametrize("word_timestamps", [True, False], ids=["final", "interim"])
@@ -80,11 +73,4 @@ async def test_sessions_whose_finals_are_batched_get_only_their_own_words(
     counters = svc.worker.scheduler.counters
     assert counters.batches >= 1, "no decodes were batched: the test did not test batching"
     assert counters.packs == 0  # batching takes precedence over packing
-    for name, (finals, closed) in zip(names, results, strict=True):
-        text = " ".join(f.text for f in finals)
-        assert [f.result_id for f in finals] == list(range(len(finals)))
-        assert closed.final_results == len(finals) >= 1
-        own = _words(reference(name))
-        foreign = set().union(*(_words(reference(o)) for o in names if o != name)) - own
-        assert not (_words(text) & foreign), f"{name} got words of other sessions: {text!r}"
-        assert wer([reference(name)], [text]) <= 0.2, (name, text)
+    assert_own_words(names, results)
