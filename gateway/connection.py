@@ -406,9 +406,7 @@ class Connection:
             raise reconnect("gateway draining; reconnect and resume") from None
         # The ack is the one message per frame: its JSON from a template, not the codec
         # (same text as build_server_message(Ack(seq)); tests/unit/test_ingest_batcher.py).
-        ack = ack_text(result.next_seq - 1)
-        if not send_now(self.ws, ack):
-            await self.ws.send(ack)
+        await self._send_text(ack_text(result.next_seq - 1))
         limit = self.cfg.max_session_audio_s * self._session().params.bytes_per_second
         if result.audio_bytes >= limit and not self._session().server_ended:
             # Stored directly: the writer must never wait on its own (possibly full) queue.
@@ -555,7 +553,13 @@ class Connection:
         raise AssertionError("unreachable")
 
     async def _send(self, msg: ServerMessage) -> None:
-        await self.ws.send(build_server_message(msg))
+        await self._send_text(build_server_message(msg))
+
+    async def _send_text(self, text: str) -> None:
+        """Every message to the client: written at once when the socket can take it
+        (`send_now`), else through `ws.send` and its back-pressure."""
+        if not send_now(self.ws, text):
+            await self.ws.send(text)
 
     async def _fail(self, err: StreamscribeError) -> None:
         if isinstance(err, Internal):

@@ -210,16 +210,17 @@ class WhisperEngine:
         request whose decode loops where there may be speech is decoded again alone (as
         `transcribe` would), so batching never keeps a result `transcribe` would not. A
         multilingual model asked to detect the language decodes each request alone."""
+        alone = functools.partial(
+            self.transcribe,
+            language=language,
+            word_timestamps=word_timestamps,
+            beam_size=beam_size,
+            prompt=prompt,
+        )
         if len(audios) <= 1 or (self.multilingual and language is None):
             # Alone: one request, or languages to detect (the batched pipeline would
             # detect one language over every request's audio together).
-            return [
-                self.transcribe(
-                    a, language=language, word_timestamps=word_timestamps,
-                    beam_size=beam_size, prompt=prompt,
-                )
-                for a in audios
-            ]  # fmt: skip
+            return [alone(a) for a in audios]
         if not self.multilingual:
             language = "en"
         # Requests laid end to end, each starting on a whole mel frame with at least
@@ -264,15 +265,8 @@ class WhisperEngine:
         self.batched_calls += 1
         out: list[list[Segment]] = []
         for i, segs in enumerate(per):
-            if _loop_may_hide_speech(segs):
-                out.append(
-                    self.transcribe(
-                        audios[i], language=language, word_timestamps=word_timestamps,
-                        beam_size=beam_size, prompt=prompt,
-                    )
-                )  # fmt: skip
-                continue
-            out.append(_kept(segs, fw_starts[i] / SAMPLE_RATE))
+            looped = _loop_may_hide_speech(segs)
+            out.append(alone(audios[i]) if looped else _kept(segs, fw_starts[i] / SAMPLE_RATE))
         return out
 
     def transcribe_words(

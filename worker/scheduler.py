@@ -466,15 +466,7 @@ class Scheduler:
                 [len(j.payload.request.audio) for j in (job, *more)]
             )
 
-        limit = self.pack.max_items - 1
-        if job.kind == "final":
-            more = self.queue.take_finals(fits, limit)
-        else:
-            more, dropped = self.queue.take_interims(fits, limit)
-            for gone in dropped:
-                if not gone.payload.future.done():
-                    gone.payload.future.set_result(None)
-        return [j for j in more if not j.payload.future.done()]
+        return self._take_more(job, fits, self.pack.max_items - 1)
 
     def _batch_with(self, job: Job[_Work]) -> list[Job[_Work]]:
         """Jobs of other sessions to decode in one batched call with `job`: of its kind
@@ -489,10 +481,17 @@ class Scheduler:
                 for j in more
             )
 
+        return self._take_more(job, fits, self.batch - 1)
+
+    def _take_more(
+        self, job: Job[_Work], fits: Callable[[list[Job[_Work]]], bool], limit: int
+    ) -> list[Job[_Work]]:
+        """Up to `limit` waiting jobs of `job`'s kind that `fits` accepts, to decode in one
+        call with it (interims dropped on the way are answered None)."""
         if job.kind == "final":
-            more = self.queue.take_finals(fits, self.batch - 1)
+            more = self.queue.take_finals(fits, limit)
         else:
-            more, dropped = self.queue.take_interims(fits, self.batch - 1)
+            more, dropped = self.queue.take_interims(fits, limit)
             for gone in dropped:
                 if not gone.payload.future.done():
                     gone.payload.future.set_result(None)
