@@ -32,7 +32,7 @@ from websockets.protocol import State
 
 from gateway.admission import Admission
 from gateway.ingest import BatcherClosed, IngestBatcher
-from gateway.relay import Relay
+from gateway.relay import RECONCILE, Relay
 from shared import envelope
 from shared.config import Config
 from shared.delivery import Delivery
@@ -431,9 +431,8 @@ class Connection:
                 await self._catch_up()
             if self.delivery.done:
                 break
-            try:
-                data = await asyncio.wait_for(self.events.get(), self.cfg.reconcile_interval_s)
-            except TimeoutError:
+            data = await self.events.get()
+            if data == RECONCILE:
                 self.delivery.needs_catch_up = True
                 continue
             item = envelope.decode(data)

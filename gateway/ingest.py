@@ -68,6 +68,7 @@ class IngestBatcher:
         self._queue: list[_Call] = []
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         #: Pipelines sent and calls carried, for metrics and tests.
         self.pipelines = 0
@@ -75,15 +76,19 @@ class IngestBatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ingest")
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name="ingest")
 
     async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:
         """`Store.ingest`, sent with whatever other connections store meanwhile."""
         if self._closed:
             raise BatcherClosed("the gateway is shutting down")
-        if self._task is None:
+        if self._loop is None:
             self.start()
-        fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        # The loop the batcher started on, not asyncio.get_running_loop(): on Python 3.11
+        # that costs a getpid() system call, and this runs once per stored frame.
+        fut: asyncio.Future[IngestResult] = self._loop.create_future()
         self._queue.append((sid, chunks, fut))
         wake = self._wake
         if wake is not None and not wake.done():

@@ -2,12 +2,18 @@
 
 Pub/sub is at-most-once (a dropped or slow subscriber loses messages), so the relay is
 only the fast path: each connection also re-reads its session's results stream when
-`Delivery` reports a gap, and periodically (see gateway.connection).
+`Delivery` reports a gap, and when the relay tells it to with `RECONCILE`: to every
+subscriber that got no message during a whole `reconcile_interval_s`, and to every
+subscriber at once after the pub/sub connection was lost (see gateway.connection).
+
+One gateway-wide timer does what a timeout on every connection's `get` did (a task and a
+timer per result message, per connection).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 
@@ -20,28 +26,41 @@ from shared.keys import SessionId
 log = logging.getLogger(__name__)
 
 GATEWAYS_CHANNEL = keys.GATEWAYS_CHANNEL
+#: Put in a subscriber's queue instead of a message: re-read the results stream. Never a
+#: real message (every envelope is a non-empty msgpack map).
+RECONCILE = b""
 
 
 class Relay:
-    def __init__(self, redis: aioredis.Redis, queue_size: int = 1000) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, reconcile_interval_s: float, queue_size: int = 1000
+    ) -> None:
+        if reconcile_interval_s <= 0:
+            raise ValueError(f"reconcile_interval_s must be > 0, got {reconcile_interval_s}")
         self._redis = redis
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         # Several connections of one session can be here at once (a resume replacing an
         # older connection on the same gateway): each gets every message.
         self._queues: dict[bytes, list[asyncio.Queue[bytes]]] = {}
         self._queue_size = queue_size
+        self._reconcile_s = reconcile_interval_s
+        #: Subscribers that got a message (or were told to reconcile) since the last tick.
+        self._heard: set[asyncio.Queue[bytes]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self.dropped = 0
 
     async def start(self) -> None:
         await self._pubsub.subscribe(GATEWAYS_CHANNEL)
         self._task = asyncio.create_task(self._run(), name="relay")
+        self._ticker = asyncio.create_task(self._tick_loop(), name="relay-reconcile")
 
     async def subscribe(self, sid: SessionId) -> asyncio.Queue[bytes]:
         channel = keys.events_channel(sid).encode()
         queue: asyncio.Queue[bytes] = asyncio.Queue(self._queue_size)
         subscribers = self._queues.setdefault(channel, [])
         subscribers.append(queue)
+        self._heard.add(queue)  # its first reconcile comes after a whole interval
         if len(subscribers) == 1:
             await self._pubsub.subscribe(channel)
         return queue
@@ -51,6 +70,7 @@ class Relay:
         subscribers = self._queues.get(channel, [])
         if queue in subscribers:
             subscribers.remove(queue)
+        self._heard.discard(queue)
         if not subscribers and channel in self._queues:
             del self._queues[channel]
             try:
@@ -73,11 +93,37 @@ class Relay:
             if msg is None or msg.get("type") != "message":
                 continue
             for queue in self._queues.get(msg["channel"], ()):
+                self._heard.add(queue)
                 try:
                     queue.put_nowait(msg["data"])
                 except asyncio.QueueFull:
                     # The connection is behind; it catches up from the results stream.
                     self.dropped += 1
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._reconcile_s)
+            self.tick()
+
+    def tick(self) -> None:
+        """Tell every subscriber that got nothing since the last tick to reconcile."""
+        heard, self._heard = self._heard, set()
+        for subscribers in self._queues.values():
+            for queue in subscribers:
+                if queue not in heard:
+                    self._reconcile(queue)
+
+    def _reconcile(self, queue: asyncio.Queue[bytes]) -> None:
+        # A full queue is being drained; a later tick reaches it.
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(RECONCILE)
+
+    def reconcile_all(self) -> None:
+        """After the pub/sub connection was lost: anything may have been missed."""
+        for subscribers in self._queues.values():
+            for queue in subscribers:
+                self._heard.add(queue)
+                self._reconcile(queue)
 
     async def _resubscribe(self) -> None:
         try:
@@ -86,14 +132,16 @@ class Relay:
             await self._pubsub.subscribe(GATEWAYS_CHANNEL, *self._queues.keys())
         except (RedisError, OSError) as exc:
             log.debug("resubscribe failed: %s", exc)
+        # Subscribed again (or about to retry): what was published meanwhile is only in
+        # the results streams.
+        self.reconcile_all()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         try:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         except RedisError:

@@ -47,7 +47,7 @@ class Gateway:
         self.config = config
         self.redis = redis if redis is not None else connect(config.require_redis_url())
         self.store = Store(self.redis)
-        self.relay = Relay(self.redis)
+        self.relay = Relay(self.redis, config.reconcile_interval_s)
         self.metrics = Metrics("streamscribe_gateway")
         self.tls: TLSContext | None = None
         if config.tls_enabled:

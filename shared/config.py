@@ -132,8 +132,10 @@ class Config:
     )
     reconcile_interval_s: float = _opt(
         1.0,
-        "A connection re-reads its session's results stream after this long without a pub/sub "
-        "message (and at once on a gap), to recover results the channel dropped.",
+        "A connection re-reads its session's results stream when a whole interval of this "
+        "length passed without a pub/sub message for it (one gateway-wide timer), at once on "
+        "a gap, and after the pub/sub connection was re-established: results the channel "
+        "dropped are recovered.",
         GATEWAY,
     )
     drain_timeout_s: float = _opt(

@@ -26,7 +26,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedValkey:
-    """Starts `valkey-server` on loopback; `appendonly` turns on AOF persistence."""
+    """Starts `valkey-server` on loopback; `appendonly` turns on AOF persistence;
+    `unixsocket` also listens on that Unix socket (mode 700), and `url` names it."""
 
     def __init__(
         self,
@@ -35,8 +36,10 @@ class EmbeddedValkey:
         *,
         appendonly: bool = False,
         host: str = "127.0.0.1",
+        unixsocket: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.unixsocket = unixsocket
         self.host = host
         self.port = port or free_port(host)
         self.appendonly = appendonly
@@ -44,6 +47,8 @@ class EmbeddedValkey:
 
     @property
     def url(self) -> str:
+        if self.unixsocket is not None:
+            return f"unix://{self.unixsocket}?db=0"
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> None:
@@ -69,6 +74,8 @@ class EmbeddedValkey:
             "--loglevel",
             "warning",
         ]
+        if self.unixsocket is not None:
+            args += ["--unixsocket", str(self.unixsocket), "--unixsocketperm", "700"]
         log_path = self.data_dir / "valkey.log"
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(args, stdout=log_file, stderr=log_file)

@@ -6,12 +6,14 @@ small value objects, never raw replies.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from shared import envelope, keys, scripts
@@ -25,16 +27,20 @@ def now_ms() -> int:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client with sane timeouts and reconnects; bytes in, bytes out."""
+    """A client with sane timeouts and reconnects; bytes in, bytes out. TCP keepalive
+    for redis:// and rediss:// (a Unix socket has none: redis-py refuses the option)."""
+    options: dict[str, Any] = {}
+    if not url.startswith("unix://"):
+        options["socket_keepalive"] = True
     return cast(
         aioredis.Redis,
         aioredis.Redis.from_url(
             url,
             decode_responses=False,
             socket_connect_timeout=5,
-            socket_keepalive=True,
             health_check_interval=30,
             retry_on_timeout=True,
+            **options,
         ),
     )
 
@@ -160,6 +166,10 @@ class Store:
         self._detach = redis.register_script(scripts.DETACH)
         self._abandon = redis.register_script(scripts.ABANDON)
         self._cancel_queued = redis.register_script(scripts.CANCEL_QUEUED)
+        #: The connection `_ingest_pipeline` keeps (taken from the pool once, so that
+        #: closing the client closes it), and the lock that keeps its pipelines apart.
+        self._ingest_conn: AbstractConnection | None = None
+        self._ingest_lock = asyncio.Lock()
 
     # --- gateway side ----------------------------------------------------------------
 
@@ -286,23 +296,28 @@ class Store:
         per-command bookkeeping were a fifth of its CPU. Not the Script object either: in
         a pipeline that would first ask SCRIPT EXISTS. NOSCRIPT is handled by the caller.
         A connection error propagates with the connection dropped (nothing is known about
-        any call; they are idempotent)."""
+        any call; they are idempotent).
+
+        The connection is kept between pipelines rather than taken from the pool and
+        given back each time: the pool's check on every take (a non-blocking read under a
+        timeout) cost as much as packing the commands. A connection error disconnects it;
+        the next pipeline connects it again."""
         packed = pack_ingest_calls(self._ingest.sha, calls)
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(packed)
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            await conn.disconnect()  # replies may be left unread on it
-            raise
-        finally:
-            await pool.release(conn)
+        async with self._ingest_lock:
+            conn = self._ingest_conn
+            if conn is None:
+                conn = self._ingest_conn = await self.redis.connection_pool.get_connection()
+            try:
+                await conn.send_packed_command(packed)
+                replies: list[Any] = []
+                for _ in calls:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                await conn.disconnect()  # replies may be left unread on it
+                raise
         return replies
 
     async def append_control(self, sid: SessionId, control: Control) -> None:

@@ -1,0 +1,60 @@
+"""Results that pub/sub never delivered reach the client through the relay's RECONCILE:
+one gateway-wide timer tells every connection that heard nothing for a whole
+`reconcile_interval_s` to re-read its session's results stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from gateway.relay import RECONCILE, Relay
+from shared import envelope, keys
+from shared.envelope import Closed, Transcript
+from shared.keys import SessionId
+from tests.conftest import ServiceFactory
+from tests.helpers import drain, open_ws, started
+
+
+async def test_tick_reaches_only_the_subscribers_that_heard_nothing(
+    redis: aioredis.Redis,
+) -> None:
+    relay = Relay(redis, reconcile_interval_s=3600)  # ticks by hand below
+    await relay.start()
+    try:
+        a, b = SessionId("a" * 32), SessionId("b" * 32)
+        qa, qb = await relay.subscribe(a), await relay.subscribe(b)
+        relay.tick()  # both just subscribed: a whole interval has not passed for either
+        assert qa.empty() and qb.empty()
+        await redis.publish(keys.events_channel(a), b"x")
+        assert await qa.get() == b"x"
+        relay.tick()
+        assert qa.empty()  # it heard something during the interval
+        assert qb.get_nowait() == RECONCILE
+        relay.tick()
+        assert qa.get_nowait() == RECONCILE  # nothing since the last tick
+        relay.reconcile_all()  # what the relay does after it subscribed again
+        assert qa.get_nowait() == RECONCILE and qb.get_nowait() == RECONCILE
+        await relay.unsubscribe(a, qa)
+        relay.tick()
+        relay.tick()
+        assert qa.empty()  # gone: no longer told anything
+    finally:
+        await relay.close()
+
+
+async def test_results_never_published_still_reach_the_client(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    svc = await service_factory(with_worker=False)
+    ws = await open_ws(svc.url)
+    sid = SessionId((await started(ws))["session_id"])
+    # What a worker's publish does, minus the PUBLISH: only the results stream has them.
+    final = Transcript(result_id=0, is_final=True, start=0.0, end=1.0, text="only stored")
+    closed = Closed(reason="client_closed", audio_seconds=1.0, final_results=1)
+    await redis.xadd(keys.results(sid), {"t": "final", "rid": "0", "m": envelope.encode(final)})
+    await redis.xadd(keys.results(sid), {"t": "closed", "m": envelope.encode(closed)})
+    out = await asyncio.wait_for(drain(ws), timeout=30)
+    assert [m["text"] for m in out.finals] == ["only stored"]
+    assert out.messages[-1]["type"] == "session.closed"
+    assert out.code == 1000
