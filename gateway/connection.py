@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, PayloadTooBig
 from websockets.protocol import State
 
 from gateway.admission import Admission
@@ -193,7 +193,12 @@ class Connection:
         except CloseWithoutError as exc:
             await self._close(exc.code, exc.reason)
         except ConnectionClosed:
-            pass
+            if isinstance(self.ws.protocol.parser_exc, PayloadTooBig):
+                # websockets' own 1009 (gateway/wsconn.py sent the `error` before it).
+                self.ctx.metrics.inc('errors_total{code="frame_too_large"}')
+                log.info(
+                    "session %s: frame_too_large (1009): %s", self.sid, self.ws.protocol.parser_exc
+                )
         except Exception:
             log.exception("internal error on session %s", self.sid)
             await self._fail(Internal("internal server error"))

@@ -31,6 +31,7 @@ from gateway.connection import Connection, GatewayContext, release_session
 from gateway.ingest import IngestBatcher
 from gateway.relay import Relay
 from gateway.tls import TLSContext
+from gateway.wsconn import GatewayServerConnection
 from shared.config import Config
 from shared.fleet import Fleet
 from shared.keys import GatewayId
@@ -97,6 +98,7 @@ class Gateway:
             compression=None,  # PCM barely compresses; deflate would only cost CPU
             server_header="streamscribe",
             close_timeout=5,
+            create_connection=GatewayServerConnection,
         )
         await self.fleet.gateway_heartbeat(self.gateway_id)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")

@@ -87,13 +87,25 @@ async def test_frame_over_the_limit_closes_1009_and_smaller_passes(
     """A frame of exactly max_frame_bytes is accepted; one byte more closes with 1009."""
     svc = await service_factory(max_frame_bytes=4000)
     ws = await open_ws(svc.url)
-    await started(ws)
+    first = await started(ws)
     await ws.send(b"\x00" * 4000)
     ack = json.loads(await ws.recv())
     assert ack == {"type": "ack", "seq": 0}
     await ws.send(b"\x00" * 4002)
     out = await drain(ws)
-    assert out.code == 1009
+    _assert_error(out, 1009, "frame_too_large")
+    assert "max_frame_bytes (4000 bytes)" in out.of_type("error")[-1]["message"]
+    # Nothing stored is lost: the session resumes after the frame that was acked.
+    sid = first["session_id"]
+    ws2 = await open_ws(svc.url, f"session_id={sid}")
+    resume = {"session_id": sid, "resume_token": first["resume_token"], "last_result_id": -1}
+    await ws2.send(json.dumps({"type": "resume", **resume}))
+    assert json.loads(await ws2.recv()) == {
+        "type": "session.resumed",
+        "session_id": sid,
+        "next_seq": 1,
+    }
+    await ws2.close()
 
 
 async def test_text_frame_over_its_limit_closes_1009(service_factory: ServiceFactory) -> None:
