@@ -45,6 +45,7 @@ from shared.errors import (
     NotFound,
     Overloaded,
     ProtocolViolation,
+    RateLimited,
     SessionFailed,
     StreamscribeError,
     Unauthorized,
@@ -68,6 +69,7 @@ from shared.protocol import (
     error_message,
     parse_query,
 )
+from shared.ratelimit import AudioRateLimit
 from shared.store import SeqGap, SessionGone, Store
 
 log = logging.getLogger(__name__)
@@ -354,6 +356,14 @@ class Connection:
 
     async def _reader(self) -> None:
         session = self._session()
+        limit = None
+        if self.cfg.max_audio_rate > 0:
+            limit = AudioRateLimit(
+                self.cfg.max_audio_rate,
+                self.cfg.audio_burst_s,
+                session.params.bytes_per_second,
+                self.loop.time(),
+            )
         async for message in self.ws:
             self.last_activity = self.loop.time()
             if isinstance(message, str):
@@ -371,12 +381,24 @@ class Connection:
                     await self.pending.put(Control(kind="close", reason="client_closed"))
             else:
                 chunk = session.receive_audio(message)
+                if limit is not None and chunk is not None:
+                    self._check_rate(limit, len(chunk.pcm))
                 if chunk is not None:
                     self.ctx.metrics.inc("audio_frames_total")
                     if self.pending.full():
                         await self.pending.put(chunk)  # back-pressure: stop reading
                     else:
                         self.pending.put_nowait(chunk)  # per frame: no coroutine
+
+    def _check_rate(self, limit: AudioRateLimit, nbytes: int) -> None:
+        if limit.take(nbytes, self.last_activity):
+            return
+        # Frames before this one are stored (or on their way) and acknowledged as usual:
+        # the client may resume from the last ack and send more slowly.
+        raise RateLimited(
+            f"audio arrives faster than {limit.rate:g}x real time after a burst of "
+            f"{limit.burst_s:g} s (max_audio_rate, audio_burst_s); resume and send more slowly"
+        )
 
     async def _writer(self) -> None:
         carry: AudioChunk | Control | None = None

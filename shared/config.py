@@ -94,6 +94,19 @@ class Config:
     max_session_audio_s: float = _opt(
         14400.0, "Most audio one session may send, seconds (then closed: max_duration).", GATEWAY
     )
+    max_audio_rate: float = _opt(
+        0.0,
+        "Fastest a connection may send audio, as a multiple of real time (1.0: real time), "
+        "after a burst of audio_burst_s; faster: rate_limited and close 4429. 0: no limit "
+        "(clients may stream files faster than real time).",
+        GATEWAY,
+    )
+    audio_burst_s: float = _opt(
+        10.0,
+        "Audio a connection may send at once under max_audio_rate, seconds: what a "
+        "reconnecting client re-sends. Must be longer than the longest frame.",
+        GATEWAY,
+    )
     max_pending_frames: int = _opt(
         256,
         "Audio frames a connection may have in flight to Redis before the gateway stops "
@@ -333,6 +346,7 @@ class Config:
             "idle_timeout_s",
             "resume_grace_s",
             "max_session_audio_s",
+            "audio_burst_s",
             "max_pending_frames",
             "ping_interval_s",
             "ping_timeout_s",
@@ -386,6 +400,10 @@ class Config:
             raise ConfigError(f"{_where('decode_threads')} must be >= 1")
         if not 0 <= self.prompt_chars <= 1000:
             raise ConfigError(f"{_where('prompt_chars')} must be 0..1000")
+        if not (self.max_audio_rate == 0 or 1 <= self.max_audio_rate < math.inf):
+            raise ConfigError(
+                f"{_where('max_audio_rate')} must be 0 (no limit) or at least 1 (real time)"
+            )
         if not 0 <= self.read_interval_ms <= 1000:
             raise ConfigError(f"{_where('read_interval_ms')} must be 0..1000")
         if self.cpu_threads < 0:

@@ -27,6 +27,7 @@ POSITIVE = [
     "idle_timeout_s",
     "resume_grace_s",
     "max_session_audio_s",
+    "audio_burst_s",
     "max_pending_frames",
     "ping_interval_s",
     "ping_timeout_s",
@@ -261,6 +262,14 @@ def test_zero_to_a_thousand_options_at_their_edges(field: str) -> None:
     assert getattr(Config(**{field: 1000}), field) == 1000
     assert names_both(config_error(**{field: -1}), field)
     assert names_both(config_error(**{field: 1001}), field)
+
+
+def test_max_audio_rate_is_off_or_at_least_real_time() -> None:
+    """max_audio_rate: 0 (no limit, the default) and 1.0 are taken; 0.99, -1, inf are not."""
+    assert Config().max_audio_rate == 0
+    assert Config(max_audio_rate=1.0).max_audio_rate == 1.0
+    for bad in (0.99, -1.0, float("inf"), float("nan")):
+        assert names_both(config_error(max_audio_rate=bad), "max_audio_rate")
 
 
 def test_max_utterance_is_capped_at_whisper_window() -> None:

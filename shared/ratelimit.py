@@ -1,0 +1,36 @@
+"""How fast one connection may send audio: a token bucket over audio bytes (sans I/O).
+
+A connection may send `burst_s` seconds of audio at once (a reconnecting client re-sends
+what was not acknowledged, plus what it recorded meanwhile), then `rate` seconds of
+audio per second of wall time: 1.0 is real time. The caller passes the clock.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class AudioRateLimit:
+    __slots__ = ("_at", "_burst", "_per_s", "_tokens", "burst_s", "rate")
+
+    def __init__(self, rate: float, burst_s: float, bytes_per_second: int, now: float) -> None:
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a positive number, got {rate!r}")
+        if not (burst_s > 0 and math.isfinite(burst_s)):
+            raise ValueError(f"burst_s must be a positive number, got {burst_s!r}")
+        self.rate, self.burst_s = rate, burst_s
+        self._per_s = rate * bytes_per_second
+        self._burst = burst_s * bytes_per_second
+        self._tokens = self._burst  # a new connection may send a whole burst at once
+        self._at = now
+
+    def take(self, nbytes: int, now: float) -> bool:
+        """Count `nbytes` of audio arriving at `now`: False if over the limit (then
+        nothing is counted)."""
+        if now > self._at:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+            self._at = now
+        if nbytes > self._tokens:
+            return False
+        self._tokens -= nbytes
+        return True

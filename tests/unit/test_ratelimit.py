@@ -1,0 +1,61 @@
+"""The audio rate limit at its edges, on a clock the test controls."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shared.ratelimit import AudioRateLimit
+
+BPS = 32000  # 16 kHz, 16-bit mono
+
+
+def test_a_whole_burst_passes_at_once_and_one_sample_more_does_not() -> None:
+    limit = AudioRateLimit(rate=2.0, burst_s=1.0, bytes_per_second=BPS, now=100.0)
+    assert all(limit.take(3200, 100.0) for _ in range(10))  # exactly 1.0 s
+    assert not limit.take(2, 100.0)  # one sample over the burst
+    assert not limit.take(2, 100.0)  # a refused frame counts nothing, refill does not
+
+
+def test_it_refills_at_the_rate_and_never_past_the_burst() -> None:
+    limit = AudioRateLimit(rate=2.0, burst_s=1.0, bytes_per_second=BPS, now=0.0)
+    assert limit.take(BPS, 0.0)
+    assert not limit.take(6402, 0.1)  # 0.1 s at 2x refilled 6400 bytes
+    assert limit.take(6400, 0.1)
+    assert not limit.take(2, 0.1)
+    assert limit.take(BPS, 100.0)  # an hour later: still one burst, no more
+    assert not limit.take(2, 100.0)
+
+
+def test_a_clock_going_backwards_refills_nothing() -> None:
+    limit = AudioRateLimit(rate=1.0, burst_s=1.0, bytes_per_second=BPS, now=10.0)
+    assert limit.take(BPS, 10.0)
+    assert not limit.take(2, 9.0)
+    assert not limit.take(2, 10.0)
+
+
+def test_real_time_streaming_is_never_refused_at_rate_one() -> None:
+    """A client sending 100 ms frames on time, with jitter inside the burst, passes."""
+    rng = random.Random(7)
+    limit = AudioRateLimit(rate=1.0, burst_s=0.5, bytes_per_second=BPS, now=0.0)
+    for k in range(1, 3001):
+        sent_at = k * 0.1 + rng.uniform(-0.2, 0.2)  # early or late by up to 200 ms
+        assert limit.take(3200, max(0.0, sent_at)), k
+
+
+def test_the_long_run_average_is_the_rate() -> None:
+    limit = AudioRateLimit(rate=3.0, burst_s=2.0, bytes_per_second=BPS, now=0.0)
+    accepted, now = 0, 0.0
+    for _ in range(20000):
+        now += 0.001
+        if limit.take(640, now):  # a client trying 20x real time
+            accepted += 640
+    assert accepted <= (2.0 + 3.0 * now) * BPS
+    assert accepted >= (3.0 * now) * BPS - 640
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (float("inf"), 1), (1, 0)])
+def test_bad_settings_are_refused(rate: float, burst: float) -> None:
+    with pytest.raises(ValueError):
+        AudioRateLimit(rate=rate, burst_s=burst, bytes_per_second=BPS, now=0.0)
