@@ -20,7 +20,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -70,7 +70,7 @@ from shared.protocol import (
     parse_query,
 )
 from shared.ratelimit import AudioRateLimit
-from shared.store import SeqGap, SessionGone, Store
+from shared.store import SeqGap, SessionGone, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,15 @@ def send_now(ws: ServerConnection, text: str) -> bool:
     ws.protocol.send_text(text.encode())
     ws.send_data()
     return True
+
+
+class QueuePlace(NamedTuple):
+    """A session no worker has claimed yet: its lane, its place in the lane, and how
+    long it had waited when this connection took it over."""
+
+    priority: str
+    place: int
+    waited_s: float
 
 
 def hash_token(token: str) -> str:
@@ -180,8 +189,8 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self.last_activity = self.loop.time()
         self.results_after = b"0-0"
-        # (priority, place in its dispatch lane) while no worker has claimed the session.
-        self.queue: tuple[str, int] | None = None
+        # Where the session waits while no worker has claimed it.
+        self.queue: QueuePlace | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -253,7 +262,7 @@ class Connection:
         self.events = await self.ctx.relay.subscribe(sid)
         await self.ctx.fleet.gateway_holds(self.ctx.gateway_id, sid)
         index = await self.ctx.store.create_session(sid, params, hash_token(token), self.conn_id)
-        self.queue = (params.priority, index)
+        self.queue = QueuePlace(params.priority, index, waited_s=0.0)
         self.session = ServerSession(params, resuming=False)
         self.delivery = Delivery(interim_results=params.interim_results)
         self.ctx.metrics.inc("sessions_started_total")
@@ -309,7 +318,10 @@ class Connection:
             await self.ctx.store.publish_replaced(sid, self.conn_id)
         self.session.resumed(meta.next_seq, open_=meta.state == "open")
         if meta.epoch == 0 and meta.state == "open":
-            self.queue = (meta.params.priority, meta.dispatch_index)
+            # Still waiting: the wait counts from when the session joined the queue, not
+            # from this connection (a client cannot reset max_queue_wait_s by resuming).
+            waited_s = max(0.0, (now_ms() - meta.created_ms) / 1000)
+            self.queue = QueuePlace(meta.params.priority, meta.dispatch_index, waited_s)
         self.delivery = Delivery(
             next_result_id=msg.last_result_id + 1,
             interim_results=meta.params.interim_results,
@@ -500,9 +512,9 @@ class Connection:
         fleet's queue (`queued`) when it changes; past `max_queue_wait_s`, give up (1013)."""
         if self.queue is None:
             return
-        priority, index = self.queue
+        priority, index, waited_s = self.queue
         sid = self._sid()
-        waited_since = self.loop.time()
+        waited_since = self.loop.time() - waited_s
         last: int | None = None
         await asyncio.sleep(min(QUEUED_AFTER_S, self.cfg.max_queue_wait_s))
         while True:

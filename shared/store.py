@@ -60,6 +60,8 @@ class SessionMeta:
     owner: str
     conn: str
     dispatch_index: int = 0
+    #: When the session was created (unix ms): when it joined the dispatch queue.
+    created_ms: int = 0
 
     @property
     def audio_seconds(self) -> float:
@@ -243,6 +245,7 @@ class Store:
             owner=_s(get(b"owner")),
             conn=_s(get(b"conn")),
             dispatch_index=int(get(b"dispatch_index", b"0")),
+            created_ms=int(get(b"created_ms", b"0")),
         )
 
     async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:

@@ -3,6 +3,7 @@ queue limits, priority lanes served strictly first, priority allowed per API key
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -183,3 +184,27 @@ async def test_session_a_free_worker_takes_at_once_is_never_told_it_is_queued(
             out = await finish(ws)
             assert out.code == 1000
             assert not out.of_type("queued")
+
+
+async def test_resuming_does_not_restart_the_queue_wait(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """max_queue_wait_s counts from when the session joined the queue: a client that
+    resumes a session that is still waiting gets 1013 once that wait is over, not a new
+    max_queue_wait_s from its new connection."""
+    svc = await service_factory(with_worker=False, max_queue_wait_s=60.0, queue_update_s=0.1)
+    ws = await open_ws(svc.url)
+    first = await started(ws)
+    sid = first["session_id"]
+    await ws.close()
+    # As if the session had joined the queue two minutes ago.
+    created = int(await redis.hget(keys.meta(SessionId(sid)), "created_ms"))
+    await redis.hset(keys.meta(SessionId(sid)), "created_ms", created - 120_000)
+    ws2 = await open_ws(svc.url, f"session_id={sid}")
+    resume = {"session_id": sid, "resume_token": first["resume_token"], "last_result_id": -1}
+    await ws2.send(json.dumps({"type": "resume", **resume}))
+    out = await asyncio.wait_for(drain(ws2), timeout=30)  # the old behaviour: 60 s
+    assert out.messages[0]["type"] == "session.resumed"
+    assert out.code == 1013
+    assert out.of_type("error")[-1]["code"] == "overloaded"
+    assert not await redis.exists(keys.meta(SessionId(sid)))

@@ -8,7 +8,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from gateway.relay import RECONCILE, Relay
+from gateway.relay import RECONCILE, TICK_SLICES, Relay
 from shared import envelope, keys
 from shared.envelope import Closed, Transcript
 from shared.keys import SessionId
@@ -39,6 +39,26 @@ async def test_tick_reaches_only_the_subscribers_that_heard_nothing(
         relay.tick()
         relay.tick()
         assert qa.empty()  # gone: no longer told anything
+    finally:
+        await relay.close()
+
+
+async def test_reconciles_are_spread_over_the_interval(redis: aioredis.Redis) -> None:
+    """Each timer step looks at one slice of the subscribers: every silent subscriber is
+    told once per interval, never all of them at the same moment."""
+    relay = Relay(redis, reconcile_interval_s=3600)
+    await relay.start()
+    try:
+        n = 3 * TICK_SLICES
+        queues = [await relay.subscribe(SessionId(f"{i:032x}")) for i in range(n)]
+        relay.tick()  # all just subscribed: nothing yet
+        assert all(q.empty() for q in queues)
+        told: list[int] = []
+        for _ in range(TICK_SLICES):
+            relay.tick_slice()
+            told.append(sum(q.qsize() for q in queues) - sum(told))
+        assert told == [3] * TICK_SLICES
+        assert all(q.qsize() == 1 and q.get_nowait() == RECONCILE for q in queues)
     finally:
         await relay.close()
 
