@@ -393,9 +393,9 @@ class Connection:
                     await self.pending.put(Control(kind="close", reason="client_closed"))
             else:
                 chunk = session.receive_audio(message)
-                if limit is not None and chunk is not None:
-                    self._check_rate(limit, len(chunk.pcm))
                 if chunk is not None:
+                    if limit is not None:
+                        self._check_rate(limit, len(chunk.pcm))
                     self.ctx.metrics.inc("audio_frames_total")
                     if self.pending.full():
                         await self.pending.put(chunk)  # back-pressure: stop reading
