@@ -18,13 +18,25 @@ and RSS come from /proc while the run lasts:
 
 Everything (gateway, null worker with its VAD, Valkey, load generator) shares the machine's
 cores, so the figures are for this machine, not for a gateway alone.
+
+With --pause-worker the worker is stopped (SIGSTOP) as soon as `up` is ready: no session
+is claimed, so every session waits in the dispatch queue while its audio is stored and
+acknowledged as usual (the protocol allows audio while queued). Only the gateway, Valkey
+and the load generator then use the cores: the gateway's own ingest path, as it would run
+with its workers on other machines. The queue limits are raised so that no session is
+refused or cancelled (--max-queue-wait-s and --queue-update-s 3600: the per-session queue
+position updates would otherwise add two Redis calls per session per second). That mode
+writes its own section.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +67,7 @@ from bench.common import (
 )
 
 HEADING = "## Gateway ingest: concurrent real-time sessions, null engine"
+HEADING_PAUSED = "## Gateway ingest with the worker paused: the gateway path alone"
 
 
 @dataclass
@@ -105,12 +118,19 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             str(n * 2 + 100),
             "--log-level",
             "WARNING",
+            *(
+                ["--max-queue-wait-s", "3600", "--queue-update-s", "3600"]
+                if args.pause_worker
+                else []
+            ),
         ],
         state / "up.log",
     )
     service.start()
     try:
         gw = service.pids["gateway"]
+        if args.pause_worker:
+            os.kill(service.pids["worker"], signal.SIGSTOP)
         busy_before = wait_quiet(args.quiet_wait_s)
         load_before = load_average()
         rss0, cpu0 = rss_bytes(gw), service.cpu()
@@ -157,6 +177,10 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             usage1.ru_utime - usage0.ru_utime + usage1.ru_stime - usage0.ru_stime
         ) / wall
     finally:
+        if args.pause_worker:
+            # Woken, it would start on hundreds of queued sessions: end it instead.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(service.pids["worker"], signal.SIGKILL)
         service.stop()
     report: dict[str, Any] = json.loads(json_out.read_text())
     m = report["metrics"]
@@ -252,7 +276,19 @@ def main() -> None:
         help="the null worker's VAD (energy: no model, so the worker leaves the cores to "
         "the gateway; silero: what a real worker runs)",
     )
-    parser.add_argument("--drain-timeout-s", type=float, default=30.0)
+    parser.add_argument(
+        "--pause-worker",
+        action="store_true",
+        help="stop the worker (SIGSTOP) once up: sessions wait in the queue, their audio is "
+        "stored and acked, and only the gateway, Valkey and the load generator run",
+    )
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=None,
+        help="how long the load generator waits for sessions to close after streaming "
+        "(default 30; 5 with --pause-worker, where none closes)",
+    )
     parser.add_argument("--budget-s", type=float, default=900.0, help="no new run after this")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
     parser.add_argument("--retries", type=int, default=2)
@@ -260,6 +296,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
+    if args.drain_timeout_s is None:
+        args.drain_timeout_s = 5.0 if args.pause_worker else 30.0
     if min(args.sessions) < 1 or max(args.sessions) > 5000:
         parser.error("--sessions must be 1..5000")
     deadline = time.monotonic() + args.budget_s
@@ -302,6 +340,24 @@ def main() -> None:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
     if args.write:
         cmd = "python bench/ingest.py " + " ".join(sys.argv[1:])
+        if args.pause_worker:
+            section = (
+                f"{HEADING_PAUSED}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
+                f"As the section above, but the worker is stopped (SIGSTOP) once `up` is "
+                f"ready: every session waits in the queue (no worker claims it) while its "
+                f"audio is stored in Valkey and acknowledged as usual, so the cores are "
+                f"shared by the gateway, Valkey and the load generator only: the gateway's "
+                f"ingest path as it runs with its workers on other machines. Queue limits "
+                f"raised so that no session is refused or cancelled "
+                f"(`--max-queue-wait-s 3600 --queue-update-s 3600`). "
+                f"{args.duration_s:.0f} s of real speech per session, pace 1.0, 100 ms "
+                f"frames, {args.ramp_rate:.0f} sessions started per second. Pass: no failed "
+                f"session, no errors, p99 ack <= {args.max_ack_ms:.0f} ms; no session can "
+                f"finish (none is transcribed), so all count as unfinished.\n\n{text}\n"
+            )
+            replace_section(args.write, HEADING_PAUSED, section)
+            print(f"wrote {args.write}")
+            return
         section = (
             f"{HEADING}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
             f"`streamscribe up --engine null --vad {args.vad} --certfile none` (one gateway "
