@@ -33,6 +33,7 @@ from websockets.protocol import State
 from gateway.admission import Admission
 from gateway.ingest import BatcherClosed, IngestBatcher
 from gateway.relay import RECONCILE, Relay
+from gateway.results import ResultsReader
 from shared import envelope
 from shared.config import Config
 from shared.delivery import Delivery
@@ -158,6 +159,8 @@ class GatewayContext:
     admission: Admission
     #: Every connection's audio goes to Redis through this one batcher (gateway/ingest.py).
     ingest: IngestBatcher
+    #: And every re-read of a results stream through this one (gateway/results.py).
+    results: ResultsReader
     #: Connections that ended while Redis was unreachable: (session, connection, done),
     #: released by the gateway's heartbeat once Redis is back.
     unreleased: list[tuple[SessionId, str, bool]] = field(default_factory=list)
@@ -501,9 +504,13 @@ class Connection:
     async def _catch_up(self) -> None:
         self.delivery.needs_catch_up = False
         sid = self._sid()
-        for entry_id, item in await self._with_retries(
-            lambda: self.ctx.store.read_results(sid, self.results_after)
-        ):
+        try:
+            entries = await self._with_retries(
+                lambda: self.ctx.results.read(sid, self.results_after)
+            )
+        except BatcherClosed:
+            raise reconnect("gateway draining; reconnect and resume") from None
+        for entry_id, item in entries:
             self.results_after = entry_id
             await self._forward(self.delivery.offer(item))
 

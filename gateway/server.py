@@ -30,6 +30,7 @@ from gateway.admission import Admission
 from gateway.connection import Connection, GatewayContext, release_session
 from gateway.ingest import IngestBatcher
 from gateway.relay import Relay
+from gateway.results import ResultsReader
 from gateway.tls import TLSContext
 from gateway.wsconn import GatewayServerConnection
 from shared.config import Config
@@ -56,6 +57,7 @@ class Gateway:
             self.tls = TLSContext(config.certfile, config.keyfile)
         self.fleet = Fleet(self.redis)
         self.batcher = IngestBatcher(self.store)
+        self.results = ResultsReader(self.store)
         self.gateway_id = GatewayId(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         self.ctx = GatewayContext(
             config,
@@ -66,6 +68,7 @@ class Gateway:
             self.gateway_id,
             Admission(self.redis, config),
             self.batcher,
+            self.results,
         )
         self._server: Server | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -86,6 +89,7 @@ class Gateway:
     async def start(self) -> None:
         await self.relay.start()
         self.batcher.start()
+        self.results.start()
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -134,6 +138,7 @@ class Gateway:
             # gateway counts as dead, and the maintenance job detaches what is left.
             await self.fleet.gateway_gone(self.gateway_id)
         await self.batcher.close()
+        await self.results.close()
         await self.relay.close()
         await self.redis.aclose()
         log.info("gateway stopped")
@@ -159,6 +164,8 @@ class Gateway:
             self.metrics.set("relay_dropped_messages", self.relay.dropped)
             self.metrics.set("ingest_pipelines", self.batcher.pipelines)
             self.metrics.set("ingest_calls", self.batcher.calls)
+            self.metrics.set("results_pipelines", self.results.pipelines)
+            self.metrics.set("results_reads", self.results.calls)
             return _text(ws, http.HTTPStatus.OK, self.metrics.render())
         return _text(
             ws, http.HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {LISTEN_PATH}\n"

@@ -141,6 +141,18 @@ def pack_ingest_calls(sha: str, calls: Sequence[tuple[SessionId, Sequence[AudioC
     return b"".join(parts)
 
 
+def _results_of(
+    entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
+) -> list[tuple[bytes, Transcript | Closed]]:
+    """The finals and closing summary among results-stream entries, with their IDs."""
+    out: list[tuple[bytes, Transcript | Closed]] = []
+    for entry_id, fields in entries:
+        item = envelope.decode_entry(fields)
+        if isinstance(item, Transcript | Closed):
+            out.append((entry_id, item))
+    return out
+
+
 def _ingest_result(reply: Sequence[Any]) -> IngestResult:
     """INGEST's reply as a result, or the error it stands for."""
     next_seq, stored, total = reply
@@ -382,12 +394,18 @@ class Store:
     ) -> list[tuple[bytes, Transcript | Closed]]:
         """Finals and the closing summary recorded after stream entry `after_id`."""
         entries = await self.redis.xrange(keys.results(sid), min=b"(" + after_id, count=count)
-        out: list[tuple[bytes, Transcript | Closed]] = []
-        for entry_id, fields in entries:
-            item = envelope.decode_entry(fields)
-            if isinstance(item, Transcript | Closed):
-                out.append((entry_id, item))
-        return out
+        return _results_of(entries)
+
+    async def read_results_many(
+        self, reads: Sequence[tuple[SessionId, bytes]], count: int = 500
+    ) -> list[list[tuple[bytes, Transcript | Closed]] | ResponseError]:
+        """`read_results` for many sessions in one pipeline (one round trip); a command
+        that failed gives its error in its place."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sid, after_id in reads:
+            pipe.xrange(keys.results(sid), min=b"(" + after_id, count=count)
+        replies = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, ResponseError) else _results_of(r) for r in replies]
 
     async def alive_workers(self, alive_s: float) -> int:
         return int(await self.redis.zcount(keys.WORKERS, now_ms() - int(alive_s * 1000), "+inf"))
