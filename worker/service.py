@@ -403,9 +403,8 @@ class Worker:
             if wait > 0:
                 await asyncio.sleep(wait)  # pacing: let the next read find more per session
             started = loop.time()
-            streams = {
-                keys.audio(s.sid): s.last_id for s in self.owned.values() if s.close_reason is None
-            }
+            targets = {keys.audio(s.sid): s for s in self.owned.values() if s.close_reason is None}
+            streams = {key: owned.last_id for key, owned in targets.items()}
             if not streams:
                 self._session_added.clear()
                 with contextlib.suppress(TimeoutError):
@@ -418,22 +417,7 @@ class Worker:
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("read", exc)
                 continue
-            work: list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]] = []
-            for key, entries in reply or []:
-                sid = keys.parse_session_from_key(key.decode())
-                owned = self.owned.get(sid) if sid else None
-                if owned is None or not entries:
-                    continue
-                owned.last_id = entries[-1][0]
-                batch: list[tuple[bytes, envelope.Envelope]] = []
-                for entry_id, fields in entries:
-                    try:
-                        batch.append((entry_id, envelope.decode_entry(fields)))
-                    except EnvelopeError as exc:
-                        log.error(
-                            "session %s: unreadable audio entry %s skipped: %s", sid, entry_id, exc
-                        )
-                work.append((owned, batch))
+            work = self._route(reply or [], targets)
             if not work:
                 continue
             self._fed.clear()
@@ -451,6 +435,36 @@ class Worker:
                 if not owned.fed_noted:  # one note is enough, however many reads it covers
                     owned.fed_noted = True
                     owned.inbox.put_nowait(FED)
+
+    def _route(
+        self, reply: list[Any], targets: dict[str, Owned]
+    ) -> list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]]:
+        """The entries of one XREAD reply, decoded, for the sessions they were read for.
+
+        Entries go only to the `Owned` whose `last_id` the read was made from. While the
+        read was in flight that session may have stopped, or stopped and been claimed
+        again by this worker (a lost lease, then a takeover): its new `Owned` starts from
+        its own checkpoint, and entries read after the old one's position would make it
+        skip the audio in between."""
+        work: list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]] = []
+        for key, entries in reply:
+            owned = targets.get(key.decode())
+            if owned is None or not entries or self.owned.get(owned.sid) is not owned:
+                continue
+            owned.last_id = entries[-1][0]
+            batch: list[tuple[bytes, envelope.Envelope]] = []
+            for entry_id, fields in entries:
+                try:
+                    batch.append((entry_id, envelope.decode_entry(fields)))
+                except EnvelopeError as exc:
+                    log.error(
+                        "session %s: unreadable audio entry %s skipped: %s",
+                        owned.sid,
+                        entry_id,
+                        exc,
+                    )
+            work.append((owned, batch))
+        return work
 
     async def _may_touch(self) -> None:
         """Return once no feed job is running (at once if none is): from then until its
