@@ -506,7 +506,8 @@ class Worker:
                 s.decode_task.cancel()
             if self.scheduler is not None:
                 self.scheduler.forget(s.sid)
-            self.owned.pop(s.sid, None)
+            if self.owned.get(s.sid) is s:  # never another claim's state of the session
+                del self.owned[s.sid]
             self._slot_freed.set()
 
     async def _session_loop(self, s: Owned) -> None:
