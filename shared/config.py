@@ -336,6 +336,15 @@ class Config:
         "worker spends less CPU per frame; audio reaches the VAD at most this much later.",
         WORKER,
     )
+    read_streams_per_s: int = _opt(
+        10_000,
+        "Most audio streams the worker names per second in its reads (0: no limit). A "
+        "read's cost in Redis and in the worker grows with the streams it names, and at "
+        "short intervals most have nothing new; with more sessions than this times "
+        "read_interval_ms, reads are spaced further apart, never more than 1 s (10,000: 500 "
+        "sessions are read every 50 ms, 1,000 every 100 ms).",
+        WORKER,
+    )
     worker_id: str | None = _opt(None, "Name of this worker (default: host-pid).", WORKER)
 
     def __post_init__(self) -> None:
@@ -406,6 +415,8 @@ class Config:
             )
         if not 0 <= self.read_interval_ms <= 1000:
             raise ConfigError(f"{_where('read_interval_ms')} must be 0..1000")
+        if not (self.read_streams_per_s == 0 or self.read_streams_per_s >= 1000):
+            raise ConfigError(f"{_where('read_streams_per_s')} must be 0 (no limit) or >= 1000")
         if self.cpu_threads < 0:
             raise ConfigError(f"{_where('cpu_threads')} must be >= 0")
         if not 3.0 <= self.max_utterance_s <= 28.0:

@@ -10,28 +10,25 @@ from __future__ import annotations
 # Returns {next_seq, stored, audio_bytes}; next_seq -1: unknown session,
 # -2: session no longer open, -3: gap (first_seq > next_seq; third value = next_seq).
 INGEST = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {-1, 0, 0} end
-if state ~= 'open' then return {-2, 0, 0} end
-local next_seq = tonumber(redis.call('HGET', KEYS[1], 'next_seq'))
+local m = redis.call('HMGET', KEYS[1], 'state', 'next_seq', 'audio_bytes')
+if not m[1] then return {-1, 0, 0} end
+if m[1] ~= 'open' then return {-2, 0, 0} end
+local next_seq = tonumber(m[2])
+local total = tonumber(m[3] or '0')
 local first = tonumber(ARGV[1])
 if first > next_seq then return {-3, 0, next_seq} end
-local stored, nbytes = 0, 0
+local stored = 0
 for i = 2, #ARGV, 2 do
   local seq = first + (i - 2) / 2
   if seq == next_seq then
     redis.call('XADD', KEYS[2], '*', 'seq', seq, 'm', ARGV[i])
     next_seq = next_seq + 1
     stored = stored + 1
-    nbytes = nbytes + tonumber(ARGV[i + 1])
+    total = total + tonumber(ARGV[i + 1])
   end
 end
-local total = 0
 if stored > 0 then
-  redis.call('HSET', KEYS[1], 'next_seq', next_seq)
-  total = redis.call('HINCRBY', KEYS[1], 'audio_bytes', nbytes)
-else
-  total = tonumber(redis.call('HGET', KEYS[1], 'audio_bytes') or '0')
+  redis.call('HSET', KEYS[1], 'next_seq', next_seq, 'audio_bytes', total)
 end
 return {next_seq, stored, total}
 """

@@ -443,6 +443,19 @@ class Store:
     async def renew(self, sid: SessionId, token: str, lease_s: float) -> bool:
         return bool(await self._renew(keys=[keys.lease(sid)], args=[token, int(lease_s * 1000)]))
 
+    async def renew_many(
+        self, leases: Sequence[tuple[SessionId, str]], lease_s: float
+    ) -> list[bool]:
+        """`renew` for many (session, token) pairs in one pipeline (one round trip, plus
+        one to load the script if the server lost it); True where the lease was held."""
+        if not leases:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        ms = int(lease_s * 1000)
+        for sid, token in leases:
+            await self._renew(keys=[keys.lease(sid)], args=[token, ms], client=pipe)  # queued
+        return [bool(r) for r in await pipe.execute()]
+
     async def publish_interim(self, sid: SessionId, token: str, item: Transcript) -> bool:
         return bool(
             await self._interim(

@@ -560,11 +560,14 @@ class EnergyVad:
 
     def __init__(self, threshold: float = 0.01) -> None:
         self.threshold = threshold
+        # RMS >= threshold, compared as a sum of squares: one numpy call per batch
+        # instead of four (square, mean, sqrt, compare all showed in the null profile).
+        self._min_energy = threshold * threshold * VAD_WINDOW
 
     def __call__(self, windows: Audio) -> npt.NDArray[np.float32]:
         batch = windows.reshape(-1, VAD_WINDOW)
-        rms = np.sqrt(np.mean(np.square(batch), axis=1))
-        return np.asarray(rms >= self.threshold, dtype=np.float32)
+        energy: npt.NDArray[np.float32] = np.einsum("ij,ij->i", batch, batch)
+        return np.asarray(energy >= self._min_energy, dtype=np.float32)
 
 
 def make_vad(kind: str) -> StreamingVad | EnergyVad:

@@ -395,9 +395,8 @@ class Worker:
         conversion and VAD (null engine, hundreds of sessions). While the job runs, the
         session tasks wait at `_fed` before touching their transcriber (see `_may_touch`),
         so a transcriber is never used from two threads at once."""
-        interval = self.config.read_interval_ms / 1000
         loop = asyncio.get_running_loop()
-        started = -interval
+        started, interval = -1.0, 0.0
         while not self._closing.is_set():
             wait = started + interval - loop.time()
             if wait > 0:
@@ -405,6 +404,9 @@ class Worker:
             started = loop.time()
             targets = {keys.audio(s.sid): s for s in self.owned.values() if s.close_reason is None}
             streams = {key: owned.last_id for key, owned in targets.items()}
+            interval = read_spacing_s(
+                len(streams), self.config.read_interval_ms, self.config.read_streams_per_s
+            )
             if not streams:
                 self._session_added.clear()
                 with contextlib.suppress(TimeoutError):
@@ -634,8 +636,13 @@ class Worker:
             owned = list(self.owned.values())
             try:
                 held: list[Owned] = []
-                for s in owned:
-                    if await self.store.renew(s.sid, s.token, self.config.lease_s):
+                # One round trip for all: renewing one by one took a round trip per
+                # session, hundreds of them in a row with a null engine.
+                renewed = await self.store.renew_many(
+                    [(s.sid, s.token) for s in owned], self.config.lease_s
+                )
+                for s, ok in zip(owned, renewed, strict=True):
+                    if ok:
                         held.append(s)
                         continue
                     log.warning("session %s: lease lost to another worker", s.sid)
@@ -706,6 +713,16 @@ class Worker:
                 return
         log.warning("%s: redis unavailable (%s); retrying", where, exc)
         await self._pause(0.5)
+
+
+def read_spacing_s(streams: int, interval_ms: int, streams_per_s: int) -> float:
+    """Seconds from the start of one read of `streams` audio streams to the next: at
+    least `interval_ms`, longer where that would name more than `streams_per_s` streams a
+    second (0: no such limit), and never more than 1 s."""
+    spacing = interval_ms / 1000
+    if streams_per_s:
+        spacing = max(spacing, min(1.0, streams / streams_per_s))
+    return spacing
 
 
 def _str(value: bytes | str) -> str:

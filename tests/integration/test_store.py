@@ -97,3 +97,24 @@ async def test_final_numbering_cannot_skip(redis: aioredis.Redis) -> None:
     token = f"w1:{claim.epoch}"
     assert await store.publish_final(SID, token, Transcript(1, True, 0, 1, "x"), "0-1", 0, 0) == -2
     assert await store.publish_final(SID, token, Transcript(0, True, 0, 1, "x"), "0-1", 0, 0) == 1
+
+
+async def test_renew_many_renews_only_leases_still_held(redis: aioredis.Redis) -> None:
+    """One pipeline renews every lease whose token still matches and reports the others
+    as lost, also after the server lost its script cache."""
+    store = Store(redis)
+    other = SessionId("cd" * 16)
+    await _new_session(store)
+    await store.create_session(other, SessionParams(), "tokenhash", "conn-2")
+    mine = await store.claim(SID, WorkerId("w1"), lease_s=5)
+    theirs = await store.claim(other, WorkerId("w1"), lease_s=5)
+    assert isinstance(mine, ClaimResult) and isinstance(theirs, ClaimResult)
+    await redis.delete(keys.lease(other))  # lost, then claimed by another worker
+    taken = await store.claim(other, WorkerId("w2"), lease_s=5)
+    assert isinstance(taken, ClaimResult)
+    await redis.script_flush()
+    renewed = await store.renew_many([(SID, "w1:1"), (other, "w1:1")], lease_s=60)
+    assert renewed == [True, False]
+    assert 5000 < await redis.pttl(keys.lease(SID)) <= 60_000
+    assert await redis.pttl(keys.lease(other)) <= 5000  # w2's lease untouched
+    assert await store.renew_many([], lease_s=60) == []

@@ -264,6 +264,15 @@ def test_zero_to_a_thousand_options_at_their_edges(field: str) -> None:
     assert names_both(config_error(**{field: 1001}), field)
 
 
+def test_read_streams_per_s_is_off_or_at_least_a_thousand() -> None:
+    """read_streams_per_s: 0 (no limit) and 1000 are taken; 999 and -1 are not."""
+    assert Config().read_streams_per_s == 10_000
+    assert Config(read_streams_per_s=0).read_streams_per_s == 0
+    assert Config(read_streams_per_s=1000).read_streams_per_s == 1000
+    for bad in (999, 1, -1):
+        assert names_both(config_error(read_streams_per_s=bad), "read_streams_per_s")
+
+
 def test_max_audio_rate_is_off_or_at_least_real_time() -> None:
     """max_audio_rate: 0 (no limit, the default) and 1.0 are taken; 0.99, -1, inf are not."""
     assert Config().max_audio_rate == 0
