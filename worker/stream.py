@@ -279,12 +279,7 @@ class SessionTranscriber:
                 self._prompt,
                 early=True,
             )
-        elif (
-            self.opt.interim_results
-            and self._utt_start is not None
-            and self._vad_pos - self._last_interim_end >= self._interim_every
-            and not (0 < self._interim_pause <= self._vad_pos - self._last_speech_end)
-        ):
+        elif self._interim_due():
             start = self._open_start()
             end = self._vad_pos
             self._last_interim_end = end
@@ -295,6 +290,26 @@ class SessionTranscriber:
             return None
         self._outstanding = req
         return req
+
+    def has_work(self) -> bool:
+        """Whether the session's task has anything to do now: finals ready to publish,
+        the stream done, or a decode that `next_request` would start. False means that
+        neither `take_ready` nor `next_request` would return anything, so the task need
+        not be woken for the audio just fed."""
+        if self._ready or self.done:
+            return True
+        if self._outstanding is not None:
+            return False
+        return bool(self._pending) or self._early_due() or self._interim_due()
+
+    def _interim_due(self) -> bool:
+        """Whether the open utterance is due an interim decode (and not in a pause)."""
+        return (
+            self.opt.interim_results
+            and self._utt_start is not None
+            and self._vad_pos - self._last_interim_end >= self._interim_every
+            and not (0 < self._interim_pause <= self._vad_pos - self._last_speech_end)
+        )
 
     def complete(self, req: DecodeRequest, segments: list[Segment]) -> list[Output]:
         """Results of a decode started by `next_request`."""
