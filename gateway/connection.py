@@ -194,6 +194,8 @@ class Connection:
         self.results_after = b"0-0"
         # Where the session waits while no worker has claimed it.
         self.queue: QueuePlace | None = None
+        # (age in s, audio bytes stored) of a resumed session, for its rate limit.
+        self.resumed_usage: tuple[float, int] = (0.0, 0)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -320,6 +322,7 @@ class Connection:
         if previous:
             await self.ctx.store.publish_replaced(sid, self.conn_id)
         self.session.resumed(meta.next_seq, open_=meta.state == "open")
+        self.resumed_usage = (max(0.0, (now_ms() - meta.created_ms) / 1000), meta.audio_bytes)
         if meta.epoch == 0 and meta.state == "open":
             # Still waiting: the wait counts from when the session joined the queue, not
             # from this connection (a client cannot reset max_queue_wait_s by resuming).
@@ -378,6 +381,8 @@ class Connection:
                 self.cfg.audio_burst_s,
                 session.params.bytes_per_second,
                 self.loop.time(),
+                age_s=self.resumed_usage[0],
+                stored_bytes=self.resumed_usage[1],
             )
         async for message in self.ws:
             self.last_activity = self.loop.time()

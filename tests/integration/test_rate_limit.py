@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ServiceFactory
@@ -59,3 +60,43 @@ async def test_no_limit_by_default(service_factory: ServiceFactory) -> None:
     out = await drain(ws)
     assert out.code == 1000
     assert max(m["seq"] for m in out.of_type("ack")) == 99
+
+
+async def _send_acked(ws: ClientConnection, frames: int) -> tuple[int, str | None]:
+    """Send frames one at a time, each after the previous one's ack; (frames acked, the
+    error code that stopped it or None)."""
+    acked = 0
+    for _ in range(frames):
+        await ws.send(FRAME)
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == "ack":
+                acked += 1
+                break
+            if msg["type"] == "error":
+                return acked, str(msg["code"])
+    return acked, None
+
+
+async def test_resuming_does_not_refill_the_burst(service_factory: ServiceFactory) -> None:
+    """A session that used its burst and resumes at once gets what it has left (burst +
+    rate * age - stored), not a new burst: reconnecting does not reset the limit."""
+    svc = await service_factory(max_audio_rate=1.0, audio_burst_s=3.0)
+    t0 = time.monotonic()  # before the session exists: its age is at most time since t0
+    ws = await open_ws(svc.url)
+    first = await started(ws)
+    assert await _send_acked(ws, 30) == (30, None)  # the whole 3 s burst, stored
+    await ws.close()  # dropped without close_stream: the session waits to be resumed
+    sid = first["session_id"]
+    ws2 = await open_ws(svc.url, f"session_id={sid}")
+    resume = {"session_id": sid, "resume_token": first["resume_token"], "last_result_id": -1}
+    await ws2.send(json.dumps({"type": "resume", **resume}))
+    reply = json.loads(await ws2.recv())
+    assert reply == {"type": "session.resumed", "session_id": sid, "next_seq": 30}
+    acked, error = await _send_acked(ws2, 100)
+    age = time.monotonic() - t0
+    await drain(ws2)
+    assert error == "rate_limited"
+    # All it had left was what real time gave it since t0. Without the session's own
+    # count the new connection took a whole new burst: 30 frames.
+    assert acked * 0.1 <= 1.0 * age + 1e-9, (acked, age)

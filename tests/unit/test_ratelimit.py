@@ -59,3 +59,20 @@ def test_the_long_run_average_is_the_rate() -> None:
 def test_bad_settings_are_refused(rate: float, burst: float) -> None:
     with pytest.raises(ValueError):
         AudioRateLimit(rate=rate, burst_s=burst, bytes_per_second=BPS, now=0.0)
+
+
+def test_a_resumed_session_starts_with_what_it_has_left() -> None:
+    """burst + rate * age - stored, to the byte: reconnecting never refills the bucket."""
+    # 5 s old, 2x, 1 s burst: 11 s allowed so far; 10.5 s stored leaves 0.5 s.
+    limit = AudioRateLimit(2.0, 1.0, BPS, now=0.0, age_s=5.0, stored_bytes=int(10.5 * BPS))
+    assert limit.take(BPS // 2, 0.0)
+    assert not limit.take(2, 0.0)
+    # Stored more than allowed (it was sent before the limit was turned on): starts empty
+    # and refills at the rate, as any connection does.
+    over = AudioRateLimit(2.0, 1.0, BPS, now=0.0, age_s=1.0, stored_bytes=100 * BPS)
+    assert not over.take(2, 0.0)
+    assert over.take(6400, 0.1)
+    # Idle for long: no more than one burst, as for a new connection.
+    idle = AudioRateLimit(2.0, 1.0, BPS, now=0.0, age_s=3600.0, stored_bytes=BPS)
+    assert idle.take(BPS, 0.0)
+    assert not idle.take(2, 0.0)
