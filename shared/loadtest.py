@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -30,13 +31,13 @@ import traceback
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, Protocol, TextIO, TypeVar, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State
+from websockets.protocol import Event, State
 
 from shared.envelope import Closed, Transcript
 from shared.errors import ConfigError, ProtocolViolation
@@ -343,6 +344,7 @@ class Run:
         rec = self.recorder.sessions[index]
         await asyncio.sleep(max(0.0, start_offset - self.clock()))
         rec.connecting(self.clock())
+        handler = SessionHandler(self, clip, rec)
         try:
             ws = await connect(
                 self.options.session_url(clip),
@@ -352,42 +354,24 @@ class Run:
                 open_timeout=self.options.open_timeout_s,
                 close_timeout=2,
                 max_size=2**20,
+                create_connection=cast(
+                    "type[ClientConnection]", functools.partial(CallbackConnection, handler)
+                ),
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             rec.connect_failed(self.clock(), _describe(exc))
             return
-        stream: Stream | None = None
         try:
-            async for raw in ws:
-                t = self.clock()
-                msg = _parse(raw, rec)
-                if isinstance(msg, Ack):
-                    rec.ack(t, msg.seq)
-                    if stream is not None and stream.waiting and rec.unacked < stream.window:
-                        stream.waiting = False
-                        self.pacer.schedule(time.monotonic(), stream)
-                elif isinstance(msg, Transcript):
-                    rec.transcript(t, msg.result_id, msg.is_final, msg.end, msg.text)
-                elif isinstance(msg, SessionStarted) and stream is None:
-                    rec.started(t, msg.session_id)
-                    copies = self.options.copies(clip)
-                    stream = Stream(ws, rec, clip, copies, self.options, time.monotonic(), self.t0)
-                    self.pacer.schedule(time.monotonic(), stream)
-                elif isinstance(msg, Closed):
-                    rec.session_closed(t, msg.reason, msg.audio_seconds, msg.final_results)
-                elif isinstance(msg, ErrorMessage):
-                    rec.error_message(t, msg.code)
-                elif isinstance(msg, Queued):
-                    rec.queued(t, msg.position)
-        except ConnectionClosed:
-            pass
+            await ws.wait_closed()
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await ws.close(1001, "load test deadline")
             raise
         finally:
-            if stream is not None:
-                stream.closed = True
+            if handler.stream is not None:
+                handler.stream.closed = True
+        if handler.error is not None:
+            raise handler.error
         rec.connection_closed(self.clock(), ws.close_code or 1006, ws.close_reason or "")
 
     async def guarded_session(self, index: int) -> None:
@@ -399,6 +383,99 @@ class Run:
             self.recorder.sessions[index].connect_failed(
                 self.clock(), f"load tester error: {type(exc).__name__}"
             )
+
+
+class SessionHandler:
+    """What one session does with each message from the server. Called from the
+    connection's protocol callback (`CallbackConnection`): no task wakes per message."""
+
+    def __init__(self, run: Run, clip: Clip, rec: SessionRecorder) -> None:
+        self.run, self.clip, self.rec = run, clip, rec
+        self.stream: Stream | None = None
+        self.error: Exception | None = None  # a bug in this client: ends the session
+
+    def __call__(self, ws: ClientConnection, raw: str | bytes) -> None:
+        run, rec = self.run, self.rec
+        t = run.clock()
+        msg = _parse(raw, rec)
+        stream = self.stream
+        if isinstance(msg, Ack):
+            rec.ack(t, msg.seq)
+            if stream is not None and stream.waiting and rec.unacked < stream.window:
+                stream.waiting = False
+                run.pacer.schedule(time.monotonic(), stream)
+        elif isinstance(msg, Transcript):
+            rec.transcript(t, msg.result_id, msg.is_final, msg.end, msg.text)
+        elif isinstance(msg, SessionStarted) and stream is None:
+            rec.started(t, msg.session_id)
+            copies = run.options.copies(self.clip)
+            self.stream = Stream(
+                ws, rec, self.clip, copies, run.options, time.monotonic(), run.t0
+            )
+            run.pacer.schedule(time.monotonic(), self.stream)
+        elif isinstance(msg, Closed):
+            rec.session_closed(t, msg.reason, msg.audio_seconds, msg.final_results)
+        elif isinstance(msg, ErrorMessage):
+            rec.error_message(t, msg.code)
+        elif isinstance(msg, Queued):
+            rec.queued(t, msg.position)
+
+
+class MessageHandler(Protocol):
+    """Takes each whole message of a `CallbackConnection`; `error` records a failure of
+    its own (the connection is then aborted)."""
+
+    error: Exception | None
+
+    def __call__(self, ws: ClientConnection, raw: str | bytes) -> None: ...
+
+
+class CallbackConnection(ClientConnection):
+    """A client connection that hands each whole message to `handler` from the protocol
+    callback, instead of queueing it for a task to `recv`.
+
+    The load generator gets an ack per frame per session: with hundreds of sessions,
+    waking each session's task for each ack (and websockets' message assembly) was a
+    fifth of its CPU. Fragmented messages are joined here; control frames (ping, pong,
+    close) are left to websockets."""
+
+    def __init__(self, handler: MessageHandler, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handler = handler
+        self._parts: list[bytes] = []
+        self._text = False
+
+    def process_event(self, event: Event) -> None:
+        if self.response is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake
+            return
+        opcode = event.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self._parts, self._text = [bytes(event.data)], opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT:
+            self._parts.append(bytes(event.data))
+        else:
+            super().process_event(event)
+            return
+        if not event.fin:
+            return
+        data = b"".join(self._parts)
+        self._parts = []
+        if self.handler.error is not None:
+            return
+        try:
+            self.handler(self, _text_or_bytes(data) if self._text else data)
+        except Exception as exc:  # a bug here: end this session, not the whole run
+            self.handler.error = exc
+            self.transport.abort()
+
+
+def _text_or_bytes(data: bytes) -> str | bytes:
+    """A text message as str; invalid UTF-8 stays bytes (counted as an anomaly)."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
 
 
 def _parse(raw: str | bytes, rec: SessionRecorder) -> object:

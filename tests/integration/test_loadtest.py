@@ -211,3 +211,50 @@ def test_plot_without_matplotlib_names_the_install(
     argv = ["loadtest", "--url", "ws://127.0.0.1:1/", "--audio", S1, "--plot"]
     assert main([*argv, str(tmp_path / "p.png")]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+class Recorder:
+    """A `MessageHandler` that keeps what it is given; raises on the message 'boom'."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.messages: list[str | bytes] = []
+
+    def __call__(self, ws: object, raw: str | bytes) -> None:
+        if raw == "boom":
+            raise RuntimeError("handler bug")
+        self.messages.append(raw)
+
+
+async def test_callback_connection_joins_fragments_and_keeps_order() -> None:
+    """The load generator's connection hands over whole messages, in order, fragmented
+    or not, text as str and binary as bytes; invalid UTF-8 in a text message stays bytes;
+    pings still work; a handler that raises ends that connection with its error kept."""
+    import functools
+    from typing import cast
+
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from shared.loadtest import CallbackConnection
+
+    async def server(ws: ServerConnection) -> None:
+        await ws.send("one")
+        await ws.send(["tw", "o"])  # one message in two frames
+        await ws.send(b"\x00\x01")
+        await ws.send([b"\x02", b"\x03"])
+        await ws.send("three")
+        ws.protocol.send_text(b"\xff\xfe")  # not UTF-8: websockets would fail it
+        ws.send_data()  # flush the raw frame
+        await ws.ping()
+        await ws.send(await ws.recv())  # echoes the client's message (boom)
+
+    async with serve(server, "127.0.0.1", 0) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        rec = Recorder()
+        factory = cast("type[ClientConnection]", functools.partial(CallbackConnection, rec))
+        ws = await connect(f"ws://127.0.0.1:{port}", create_connection=factory)
+        await ws.send("boom")
+        await ws.wait_closed()
+    assert rec.messages == ["one", "two", b"\x00\x01", b"\x02\x03", "three", b"\xff\xfe"]
+    assert isinstance(rec.error, RuntimeError) and str(rec.error) == "handler bug"
