@@ -8,6 +8,7 @@ Stream entries carry the envelope in field `m`, next to a few plain fields (`t`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -175,6 +176,15 @@ def decode(data: bytes) -> Envelope:
     except (KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"malformed {tag!r} envelope: {exc!r}") from None
     raise EnvelopeError(f"unknown envelope tag {tag!r}")
+
+
+def decode_fields(fields: Sequence[bytes]) -> Envelope:
+    """Decode a stream entry given as its flat field list (field, value, ...), as XREAD
+    returns it before any reply callback."""
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == FIELD:
+            return decode(fields[i + 1])
+    raise EnvelopeError("stream entry has no 'm' field")
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> Envelope:

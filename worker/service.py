@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -90,6 +90,10 @@ class Owned:
     feed_error: Exception | None = None  # set by the VAD thread; raised by the session task
     fed_noted: bool = False  # a FED note is in the inbox, not yet taken
     wake: bool = False  # set by the VAD thread: the task has work after the last feed
+    audio_key: bytes = b""  # keys.audio(sid), encoded once
+
+    def __post_init__(self) -> None:
+        self.audio_key = keys.audio(self.sid).encode()
 
 
 class Worker:
@@ -403,8 +407,8 @@ class Worker:
             if wait > 0:
                 await asyncio.sleep(wait)  # pacing: let the next read find more per session
             started = loop.time()
-            targets = {keys.audio(s.sid): s for s in self.owned.values() if s.close_reason is None}
-            streams = {key: owned.last_id for key, owned in targets.items()}
+            targets = {s.audio_key: s for s in self.owned.values() if s.close_reason is None}
+            streams = [(key, owned.last_id) for key, owned in targets.items()]
             interval = read_spacing_s(
                 len(streams), self.config.read_interval_ms, self.config.read_streams_per_s
             )
@@ -414,13 +418,13 @@ class Worker:
                     await asyncio.wait_for(self._session_added.wait(), 0.5)
                 continue
             try:
-                reply = await self.redis.xread(
-                    cast(Any, streams), count=200, block=self.config.read_block_ms
+                reply = await self.store.read_audio(
+                    streams, count=200, block_ms=self.config.read_block_ms
                 )
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("read", exc)
                 continue
-            work = self._route(reply or [], targets)
+            work = self._route(reply, targets)
             if not work:
                 continue
             self._fed.clear()
@@ -443,7 +447,9 @@ class Worker:
                     owned.inbox.put_nowait(FED)
 
     def _route(
-        self, reply: list[Any], targets: dict[str, Owned]
+        self,
+        reply: list[tuple[bytes, list[tuple[bytes, list[bytes]]]]],
+        targets: dict[bytes, Owned],
     ) -> list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]]:
         """The entries of one XREAD reply, decoded, for the sessions they were read for.
 
@@ -454,14 +460,14 @@ class Worker:
         skip the audio in between."""
         work: list[tuple[Owned, list[tuple[bytes, envelope.Envelope]]]] = []
         for key, entries in reply:
-            owned = targets.get(key.decode())
+            owned = targets.get(key)
             if owned is None or not entries or self.owned.get(owned.sid) is not owned:
                 continue
             owned.last_id = entries[-1][0]
             batch: list[tuple[bytes, envelope.Envelope]] = []
             for entry_id, fields in entries:
                 try:
-                    batch.append((entry_id, envelope.decode_entry(fields)))
+                    batch.append((entry_id, envelope.decode_fields(fields)))
                 except EnvelopeError as exc:
                     log.error(
                         "session %s: unreadable audio entry %s skipped: %s",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import envelope, keys
 from shared.envelope import AudioChunk, Transcript
@@ -118,3 +120,29 @@ async def test_renew_many_renews_only_leases_still_held(redis: aioredis.Redis) -
     assert 5000 < await redis.pttl(keys.lease(SID)) <= 60_000
     assert await redis.pttl(keys.lease(other)) <= 5000  # w2's lease untouched
     assert await store.renew_many([], lease_s=60) == []
+
+
+async def test_read_audio_reads_many_streams_from_their_ids(redis: aioredis.Redis) -> None:
+    """`read_audio` (the worker's hand-packed XREAD): entries after each stream's own ID,
+    in order, with flat field lists; [] when nothing arrives within the block; streams
+    with nothing new are left out; a reply is still read after the server dropped the
+    connection it keeps."""
+    store = Store(redis)
+    other = SessionId("cd" * 16)
+    for sid in (SID, other):
+        await store.create_session(sid, SessionParams(), "tokenhash", "conn")
+    await store.ingest(SID, [AudioChunk(0, b"\0\0"), AudioChunk(1, b"\1\1")])
+    first = (await redis.xrange(keys.audio(SID)))[0][0]
+    a, b = keys.audio(SID).encode(), keys.audio(other).encode()
+    reply = await store.read_audio([(a, first), (b, b"0-0")], count=10, block_ms=10)
+    assert len(reply) == 1 and reply[0][0] == a
+    [(entry_id, fields)] = reply[0][1]
+    assert entry_id > first
+    assert envelope.decode_fields(fields) == AudioChunk(1, b"\1\1")
+    assert await store.read_audio([(a, entry_id), (b, b"0-0")], count=10, block_ms=10) == []
+    await store.ingest(other, [AudioChunk(0, b"\2\2")])
+    await redis.client_kill_filter(_type="normal", skipme=True)  # drops the kept connection
+    with pytest.raises(RedisConnectionError):  # the caller retries (the worker does)
+        await store.read_audio([(b, b"0-0")], count=10, block_ms=10)
+    again = await store.read_audio([(b, b"0-0")], count=10, block_ms=10)
+    assert [envelope.decode_fields(f) for _, f in again[0][1]] == [AudioChunk(0, b"\2\2")]

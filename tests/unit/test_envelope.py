@@ -20,6 +20,7 @@ from shared.envelope import (
     Word,
     decode,
     decode_entry,
+    decode_fields,
     encode,
 )
 from shared.errors import EnvelopeError
@@ -175,3 +176,18 @@ def test_decode_entry_with_garbage_in_m_is_rejected() -> None:
     """A stream entry whose m field is not an envelope raises EnvelopeError."""
     with pytest.raises(EnvelopeError):
         decode_entry({FIELD: b"\xc1"})
+
+
+def test_decode_fields_reads_the_m_field_of_a_flat_list() -> None:
+    """decode_fields takes XREAD's flat (field, value, ...) list; m may be anywhere, and
+    a value that happens to equal b'm' is not taken for the field."""
+    item = AudioChunk(4, b"\x01\x02")
+    assert decode_fields([b"seq", b"4", FIELD, encode(item)]) == item
+    assert decode_fields([FIELD, encode(item), b"seq", b"4"]) == item
+    assert decode_fields([b"t", FIELD, FIELD, encode(item)]) == item
+
+
+@pytest.mark.parametrize("fields", [[], [b"seq", b"4"], [b"t", FIELD], [FIELD]])
+def test_decode_fields_without_m_field_is_rejected(fields: list[bytes]) -> None:
+    with pytest.raises(EnvelopeError, match="'m'"):
+        decode_fields(fields)

@@ -19,6 +19,7 @@ from worker.engine import NullEngine
 from worker.service import Owned, Worker
 
 SID = SessionId("a" * 32)
+KEY = keys.audio(SID).encode()
 
 
 def owned(last_id: bytes, epoch: int) -> Owned:
@@ -28,10 +29,11 @@ def owned(last_id: bytes, epoch: int) -> Owned:
                  cast(Any, None), last_id)  # fmt: skip
 
 
-def reply(*ids: bytes) -> list[Any]:
-    entries = [(i, {envelope.FIELD: envelope.encode(AudioChunk(n, b"\0\0"))}) for n, i in
-               enumerate(ids)]  # fmt: skip
-    return [[keys.audio(SID).encode(), entries]]
+def reply(*ids: bytes) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
+    """An XREAD reply as `Store.read_audio` returns it (flat field lists)."""
+    entries = [(i, [b"seq", b"%d" % n, envelope.FIELD, envelope.encode(AudioChunk(n, b"\0\0"))])
+               for n, i in enumerate(ids)]  # fmt: skip
+    return [(keys.audio(SID).encode(), entries)]
 
 
 async def test_a_reply_for_a_replaced_session_is_dropped() -> None:
@@ -39,15 +41,15 @@ async def test_a_reply_for_a_replaced_session_is_dropped() -> None:
     try:
         old, new = owned(b"5-0", epoch=1), owned(b"0-0", epoch=2)
         worker.owned[SID] = new  # lease lost, claimed again while the read was in flight
-        assert worker._route(reply(b"6-0", b"7-0"), {keys.audio(SID): old}) == []
+        assert worker._route(reply(b"6-0", b"7-0"), {KEY: old}) == []
         assert new.last_id == b"0-0"  # the new owner still reads from its checkpoint
         # The same reply for the state it was read for is delivered, and moves it on.
-        work = worker._route(reply(b"6-0", b"7-0"), {keys.audio(SID): new})
+        work = worker._route(reply(b"6-0", b"7-0"), {KEY: new})
         assert [(o, [i for i, _ in batch]) for o, batch in work] == [(new, [b"6-0", b"7-0"])]
         assert new.last_id == b"7-0"
         # A session no longer held at all gets nothing either.
         del worker.owned[SID]
-        assert worker._route(reply(b"8-0"), {keys.audio(SID): new}) == []
+        assert worker._route(reply(b"8-0"), {KEY: new}) == []
         assert new.last_id == b"7-0"
     finally:
         worker._cpu.shutdown()
