@@ -2,7 +2,7 @@
 
 Every `ingest` made while the previous pipeline was in flight (or during the same
 event-loop turn) goes out together as one pipeline of INGEST calls (`Store.ingest_many`),
-with the guarantees of `gateway.batching.GroupCommit`: a connection's call returns only
+with the guarantees of `shared.batching.GroupCommit`: a connection's call returns only
 after its frames are stored (so the `ack` still means stored); a writer awaits each call
 before making the next, so one session never has two calls in flight; `SessionGone`,
 `SeqGap` and script errors reach the one caller they belong to; a connection error
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.batching import BatcherClosed, GroupCommit
+from shared.batching import BatcherClosed, GroupCommit
 from shared.envelope import AudioChunk
 from shared.keys import SessionId
 from shared.store import IngestResult, Store

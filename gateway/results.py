@@ -4,13 +4,13 @@ A connection re-reads its session's results stream (`XRANGE` after the last entr
 seen) on a resume, on a gap in `result_id`s and when the relay says `RECONCILE` (no
 pub/sub message for a whole `reconcile_interval_s`). A gateway with hundreds of quiet or
 queued sessions makes hundreds of those a second; alone, each cost a pooled connection's
-checks and a round trip. Batched like the audio (`gateway.batching.GroupCommit`), they go
+checks and a round trip. Batched like the audio (`shared.batching.GroupCommit`), they go
 out as pipelines of `XRANGE`s (`Store.read_results_many`).
 """
 
 from __future__ import annotations
 
-from gateway.batching import GroupCommit
+from shared.batching import GroupCommit
 from shared.envelope import Closed, Transcript
 from shared.keys import SessionId
 from shared.store import Store

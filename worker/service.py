@@ -36,11 +36,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import envelope, keys
+from shared.batching import GroupCommit
 from shared.config import Config
 from shared.envelope import AudioChunk, Closed, CloseReason, Control
 from shared.errors import EnvelopeError
 from shared.keys import SessionId, WorkerId
-from shared.store import ClaimResult, Contested, SessionMeta, Store, connect
+from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store, connect
 from worker.audio import AudioConverter
 from worker.engine import Engine, load_engine, make_vad
 from worker.maintenance import Maintenance
@@ -48,6 +49,9 @@ from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
 
 log = logging.getLogger(__name__)
+
+#: Most publishes (interims and finals, of any sessions) in one pipeline.
+PUBLISH_MAX_CALLS = 256
 
 
 class LeaseLost(Exception):
@@ -103,6 +107,10 @@ class Worker:
         self.config = config
         self.redis = redis if redis is not None else connect(config.require_redis_url())
         self.store = Store(self.redis)
+        # Every session's interims and finals, sent together (one pipeline per batch).
+        self.publisher: GroupCommit[ScriptCall, Any] = GroupCommit(
+            self.store.publish_many, name="publish", max_calls=PUBLISH_MAX_CALLS
+        )
         self.worker_id = WorkerId(config.worker_id or f"{socket.gethostname()}-{os.getpid()}")
         self.engine = engine
         self.scheduler: Scheduler | None = None
@@ -216,6 +224,7 @@ class Worker:
             if s.task is not None:
                 s.task.cancel()
         await asyncio.gather(*(s.task for s in owned if s.task), return_exceptions=True)
+        await self.publisher.close()
         with contextlib.suppress(RedisError, OSError):
             released = [s for s in owned if await self.store.release(s.sid, s.token)]
             for lane in keys.DISPATCH_LANES:
@@ -594,7 +603,7 @@ class Worker:
     async def _publish(self, s: Owned, out: Output) -> None:
         if isinstance(out, Interim):
             interim = dataclasses.replace(out.transcript, epoch=s.epoch)
-            if not await self.store.publish_interim(s.sid, s.token, interim):
+            if not await self.publisher.call(self.store.interim_call(s.sid, s.token, interim)):
                 raise LeaseLost()
             return
         assert isinstance(out, Final)
@@ -603,7 +612,11 @@ class Worker:
         if out.transcript is None:
             return
         final = dataclasses.replace(out.transcript, epoch=s.epoch)
-        rc = await self.store.publish_final(s.sid, s.token, final, entry, out.commit_sample, base)
+        rc = int(
+            await self.publisher.call(
+                self.store.final_call(s.sid, s.token, final, entry, out.commit_sample, base)
+            )
+        )
         if rc == -1:
             raise LeaseLost()
         if rc == -2:

@@ -9,9 +9,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from gateway.batching import BatcherClosed
 from gateway.results import ResultsReader
 from shared import envelope, keys
+from shared.batching import BatcherClosed
 from shared.envelope import Closed, Transcript
 from shared.keys import SessionId
 from shared.store import Store

@@ -8,6 +8,7 @@ import random
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from shared import envelope, keys
 from shared.envelope import AudioChunk, Transcript
@@ -146,3 +147,38 @@ async def test_read_audio_reads_many_streams_from_their_ids(redis: aioredis.Redi
         await store.read_audio([(b, b"0-0")], count=10, block_ms=10)
     again = await store.read_audio([(b, b"0-0")], count=10, block_ms=10)
     assert [envelope.decode_fields(f) for _, f in again[0][1]] == [AudioChunk(0, b"\2\2")]
+
+
+async def test_publish_many_fences_and_fails_each_call_alone(redis: aioredis.Redis) -> None:
+    """One pipeline of interims and finals for several sessions: each call is fenced by
+    its own lease, an error fails only its own call, and a lost script cache is reloaded."""
+    store = Store(redis)
+    other = SessionId("cd" * 16)
+    await _new_session(store)
+    await store.create_session(other, SessionParams(), "tokenhash", "conn-2")
+    assert isinstance(await store.claim(SID, WorkerId("w1"), lease_s=5), ClaimResult)
+    assert isinstance(await store.claim(other, WorkerId("w1"), lease_s=5), ClaimResult)
+    await redis.script_flush()
+    final = Transcript(0, True, 0.0, 1.0, "hello")
+    replies = await store.publish_many(
+        [
+            store.interim_call(SID, "w1:1", Transcript(0, False, 0.0, 0.5, "hel")),
+            store.final_call(SID, "w1:1", final, "0-1", 16000, 0),
+            store.interim_call(other, "w9:9", Transcript(0, False, 0.0, 0.5, "x")),  # fenced
+            store.final_call(other, "w1:1", final, "0-1", 16000, 0),
+        ]
+    )
+    assert replies == [1, 1, 0, 1]
+    assert await redis.xlen(keys.results(SID)) == 1
+    await redis.delete(keys.results(other))
+    await redis.set(keys.results(other), "not a stream")  # its XADD will fail
+    second = Transcript(1, True, 1.0, 2.0, "again")
+    replies = await store.publish_many(
+        [
+            store.final_call(other, "w1:1", second, "0-1", 32000, 0),
+            store.final_call(SID, "w1:1", second, "0-1", 32000, 0),
+        ]
+    )
+    assert isinstance(replies[0], ResponseError) and "WRONGTYPE" in str(replies[0])
+    assert replies[1] == 2
+    assert await store.publish_many([]) == []

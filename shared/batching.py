@@ -1,7 +1,9 @@
-"""Group commit: calls from many connections, sent to Redis together.
+"""Group commit: calls from many callers, sent to Redis together.
 
-At real time each connection nearly always has one thing to send at a time, so one Redis
-call per connection meant one round trip (and its system calls and wake-ups) per call.
+Used by the gateway (each connection's audio and results re-reads) and the worker (each
+session's interims and finals). At real time each caller nearly always has one thing to
+send at a time, so one Redis call per caller meant one round trip (and its system calls
+and wake-ups) per call.
 `GroupCommit` collects every call made while the previous batch was in flight (or during
 the same event-loop turn) and hands them to `send_many` as one batch, one batch at a time:
 batches grow with load and cost nothing in latency when the load is light.
@@ -28,7 +30,7 @@ Res = TypeVar("Res")
 
 
 class BatcherClosed(Exception):
-    """A call after `close`: the gateway is shutting down."""
+    """A call after `close`: the process is shutting down."""
 
 
 class GroupCommit(Generic[Req, Res]):
@@ -69,7 +71,7 @@ class GroupCommit(Generic[Req, Res]):
     async def call(self, request: Req) -> Res:
         """`send_many([request])[0]`, sent with whatever other callers send meanwhile."""
         if self._closed:
-            raise BatcherClosed("the gateway is shutting down")
+            raise BatcherClosed("shutting down")
         if self._loop is None:
             self.start()
         assert self._loop is not None
@@ -91,7 +93,7 @@ class GroupCommit(Generic[Req, Res]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._fail_all(self._queue, BatcherClosed("the gateway is shutting down"))
+        self._fail_all(self._queue, BatcherClosed("shutting down"))
         self._queue = []
 
     async def _run(self) -> None:
@@ -107,7 +109,7 @@ class GroupCommit(Generic[Req, Res]):
             try:
                 await self._send(batch)
             except asyncio.CancelledError:
-                self._fail_all(batch, BatcherClosed("the gateway is shutting down"))
+                self._fail_all(batch, BatcherClosed("shutting down"))
                 raise
 
     def _take(self) -> list[tuple[Req, asyncio.Future[Res]]]:
