@@ -96,8 +96,9 @@ class Config:
     )
     max_audio_rate: float = _opt(
         0.0,
-        "Fastest a connection may send audio, as a multiple of real time (1.0: real time), "
-        "after a burst of audio_burst_s; faster: rate_limited and close 4429. 0: no limit "
+        "Fastest a session may send audio, as a multiple of real time (1.0: real time), "
+        "after a burst of audio_burst_s; faster: rate_limited and close 4429. A resumed "
+        "connection starts with what the session has left, not a new burst. 0: no limit "
         "(clients may stream files faster than real time).",
         GATEWAY,
     )
