@@ -124,6 +124,40 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
+class KeptConnection:
+    """One connection taken from the client's pool once and kept, for a stream of
+    hand-packed commands or pipelines that should not pay the pool's check on every take
+    (a non-blocking read under a timeout: as much as packing the commands). Taken from
+    the pool, so closing the client closes it. One user at a time (a lock). A connection
+    error disconnects it, with whatever replies were left unread, and propagates; the
+    next use connects again."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._conn: AbstractConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def send(self, packed: bytes, replies: int) -> list[Any]:
+        """Write `packed` (RESP commands) and read `replies` replies, in order; an error
+        reply (`ResponseError`) is returned in its place, not raised."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = await self._redis.connection_pool.get_connection()
+            try:
+                await conn.send_packed_command(packed)
+                out: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        out.append(await conn.read_response())
+                    except ResponseError as exc:
+                        out.append(exc)
+            except BaseException:
+                await conn.disconnect()  # replies may be left unread on it
+                raise
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class ScriptCall:
     """One script call for `Store.publish_many`: the script, its KEYS and ARGV."""
@@ -210,15 +244,11 @@ class Store:
         self._detach = redis.register_script(scripts.DETACH)
         self._abandon = redis.register_script(scripts.ABANDON)
         self._cancel_queued = redis.register_script(scripts.CANCEL_QUEUED)
-        #: The connection `_ingest_pipeline` keeps (taken from the pool once, so that
-        #: closing the client closes it), and the lock that keeps its pipelines apart.
-        self._ingest_conn: AbstractConnection | None = None
-        self._ingest_lock = asyncio.Lock()
-        #: The same for `read_audio` (the worker's reads) and `publish_many`.
-        self._read_conn: AbstractConnection | None = None
-        self._read_lock = asyncio.Lock()
-        self._publish_conn: AbstractConnection | None = None
-        self._publish_lock = asyncio.Lock()
+        #: The connections kept for the hand-packed hot paths: the gateway's audio, the
+        #: worker's reads and its publishes.
+        self._ingest_conn = KeptConnection(redis)
+        self._read_conn = KeptConnection(redis)
+        self._publish_conn = KeptConnection(redis)
 
     # --- gateway side ----------------------------------------------------------------
 
@@ -348,27 +378,8 @@ class Store:
         A connection error propagates with the connection dropped (nothing is known about
         any call; they are idempotent).
 
-        The connection is kept between pipelines rather than taken from the pool and
-        given back each time: the pool's check on every take (a non-blocking read under a
-        timeout) cost as much as packing the commands. A connection error disconnects it;
-        the next pipeline connects it again."""
-        packed = pack_ingest_calls(self._ingest.sha, calls)
-        async with self._ingest_lock:
-            conn = self._ingest_conn
-            if conn is None:
-                conn = self._ingest_conn = await self.redis.connection_pool.get_connection()
-            try:
-                await conn.send_packed_command(packed)
-                replies: list[Any] = []
-                for _ in calls:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-            except BaseException:
-                await conn.disconnect()  # replies may be left unread on it
-                raise
-        return replies
+        The connection is kept between pipelines (`KeptConnection`)."""
+        return await self._ingest_conn.send(pack_ingest_calls(self._ingest.sha, calls), len(calls))
 
     async def append_control(self, sid: SessionId, control: Control) -> None:
         new_state = "closing" if control.kind == "close" else ""
@@ -532,7 +543,7 @@ class Store:
         Returns each call's reply in order, or its `ResponseError` in its place; a
         connection error is raised (nothing is known about any call).
 
-        Packed by hand on a connection kept for it, as `_ingest_pipeline`: through
+        Packed by hand on a connection kept for it (`KeptConnection`): through
         redis-py's Script objects each publish cost a pool take, a retry wrapper and its
         general packing, about a sixth of a null-engine worker at 500 sessions. A
         NOSCRIPT reply (the server lost its script cache) loads the script and sends just
@@ -551,22 +562,7 @@ class Store:
 
     async def _script_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
         packed = b"".join(_pack_evalsha(call) for call in calls)
-        async with self._publish_lock:
-            conn = self._publish_conn
-            if conn is None:
-                conn = self._publish_conn = await self.redis.connection_pool.get_connection()
-            try:
-                await conn.send_packed_command(packed)
-                replies: list[Any] = []
-                for _ in calls:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-            except BaseException:
-                await conn.disconnect()  # replies may be left unread on it
-                raise
-        return replies
+        return await self._publish_conn.send(packed, len(calls))
 
     async def publish_final(
         self,
@@ -641,11 +637,10 @@ class Store:
         pairs: per stream with new entries, (key, [(entry ID, [field, value, ...])]).
         An empty list when nothing arrived within `block_ms`.
 
-        Packed by hand and sent on a connection kept for it (as `_ingest_pipeline`): the
+        Packed by hand and sent on a connection kept for it (`KeptConnection`): the
         worker names every owned session's stream in each read, and redis-py's general
         packing, its reply callbacks (a dict per entry) and the pool's check on every
-        take were a sixth of a null-engine worker's CPU at 500 sessions. A connection
-        error disconnects it and propagates; the next read connects again."""
+        take were a sixth of a null-engine worker's CPU at 500 sessions."""
         if not streams:
             return []
         parts = [
@@ -657,16 +652,9 @@ class Store:
         ]
         parts += [_bulk(key) for key, _ in streams]
         parts += [_bulk(last) for _, last in streams]
-        async with self._read_lock:
-            conn = self._read_conn
-            if conn is None:
-                conn = self._read_conn = await self.redis.connection_pool.get_connection()
-            try:
-                await conn.send_packed_command(b"".join(parts))
-                reply = await conn.read_response()
-            except BaseException:
-                await conn.disconnect()  # the reply may be left unread on it
-                raise
+        [reply] = await self._read_conn.send(b"".join(parts), 1)
+        if isinstance(reply, ResponseError):
+            raise reply
         if reply is None:
             return []
         if isinstance(reply, dict):  # RESP3: a map of stream to entries
