@@ -34,6 +34,7 @@ from gateway.admission import Admission
 from gateway.ingest import BatcherClosed, IngestBatcher
 from gateway.relay import RECONCILE, Relay
 from gateway.results import ResultsReader
+from gateway.wsconn import GatewayServerConnection
 from shared import envelope
 from shared.config import Config
 from shared.delivery import Delivery
@@ -196,6 +197,9 @@ class Connection:
         self.queue: QueuePlace | None = None
         # (age in s, audio bytes stored) of a resumed session, for its rate limit.
         self.resumed_usage: tuple[float, int] = (0.0, 0)
+        self._limit: AudioRateLimit | None = None  # with max_audio_rate, from the reader on
+        # An audio frame that failed in the protocol callback; the reader raises it.
+        self._direct_error: Exception | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -374,9 +378,8 @@ class Connection:
 
     async def _reader(self) -> None:
         session = self._session()
-        limit = None
         if self.cfg.max_audio_rate > 0:
-            limit = AudioRateLimit(
+            self._limit = AudioRateLimit(
                 self.cfg.max_audio_rate,
                 self.cfg.audio_burst_s,
                 session.params.bytes_per_second,
@@ -384,31 +387,63 @@ class Connection:
                 age_s=self.resumed_usage[0],
                 stored_bytes=self.resumed_usage[1],
             )
-        async for message in self.ws:
-            self.last_activity = self.loop.time()
-            if isinstance(message, str):
-                size = len(message.encode())
-                if size > self.cfg.max_text_frame_bytes:
-                    raise FrameTooLarge(
-                        f"text message of {size} bytes exceeds {self.cfg.max_text_frame_bytes}"
-                    )
-                msg = session.receive_text(message)
-                if isinstance(msg, Keepalive) or session.server_ended:
-                    continue
-                if isinstance(msg, Finalize):
-                    await self.pending.put(Control(kind="finalize"))
-                elif isinstance(msg, CloseStream):
-                    await self.pending.put(Control(kind="close", reason="client_closed"))
-            else:
-                chunk = session.receive_audio(message)
-                if chunk is not None:
-                    if limit is not None:
-                        self._check_rate(limit, len(chunk.pcm))
-                    self.ctx.metrics.inc("audio_frames_total")
-                    if self.pending.full():
-                        await self.pending.put(chunk)  # back-pressure: stop reading
-                    else:
-                        self.pending.put_nowait(chunk)  # per frame: no coroutine
+        direct = self.ws if isinstance(self.ws, GatewayServerConnection) else None
+        if direct is not None:
+            direct.on_binary = self._direct_audio  # most frames: no wake-up of this task
+        try:
+            async for message in self.ws:
+                if self._direct_error is not None:
+                    raise self._direct_error  # this very message failed in _direct_audio
+                if isinstance(message, str):
+                    await self._text(message)
+                elif (chunk := self._audio(message)) is not None:
+                    await self.pending.put(chunk)  # back-pressure: stop reading while full
+        finally:
+            if direct is not None:
+                direct.on_binary = None
+
+    def _direct_audio(self, data: bytes) -> bool:
+        """An audio frame from the protocol callback (`GatewayServerConnection`): stored
+        in the pending queue at once, or False to let it go through the reader task
+        (the queue is full, so back-pressure must wait; or the frame fails, and the
+        reader raises its error in order, once it gets to it)."""
+        if self.pending.full() or self._direct_error is not None:
+            return False
+        try:
+            chunk = self._audio(data)
+        except Exception as exc:
+            self._direct_error = exc
+            return False
+        if chunk is not None:
+            self.pending.put_nowait(chunk)
+        return True
+
+    def _audio(self, data: bytes) -> AudioChunk | None:
+        """Number and check one audio frame; the chunk to store, or None to drop it."""
+        self.last_activity = self.loop.time()
+        chunk = self._session().receive_audio(data)
+        if chunk is None:
+            return None
+        if self._limit is not None:
+            self._check_rate(self._limit, len(chunk.pcm))
+        self.ctx.metrics.inc("audio_frames_total")
+        return chunk
+
+    async def _text(self, message: str) -> None:
+        self.last_activity = self.loop.time()
+        session = self._session()
+        size = len(message.encode())
+        if size > self.cfg.max_text_frame_bytes:
+            raise FrameTooLarge(
+                f"text message of {size} bytes exceeds {self.cfg.max_text_frame_bytes}"
+            )
+        msg = session.receive_text(message)
+        if isinstance(msg, Keepalive) or session.server_ended:
+            return
+        if isinstance(msg, Finalize):
+            await self.pending.put(Control(kind="finalize"))
+        elif isinstance(msg, CloseStream):
+            await self.pending.put(Control(kind="close", reason="client_closed"))
 
     def _check_rate(self, limit: AudioRateLimit, nbytes: int) -> None:
         if limit.take(nbytes, self.last_activity):

@@ -1,0 +1,60 @@
+"""The gateway takes most audio frames in the protocol callback and everything else
+through its reader task (gateway/wsconn.py): audio and text must still be stored in the
+order the client sent them, also while back-pressure sends frames the slow way."""
+
+from __future__ import annotations
+
+import json
+
+import redis.asyncio as aioredis
+
+from gateway.wsconn import GatewayServerConnection
+from shared import envelope, keys
+from shared.envelope import AudioChunk, Control
+from tests.conftest import ServiceFactory
+from tests.helpers import open_ws, started
+
+
+def frame(i: int) -> bytes:
+    return i.to_bytes(2, "little") * 1600  # 100 ms of 16 kHz s16le, its index in every sample
+
+
+async def test_audio_and_text_are_stored_in_the_order_sent(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    # No worker: the stream keeps every entry. A small pending queue: back-pressure often.
+    svc = await service_factory(with_worker=False, max_pending_frames=4)
+    ws = await open_ws(svc.url)
+    sid = (await started(ws))["session_id"]
+    sent: list[object] = []
+    seq = 0
+    for run in (10, 10, 3):
+        for _ in range(run):  # one burst, no waiting for acks
+            await ws.send(frame(seq))
+            sent.append(seq)
+            seq += 1
+        if run != 3:
+            await ws.send(json.dumps({"type": "finalize"}))
+            sent.append("finalize")
+    acked = -1
+    while acked < seq - 1:
+        msg = json.loads(await ws.recv())
+        assert msg["type"] in ("ack", "queued"), msg
+        if msg["type"] == "ack":
+            acked = max(acked, msg["seq"])
+    stored: list[object] = []
+    for _, fields in await redis.xrange(keys.audio(sid)):
+        item = envelope.decode_entry(fields)
+        if isinstance(item, AudioChunk):
+            assert item.pcm == frame(item.seq)
+            stored.append(item.seq)
+        else:
+            assert isinstance(item, Control)
+            stored.append(item.kind)
+    assert stored == sent
+    # Both ways were taken: frames in the protocol callback, and frames (and the text)
+    # through the reader task while the small queue was full.
+    [conn] = svc.gateway._server.connections
+    assert isinstance(conn, GatewayServerConnection)
+    assert conn.direct > 0 and conn.received > 2, (conn.direct, conn.received)
+    await ws.close()
