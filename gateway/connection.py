@@ -200,6 +200,7 @@ class Connection:
         self._limit: AudioRateLimit | None = None  # with max_audio_rate, from the reader on
         # An audio frame that failed in the protocol callback; the reader raises it.
         self._direct_error: Exception | None = None
+        self._reader_busy = False  # the reader is putting a message of its own in `pending`
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -394,10 +395,13 @@ class Connection:
             async for message in self.ws:
                 if self._direct_error is not None:
                     raise self._direct_error  # this very message failed in _direct_audio
+                # Until this message is in `pending`, no frame may pass it there.
+                self._reader_busy = True
                 if isinstance(message, str):
                     await self._text(message)
                 elif (chunk := self._audio(message)) is not None:
                     await self.pending.put(chunk)  # back-pressure: stop reading while full
+                self._reader_busy = False
         finally:
             if direct is not None:
                 direct.on_binary = None
@@ -406,8 +410,10 @@ class Connection:
         """An audio frame from the protocol callback (`GatewayServerConnection`): stored
         in the pending queue at once, or False to let it go through the reader task
         (the queue is full, so back-pressure must wait; or the frame fails, and the
-        reader raises its error in order, once it gets to it)."""
-        if self.pending.full() or self._direct_error is not None:
+        reader raises its error in order, once it gets to it). Also False while the
+        reader has a message of its own to put there: it may be waiting for room, and
+        this frame must not take that room first."""
+        if self._reader_busy or self.pending.full() or self._direct_error is not None:
             return False
         try:
             chunk = self._audio(data)
