@@ -471,7 +471,8 @@ class CallbackConnection(ClientConnection):
 
 
 def _text_or_bytes(data: bytes) -> str | bytes:
-    """A text message as str; invalid UTF-8 stays bytes (counted as an anomaly)."""
+    """A text message as str. Invalid UTF-8 stays bytes, which `_parse` counts as the
+    anomaly `binary_server_frame` (a server that sends it is broken either way)."""
     try:
         return data.decode()
     except UnicodeDecodeError:
