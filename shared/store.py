@@ -486,14 +486,12 @@ class Store:
             ckpt_base=int(reply[4]),
         )
 
-    async def renew(self, sid: SessionId, token: str, lease_s: float) -> bool:
-        return bool(await self._renew(keys=[keys.lease(sid)], args=[token, int(lease_s * 1000)]))
-
     async def renew_many(
         self, leases: Sequence[tuple[SessionId, str]], lease_s: float
     ) -> list[bool]:
-        """`renew` for many (session, token) pairs in one pipeline (one round trip, plus
-        one to load the script if the server lost it); True where the lease was held."""
+        """Renew the leases of many (session, token) pairs with `RENEW`, in one pipeline
+        (one round trip, plus one to load the script if the server lost it); True where
+        the lease was still held and is now renewed for `lease_s`."""
         if not leases:
             return []
         pipe = self.redis.pipeline(transaction=False)
