@@ -139,6 +139,7 @@ class Options:
     cafile: str | None = None
     max_unacked_frames: int = 64
     open_timeout_s: float = 10.0
+    tick_ms: float = 5.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -156,6 +157,7 @@ class Options:
             (1 <= self.frame_ms <= 5000, f"--frame-ms must be 1..5000, got {self.frame_ms}"),
             (self.max_unacked_frames >= 1, "--max-unacked-frames must be at least 1"),
             (self.open_timeout_s > 0, "--open-timeout-s must be > 0"),
+            (0 <= self.tick_ms <= 100, f"--tick-ms must be 0..100, got {self.tick_ms}"),
             (bool(self.audio), "give at least one --audio file"),
             (
                 urlsplit(self.url).scheme in ("ws", "wss"),
@@ -272,12 +274,20 @@ class Stream:
 
 
 class Pacer:
-    """One task that sends the audio of every session, earliest due first."""
+    """One task that sends the audio of every session, earliest due first.
 
-    def __init__(self) -> None:
+    It wakes at most once per `tick_s` and then sends every frame that is due, as an audio
+    callback of a fixed period would: a frame goes out up to `tick_s` after it is due
+    (never before), and hundreds of sessions' frames cost one wake-up, not one each.
+    With `tick_s` 0 it wakes for each due time."""
+
+    def __init__(self, tick_s: float = 0.0) -> None:
         self._heap: list[tuple[float, int, Stream]] = []
         self._order = itertools.count()
         self._wake: asyncio.Future[None] | None = None
+        self._tick_s = tick_s
+        #: Wake-ups so far (for tests and the docs' figures).
+        self.wakeups = 0
 
     def schedule(self, at: float, stream: Stream) -> None:
         heapq.heappush(self._heap, (at, next(self._order), stream))
@@ -288,6 +298,7 @@ class Pacer:
         loop = asyncio.get_running_loop()
         while True:
             now = time.monotonic()
+            self.wakeups += 1
             handled = 0
             while self._heap and self._heap[0][0] <= now:
                 _, _, stream = heapq.heappop(self._heap)
@@ -300,7 +311,8 @@ class Pacer:
             self._wake = loop.create_future()
             timer = None
             if self._heap:
-                timer = loop.call_later(max(0.0, self._heap[0][0] - now), _resolve, self._wake)
+                at = max(self._heap[0][0], now + self._tick_s)
+                timer = loop.call_later(max(0.0, at - time.monotonic()), _resolve, self._wake)
             try:
                 await self._wake
             finally:
@@ -324,7 +336,7 @@ class Run:
         self.options = options
         self.clips = clips
         self.recorder = LoadRecorder()
-        self.pacer = Pacer()
+        self.pacer = Pacer(options.tick_ms / 1000)
         self.ssl = options.ssl_context()
         self.headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else None
         self.t0 = time.monotonic()
@@ -626,6 +638,13 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--open-timeout-s", type=float, default=10.0, help="connection set-up limit (default 10)"
     )
     p.add_argument(
+        "--tick-ms",
+        type=float,
+        default=5.0,
+        help="the sender's clock: due frames are sent together, at most this late "
+        "(0..100, default 5; 0 = each at its own due time)",
+    )
+    p.add_argument(
         "--insecure", action="store_true", help="do not verify the server's TLS certificate"
     )
     p.add_argument("--cafile", help="trust this CA/certificate file (PEM)")
@@ -673,6 +692,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         cafile=cafile,
         max_unacked_frames=args.max_unacked_frames,
         open_timeout_s=args.open_timeout_s,
+        tick_ms=args.tick_ms,
     )
 
 
