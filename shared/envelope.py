@@ -97,6 +97,42 @@ def _pack(body: dict[str, Any]) -> bytes:
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def _msgpack_uint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + bytes((n,))
+    if n < 0x10000:
+        return b"\xcd" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xce" + n.to_bytes(4, "big")
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
+def _msgpack_bin_header(size: int) -> bytes:
+    if size < 0x100:
+        return b"\xc4" + bytes((size,))
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+#: An audio envelope's bytes after its samples: the `v` field.
+AUDIO_TAIL = b"\xa1v" + _msgpack_uint(VERSION)
+
+
+def audio_head(seq: int, size: int) -> bytes:
+    """An audio envelope's bytes before its `size` bytes of samples:
+    `audio_head(seq, len(pcm)) + pcm + AUDIO_TAIL == encode(AudioChunk(seq, pcm))`, so
+    the gateway can write the samples into its Redis buffer without copying them into an
+    envelope first (tests/unit/test_envelope.py checks the identity)."""
+    if seq < 0:
+        raise ValueError(f"seq must be >= 0, got {seq}")
+    return (
+        b"\x84\xa1t\xa5audio\xa3seq" + _msgpack_uint(seq) + b"\xa3pcm" + _msgpack_bin_header(size)
+    )
+
+
 def encode(item: Envelope) -> bytes:
     if isinstance(item, AudioChunk):
         return _pack({"t": "audio", "seq": item.seq, "pcm": item.pcm})

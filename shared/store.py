@@ -189,8 +189,12 @@ def _pack_evalsha(call: ScriptCall) -> bytes:
 
 def pack_ingest_calls(sha: str, calls: Sequence[tuple[SessionId, Sequence[AudioChunk]]]) -> bytes:
     """`EVALSHA sha 2 meta audio ARGV…` per call (ARGV from `_ingest_args`), in RESP, as
-    one buffer: the same bytes redis-py's `pack_command` makes for each call."""
+    one buffer: the same bytes redis-py's `pack_command` makes for each call. Each
+    frame's envelope is written around its samples (`envelope.audio_head`), so the
+    samples are copied once, into this buffer."""
     head = b"$7\r\nEVALSHA\r\n" + _bulk(sha.encode()) + b"$1\r\n2\r\n"
+    tail = envelope.AUDIO_TAIL + b"\r\n"
+    extra = len(envelope.AUDIO_TAIL)
     parts: list[bytes] = []
     for sid, chunks in calls:
         parts += (
@@ -201,7 +205,15 @@ def pack_ingest_calls(sha: str, calls: Sequence[tuple[SessionId, Sequence[AudioC
             _bulk(b"%d" % chunks[0].seq),
         )
         for chunk in chunks:
-            parts += (_bulk(envelope.encode(chunk)), _bulk(b"%d" % len(chunk.pcm)))
+            pcm = chunk.pcm
+            size = len(pcm)
+            env = envelope.audio_head(chunk.seq, size)
+            count = b"%d" % size
+            parts += (
+                b"$%d\r\n%b" % (len(env) + size + extra, env),
+                pcm,
+                b"%b$%d\r\n%b\r\n" % (tail, len(count), count),
+            )
     return b"".join(parts)
 
 

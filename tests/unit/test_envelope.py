@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from shared.envelope import (
+    AUDIO_TAIL,
     FIELD,
     VERSION,
     AudioChunk,
@@ -18,6 +19,7 @@ from shared.envelope import (
     Replaced,
     Transcript,
     Word,
+    audio_head,
     decode,
     decode_entry,
     decode_fields,
@@ -72,6 +74,20 @@ def test_audio_bytes_are_stored_as_msgpack_bin() -> None:
     """Audio travels as binary, so it decodes back to bytes, not text."""
     body = msgpack.unpackb(encode(AudioChunk(1, b"\xff\x00")), raw=False)
     assert body["pcm"] == b"\xff\x00"
+
+
+@pytest.mark.parametrize(
+    "seq", [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40]
+)
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 3200, 65535, 65536, 70000])
+def test_audio_head_and_tail_frame_the_samples_as_encode_does(seq: int, size: int) -> None:
+    pcm = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert audio_head(seq, size) + pcm + AUDIO_TAIL == encode(AudioChunk(seq, pcm))
+
+
+def test_audio_head_refuses_a_negative_seq() -> None:
+    with pytest.raises(ValueError, match="seq"):
+        audio_head(-1, 10)
 
 
 def test_encoding_something_else_is_a_type_error() -> None:
