@@ -99,23 +99,41 @@ def ack_text(seq: int) -> str:
     return _ACK_TEMPLATE % seq
 
 
+def text_frame(data: bytes) -> bytes:
+    """A whole, unmasked text frame carrying `data`, as the server sends it (RFC 6455
+    5.2; the same bytes as websockets' `Frame(TEXT, data).serialize(mask=False)`)."""
+    size = len(data)
+    if size < 126:
+        return b"\x81%c%b" % (size, data)
+    if size < 65536:
+        return b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), data)
+    return b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), data)
+
+
 def send_now(ws: ServerConnection, text: str) -> bool:
     """Frame and write `text` at once, as `ws.send` would, without its per-message
-    coroutine, context manager and drain: True if it was written. The gateway sends an
-    ack per stored frame, and that machinery was most of an ack's cost.
+    coroutine, context manager and drain, and without websockets' framing: True if it was
+    written. The gateway sends an ack per stored frame, and that machinery was most of an
+    ack's cost.
 
     Only when nothing can go wrong that `ws.send` would handle: the connection is open, no
     fragmented message is being sent (attribute of websockets >= 15; missing, this says
-    no), and the socket's write buffer is under its high-water mark, so a client that does
-    not read still meets `ws.send`'s back-pressure on the next message. Otherwise False:
-    the caller awaits `ws.send`."""
-    if getattr(ws, "send_in_progress", False) is not None or ws.protocol.state is not State.OPEN:
+    no), no extension (compression) is in use, websockets has nothing of its own waiting to
+    be written, and the socket's write buffer is under its high-water mark, so a client
+    that does not read still meets `ws.send`'s back-pressure on the next message.
+    Otherwise False: the caller awaits `ws.send`."""
+    protocol = ws.protocol
+    if (
+        getattr(ws, "send_in_progress", False) is not None
+        or protocol.state is not State.OPEN
+        or protocol.extensions
+        or protocol.writes
+    ):
         return False
     transport = ws.transport
     if transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
         return False
-    ws.protocol.send_text(text.encode())
-    ws.send_data()
+    transport.write(text_frame(text.encode()))
     return True
 
 
