@@ -32,6 +32,7 @@ from websockets.protocol import State
 
 from gateway.admission import Admission
 from gateway.ingest import BatcherClosed, IngestBatcher
+from gateway.pending import PendingQueue
 from gateway.relay import RECONCILE, Relay
 from gateway.results import ResultsReader
 from gateway.wsconn import GatewayServerConnection
@@ -204,11 +205,11 @@ class Connection:
         self.sid: SessionId | None = None
         self.session: ServerSession | None = None
         self.delivery = Delivery()
-        self.pending: asyncio.Queue[AudioChunk | Control] = asyncio.Queue(
-            self.cfg.max_pending_frames
+        self.loop = asyncio.get_running_loop()
+        self.pending: PendingQueue[AudioChunk | Control] = PendingQueue(
+            self.cfg.max_pending_frames, self.loop
         )
         self.events: asyncio.Queue[bytes] | None = None
-        self.loop = asyncio.get_running_loop()
         self.last_activity = self.loop.time()
         self.results_after = b"0-0"
         # Where the session waits while no worker has claimed it.

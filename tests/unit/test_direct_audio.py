@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from gateway.connection import Connection
+from gateway.pending import PendingQueue
 from shared.errors import BadRequest
 from shared.metrics import Metrics
 from shared.protocol import ServerSession, SessionParams
@@ -18,7 +19,7 @@ FRAME = b"\x00\x00" * 1600
 
 def connection(pending: int) -> Connection:
     conn = Connection.__new__(Connection)
-    conn.pending = asyncio.Queue(pending)
+    conn.pending = PendingQueue(pending, asyncio.get_running_loop())
     conn.session = ServerSession(SessionParams(), resuming=False)
     conn.ctx = cast(Any, SimpleNamespace(metrics=Metrics("test")))
     conn.loop = asyncio.get_running_loop()
