@@ -152,6 +152,8 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             str(max(1.0, n / args.ramp_rate)),
             "--drain-timeout-s",
             str(args.drain_timeout_s),
+            "--tick-ms",
+            f"{args.tick_ms:g}",
             "--json",
             str(json_out),
             "--no-progress",
@@ -289,6 +291,13 @@ def main() -> None:
         help="how long the load generator waits for sessions to close after streaming "
         "(default 30; 5 with --pause-worker, where none closes)",
     )
+    parser.add_argument(
+        "--tick-ms",
+        type=float,
+        default=5.0,
+        help="the load generator's sending clock (`streamscribe loadtest --tick-ms`; "
+        "default 5; 0: each frame at its own due time)",
+    )
     parser.add_argument("--budget-s", type=float, default=900.0, help="no new run after this")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
     parser.add_argument("--retries", type=int, default=2)
@@ -365,7 +374,8 @@ def main() -> None:
             f"frame, embedded Valkey) and `streamscribe loadtest` (its own process) on the "
             f"same cores: the load generator and the worker compete with the gateway. "
             f"{args.duration_s:.0f} s of real speech per session "
-            f"({', '.join(args.clips)}, looped), pace 1.0, 100 ms frames, "
+            f"({', '.join(args.clips)}, looped), pace 1.0, 100 ms frames sent on a "
+            f"{args.tick_ms:g} ms clock (`--tick-ms`), "
             f"{args.ramp_rate:.0f} sessions started per second, interims on. Each run "
             f"first waits up to {args.quiet_wait_s:.0f} s for other processes to use < 0.3 "
             f"cores. Pass: "
