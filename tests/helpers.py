@@ -7,9 +7,12 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from shared import envelope, keys
+from shared.envelope import AudioChunk, Control
 from shared.wavfile import WavAudio, read_wav
 from tests.conftest import FIXTURES
 
@@ -82,3 +85,33 @@ async def stream_session(url: str, audio: WavAudio, frame_ms: int = 100) -> Outc
         await ws.send(frame)
     await ws.send(json.dumps({"type": "close_stream"}))
     return await drain(ws)
+
+
+def indexed_frame(i: int) -> bytes:
+    """100 ms of 16 kHz s16le audio with its index in every sample."""
+    return i.to_bytes(2, "little") * 1600
+
+
+async def await_ack(ws: ClientConnection, seq: int) -> None:
+    """Read until an ack covers `seq`; only acks (and `queued`) may come meanwhile."""
+    acked = -1
+    while acked < seq:
+        msg = json.loads(await ws.recv())
+        assert msg["type"] in ("ack", "queued"), msg
+        if msg["type"] == "ack":
+            acked = max(acked, msg["seq"])
+
+
+async def stored_order(redis: aioredis.Redis, sid: str) -> list[object]:
+    """A session's audio stream as stored: each frame's seq (its samples checked against
+    `indexed_frame`) and each control mark's kind, in stream order."""
+    stored: list[object] = []
+    for _, fields in await redis.xrange(keys.audio(sid)):
+        item = envelope.decode_entry(fields)
+        if isinstance(item, AudioChunk):
+            assert item.pcm == indexed_frame(item.seq)
+            stored.append(item.seq)
+        else:
+            assert isinstance(item, Control)
+            stored.append(item.kind)
+    return stored

@@ -14,14 +14,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
 from gateway.wsconn import GatewayServerConnection
-from shared import envelope, keys
-from shared.envelope import AudioChunk, Control
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, open_ws, started
+from tests.helpers import await_ack, drain, indexed_frame, open_ws, started, stored_order
 
-
-def pcm(i: int) -> bytes:
-    return i.to_bytes(2, "little") * 1600  # 100 ms of 16 kHz s16le, its index in every sample
+pcm = indexed_frame
 
 
 def raw(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
@@ -95,21 +91,8 @@ async def test_frames_split_anyhow_are_stored_in_order(
     audio(6)
     # Pieces of 1 byte up to several frames, so headers, masks and payloads are all cut.
     await wire.write(b"".join(out), [1, 2, 3, 7, 100, 3205, 9000, 5, 1600, 64000])
-    acked = -1
-    while acked < seq - 1:
-        msg = json.loads(await ws.recv())
-        assert msg["type"] in ("ack", "queued"), msg
-        if msg["type"] == "ack":
-            acked = max(acked, msg["seq"])
-    stored: list[object] = []
-    for _, fields in await redis.xrange(keys.audio(sid)):
-        item = envelope.decode_entry(fields)
-        if isinstance(item, AudioChunk):
-            assert item.pcm == pcm(item.seq)
-            stored.append(item.seq)
-        else:
-            assert isinstance(item, Control)
-            stored.append(item.kind)
+    await await_ack(ws, seq - 1)
+    stored = await stored_order(redis, sid)
     assert stored == sent
     assert conn.direct > 0  # whole binary messages taken here
     assert conn.slow_frames >= 7  # ping, 2 texts, 3 fragments, and frames behind them

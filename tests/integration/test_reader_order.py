@@ -10,14 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.wsconn import GatewayServerConnection
-from shared import envelope, keys
-from shared.envelope import AudioChunk, Control
 from tests.conftest import ServiceFactory
-from tests.helpers import open_ws, started
+from tests.helpers import await_ack, indexed_frame, open_ws, started, stored_order
 
-
-def frame(i: int) -> bytes:
-    return i.to_bytes(2, "little") * 1600  # 100 ms of 16 kHz s16le, its index in every sample
+frame = indexed_frame
 
 
 @pytest.mark.parametrize("pending", [1, 4, 256])
@@ -41,21 +37,8 @@ async def test_audio_and_text_are_stored_in_the_order_sent(
     await ws.send(frame(seq))  # the last finalize's mark is stored before this frame's ack
     sent.append(seq)
     seq += 1
-    acked = -1
-    while acked < seq - 1:
-        msg = json.loads(await ws.recv())
-        assert msg["type"] in ("ack", "queued"), msg
-        if msg["type"] == "ack":
-            acked = max(acked, msg["seq"])
-    stored: list[object] = []
-    for _, fields in await redis.xrange(keys.audio(sid)):
-        item = envelope.decode_entry(fields)
-        if isinstance(item, AudioChunk):
-            assert item.pcm == frame(item.seq)
-            stored.append(item.seq)
-        else:
-            assert isinstance(item, Control)
-            stored.append(item.kind)
+    await await_ack(ws, seq - 1)
+    stored = await stored_order(redis, sid)
     assert stored == sent
     # Both ways were taken: frames in the protocol callback, and frames (and the text)
     # through the reader task while the small queue was full.
