@@ -85,6 +85,22 @@ def frame_bounds(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, in
     return pos + head, pos + head + length
 
 
+def parser_at_boundary(protocol: ServerProtocol) -> bool:
+    """Whether websockets' parser holds nothing: no bytes, no events not yet taken, and
+    it waits at the top of its loop for a new frame, not inside one (a client may send
+    bytes right behind its handshake, which the parser starts on at once). Also False
+    with an extension (compression), whose frames only websockets can read. Anything
+    unexpected in websockets' internals also says False: framing then stays with
+    websockets, which is only slower."""
+    if protocol.extensions or protocol.reader.buffer or protocol.events:
+        return False
+    gen: Any = getattr(protocol, "parser", None)
+    while (inner := getattr(gen, "gi_yieldfrom", None)) is not None:
+        gen = inner
+    code = getattr(gen, "gi_code", None)
+    return getattr(code, "co_name", None) == "at_eof"
+
+
 class GatewayServerConnection(ServerConnection):
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
@@ -119,10 +135,7 @@ class GatewayServerConnection(ServerConnection):
             if self.protocol.state is not State.OPEN:
                 super().data_received(data)  # the handshake
                 return
-            # Only if websockets holds no bytes of its own (a client may have sent
-            # frames right behind its handshake): its parser must be at a boundary.
-            framing = not self.protocol.reader.buffer and not self.protocol.extensions
-            self._framing = framing
+            framing = self._framing = parser_at_boundary(self.protocol)
         if not framing:
             super().data_received(data)
             return

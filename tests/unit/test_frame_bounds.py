@@ -1,11 +1,13 @@
-"""`frame_bounds` (gateway/wsconn.py) cuts frames as websockets' own parser does."""
+"""`frame_bounds` (gateway/wsconn.py) cuts frames as websockets' own parser does, and
+`parser_at_boundary` says when the gateway may take framing over from websockets."""
 
 from __future__ import annotations
 
 import pytest
 from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
 
-from gateway.wsconn import frame_bounds
+from gateway.wsconn import frame_bounds, parser_at_boundary
 
 
 def wire(size: int, *, mask: bool, opcode: Opcode = Opcode.BINARY, fin: bool = True) -> bytes:
@@ -48,3 +50,51 @@ def test_frames_in_a_row_are_cut_at_their_boundaries() -> None:
         cut.append(buf[pos : bounds[1]])
         pos = bounds[1]
     assert cut == frames
+
+
+REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def opened(extra: bytes = b"") -> ServerProtocol:
+    """A server protocol after its handshake; `extra`: bytes the client sent right behind
+    its request, which websockets' parser starts on when the connection opens."""
+    protocol = ServerProtocol()
+    protocol.receive_data(REQUEST + extra)
+    request = protocol.events_received()[0]  # then any whole frame that followed it
+    protocol.send_response(protocol.accept(request))
+    return protocol
+
+
+def test_a_fresh_connection_is_at_a_boundary() -> None:
+    assert parser_at_boundary(opened())
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 8])
+def test_part_of_a_frame_behind_the_handshake_is_not(cut: int) -> None:
+    # The parser took these bytes out of its buffer and waits inside the frame.
+    assert not parser_at_boundary(opened(wire(3, mask=True)[:cut]))
+
+
+def test_a_whole_frame_behind_the_handshake_was_websockets_own() -> None:
+    # websockets parsed it with the request, before this connection's framing began.
+    assert parser_at_boundary(opened(wire(3, mask=True)))
+
+
+def test_events_not_yet_taken_are_not_a_boundary() -> None:
+    protocol = opened()
+    protocol.receive_data(wire(3, mask=True))
+    assert not parser_at_boundary(protocol)
+    protocol.events_received()
+    assert parser_at_boundary(protocol)
+
+
+def test_whole_frames_keep_it_at_a_boundary_and_a_partial_one_does_not() -> None:
+    protocol = opened()
+    protocol.receive_data(wire(3200, mask=True) + wire(5, mask=True, opcode=Opcode.TEXT))
+    protocol.events_received()
+    assert parser_at_boundary(protocol)
+    protocol.receive_data(wire(3200, mask=True)[:100])
+    assert not parser_at_boundary(protocol)
