@@ -20,9 +20,10 @@ limit, with no extension and no fragmented message in progress, is unmasked and 
 `on_binary` without websockets' generator-based parser (which was a seventh of the
 gateway's CPU at a frame per session every 100 ms). Every other frame (text, control,
 fragments, too large, unmasked, reserved bits, or one the hook declines) is fed to
-websockets as a whole frame, which parses, checks and answers it as it always does: since
-websockets only ever gets whole frames, its parser is always at a frame boundary when
-the next one comes here. A partial frame waits here for the rest of its bytes.
+websockets as a whole frame, which parses, checks and answers it as it always does.
+Framing starts here only if websockets' parser is at a frame boundary when the connection
+opens (`parser_at_boundary`); from then on websockets only ever gets whole frames, so it
+stays at one. A partial frame waits here for the rest of its bytes.
 """
 
 from __future__ import annotations
