@@ -86,13 +86,19 @@ def frame_bounds(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, in
     return pos + head, pos + head + length
 
 
+#: What the framing reads of websockets' protocol (websockets >= 15).
+_PROTOCOL_ATTRIBUTES = ("max_message_size", "max_fragment_size", "current_size", "reader")
+
+
 def parser_at_boundary(protocol: ServerProtocol) -> bool:
     """Whether websockets' parser holds nothing: no bytes, no events not yet taken, and
     it waits at the top of its loop for a new frame, not inside one (a client may send
     bytes right behind its handshake, which the parser starts on at once). Also False
     with an extension (compression), whose frames only websockets can read. Anything
-    unexpected in websockets' internals also says False: framing then stays with
-    websockets, which is only slower."""
+    unexpected in websockets' internals (an older version) also says False: framing then
+    stays with websockets, which is only slower."""
+    if not all(hasattr(protocol, a) for a in _PROTOCOL_ATTRIBUTES):
+        return False  # an older websockets: its limits and state are named otherwise
     if protocol.extensions or protocol.reader.buffer or protocol.events:
         return False
     gen: Any = getattr(protocol, "parser", None)

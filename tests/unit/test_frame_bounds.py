@@ -98,3 +98,9 @@ def test_whole_frames_keep_it_at_a_boundary_and_a_partial_one_does_not() -> None
     assert parser_at_boundary(protocol)
     protocol.receive_data(wire(3200, mask=True)[:100])
     assert not parser_at_boundary(protocol)
+
+
+def test_an_older_websockets_keeps_its_own_framing() -> None:
+    protocol = opened()
+    del protocol.max_fragment_size  # websockets 14 named its limits otherwise
+    assert not parser_at_boundary(protocol)
