@@ -6,8 +6,9 @@
 For each ENGINE:N: an embedded Valkey, `streamscribe gateway --certfile none` and a worker, each
 its own process, and the load generator (`shared.loadtest`, the code of `streamscribe
 loadtest`) in this process at pace 1.0 with 100 ms frames. The worker is the normal
-`worker.service.Worker`, started by this script in a child process with a Redis client
-that timestamps what `XREAD` returns; nothing in the service is changed or switched on.
+`worker.service.Worker`, started by this script in a child process whose audio reads
+(`Store.read_audio`) timestamp what `XREAD` returns; nothing in the service is changed or
+switched on.
 
 - *append -> read*: worker's wall clock when XREAD returned an entry minus the entry's ID
   time (the ms at which the gateway's INGEST script appended it, Valkey's clock).
@@ -58,24 +59,26 @@ HEADING = "## Hop latency: Redis append -> worker, final -> client"
 
 
 def worker_child(args: argparse.Namespace) -> None:
-    """A normal worker whose Redis client notes how old each entry XREAD returns is."""
-    import redis.asyncio as aioredis
-
+    """A normal worker whose audio reads (`Store.read_audio`, its one `XREAD`) note how
+    old each entry they return is."""
     from shared.config import Config
+    from shared.store import Store
     from worker.service import Worker
 
     ages_ms = array("d")
+    read_audio = Store.read_audio
 
-    class TimedRedis(aioredis.Redis):
-        async def xread(
-            self, streams: Any, count: int | None = None, block: int | None = None
-        ) -> Any:
-            reply = await super().xread(streams, count=count, block=block)
-            now_ms = time.time() * 1000
-            for _key, entries in reply or []:
-                for entry_id, _fields in entries:
-                    ages_ms.append(now_ms - int(entry_id.split(b"-", 1)[0]))
-            return reply
+    async def timed_read_audio(
+        self: Store, streams: Any, count: int, block_ms: int
+    ) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
+        reply = await read_audio(self, streams, count, block_ms)
+        now_ms = time.time() * 1000
+        for _key, entries in reply:
+            for entry_id, _fields in entries:
+                ages_ms.append(now_ms - int(entry_id.split(b"-", 1)[0]))
+        return reply
+
+    Store.read_audio = timed_read_audio  # type: ignore[method-assign]
 
     async def main() -> None:
         config = Config(
@@ -85,10 +88,7 @@ def worker_child(args: argparse.Namespace) -> None:
             slots=args.slots,
             log_level="WARNING",
         )
-        client = TimedRedis.from_url(
-            args.redis_url, decode_responses=False, socket_connect_timeout=5
-        )
-        worker = Worker(config, redis=client)
+        worker = Worker(config)
         await worker.start()
         print("hops worker: ready", flush=True)
         await worker.serve_forever()
