@@ -14,6 +14,7 @@ import pytest
 
 from shared.cli import build_parser, main
 from shared.loadstats import LoadReport
+from shared.loadtest import Options
 from tests.conftest import FIXTURES, ServiceFactory
 
 S1, S2, S1_STEREO = (str(FIXTURES / n) for n in ("s1.wav", "s2.wav", "s1_8k_stereo.wav"))
@@ -166,7 +167,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         "--url", "--sessions", "--audio", "--pace", "--ramp-s", "--duration-s",
         "--drain-timeout-s", "--frame-ms", "--no-interim", "--max-unacked-frames",
         "--open-timeout-s", "--insecure", "--cafile", "--api-key", "--json", "--plot",
-        "--no-progress", "--state-dir",
+        "--no-progress", "--state-dir", "--tick-ms",
     ):  # fmt: skip
         assert flag in text, flag
     assert "loadtest" in build_parser().format_help()
@@ -178,6 +179,8 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         (["--sessions", "0"], "--sessions must be at least 1"),
         (["--pace", "-1"], "--pace must be >= 0"),
         (["--duration-s", "0"], "--duration-s must be > 0"),
+        (["--tick-ms", "-0.5"], "--tick-ms must be 0..100"),
+        (["--tick-ms", "100.5"], "--tick-ms must be 0..100"),
         (["--url", "http://127.0.0.1:1/v1/listen"], "--url must be ws:// or wss://"),
         (["--json", "/nonexistent-dir/x.json"], "no such directory"),
     ],
@@ -189,6 +192,12 @@ def test_usage_errors_exit_2(
     url = ["--url", "ws://127.0.0.1:1/v1/listen"] if "--url" not in argv else []
     assert main(["loadtest", *url, "--audio", S1, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tick_ms", [0.0, 100.0])
+def test_tick_at_its_edges_is_accepted(tick_ms: float) -> None:
+    options = Options(url="ws://127.0.0.1:1/v1/listen", sessions=1, audio=(S1,), tick_ms=tick_ms)
+    assert options.tick_ms == tick_ms
 
 
 def test_unreadable_audio_and_missing_up_exit_2(
