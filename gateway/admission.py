@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError
 
-from shared import keys
+from shared import keys, scripts
 from shared.admission import LaneState, admit, queue_position
 from shared.config import Config
 from shared.protocol import PRIORITIES
@@ -21,51 +21,53 @@ def _s(value: Any) -> str:
 
 
 class Admission:
+    """Reads every dispatch lane's state (and, for a new session, the server's clock) in
+    one round trip: a script per lane (`scripts.LANE_STATE`), pipelined. Each new
+    session asks once and each queued one every `queue_update_s`, so during a ramp of
+    hundreds of sessions a second this is on the gateway's busiest path."""
+
     def __init__(self, redis: aioredis.Redis, config: Config) -> None:
         self.redis = redis
         self.config = config
+        self._sha = ""
 
     async def lanes(self) -> dict[str, LaneState]:
-        pipe = self.redis.pipeline(transaction=False)
-        for priority in PRIORITIES:
-            pipe.xinfo_groups(keys.dispatch(priority))
-            pipe.xlen(keys.dispatch(priority))
-        replies = await pipe.execute(raise_on_error=False)
-        out: dict[str, LaneState] = {}
-        for i, priority in enumerate(PRIORITIES):
-            groups, length = replies[2 * i], replies[2 * i + 1]
-            out[priority] = await self._lane(priority, groups, length)
-        return out
+        lanes, _ = await self._read(with_time=False)
+        return lanes
 
-    async def _lane(self, priority: str, groups: Any, length: Any) -> LaneState:
-        lane = keys.dispatch(priority)
-        group = None
-        if not isinstance(groups, ResponseError):
-            group = next((g for g in groups if _s(g["name"]) == keys.DISPATCH_GROUP), None)
-        if group is None:  # no worker has ever started: everything in the lane waits
-            size = 0 if isinstance(length, ResponseError) else int(length)
-            first = await self.redis.xrange(lane, count=1) if size else []
-            return LaneState(added=size, read=0, head_ms=_ms(first))
-        read = group.get("entries-read")
-        lag = group.get("lag")
-        last = _s(group["last-delivered-id"])
-        if read is None or lag is None:
-            # Redis cannot tell (e.g. entries deleted out of order): count the unread ones.
-            unread = await self.redis.xrange(lane, min="(" + last, count=10_000)
-            read, lag = 0, len(unread)
-        first = await self.redis.xrange(lane, min="(" + last, count=1) if lag else []
-        return LaneState(added=int(read) + int(lag), read=int(read), head_ms=_ms(first))
-
-    async def now_ms(self) -> int:
-        seconds, micros = await self.redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+    async def _read(self, *, with_time: bool) -> tuple[dict[str, LaneState], int]:
+        """The lanes' states, and the server's time in unix ms (0 unless `with_time`)."""
+        if not self._sha:
+            self._sha = await self.redis.script_load(scripts.LANE_STATE)
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for priority in PRIORITIES:
+                pipe.evalsha(self._sha, 1, keys.dispatch(priority), keys.DISPATCH_GROUP)
+            if with_time:
+                pipe.time()
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                # The server lost its scripts (restarted, SCRIPT FLUSH): load it again.
+                self._sha = await self.redis.script_load(scripts.LANE_STATE)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            break
+        lanes = {p: _lane_state(r) for p, r in zip(PRIORITIES, replies, strict=False)}
+        now_ms = 0
+        if with_time:
+            seconds, micros = replies[-1]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return lanes, now_ms
 
     async def check_new(self, priority: str) -> None:
         """Raise Overloaded (1013) if a new session of `priority` may not queue now."""
+        lanes, now_ms = await self._read(with_time=True)
         admit(
             priority,
-            await self.lanes(),
-            await self.now_ms(),
+            lanes,
+            now_ms,
             max_queue_length=self.config.max_queue_length,
             max_queue_wait_s=self.config.max_queue_wait_s,
         )
@@ -74,7 +76,12 @@ class Admission:
         return queue_position(priority, index, await self.lanes())
 
 
-def _ms(entries: list[Any]) -> int | None:
-    if not entries:
-        return None
-    return int(_s(entries[0][0]).partition("-")[0])
+def _lane_state(reply: Any) -> LaneState:
+    """LANE_STATE's reply {added, read, head_id} as a LaneState."""
+    added, read, head = reply
+    head_id = _s(head)
+    return LaneState(
+        added=int(added),
+        read=int(read),
+        head_ms=int(head_id.partition("-")[0]) if head_id else None,
+    )

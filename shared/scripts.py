@@ -189,3 +189,36 @@ if not epoch or epoch ~= '0' then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
+
+# KEYS: lane (a dispatch stream). ARGV: group. Read-only: one lane's state as the group
+# sees it, in one round trip (shared/admission.py's LaneState).
+# Returns {added, read, head_id}: entries ever added that count for the queue, entries
+# the group has read, and the ID of the oldest unread entry ('' when none). Without the
+# group (no worker has started yet) every entry in the lane waits. When Redis cannot
+# tell the group's lag (entries deleted out of order) the unread entries are counted.
+LANE_STATE = """
+local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+local group = nil
+if type(info) == 'table' and not info.err then
+  for _, entry in ipairs(info) do
+    local fields = {}
+    for i = 1, #entry, 2 do fields[entry[i]] = entry[i + 1] end
+    if fields['name'] == ARGV[1] then group = fields break end
+  end
+end
+if not group then
+  local size = redis.call('XLEN', KEYS[1])
+  if size == 0 then return {0, 0, ''} end
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  return {size, 0, first[1] and first[1][1] or ''}
+end
+local read, lag = group['entries-read'], group['lag']
+local after = '(' .. group['last-delivered-id']
+if not read or not lag then
+  local unread = redis.call('XRANGE', KEYS[1], after, '+', 'COUNT', 10000)
+  return {#unread, 0, unread[1] and unread[1][1] or ''}
+end
+if lag == 0 then return {read, read, ''} end
+local first = redis.call('XRANGE', KEYS[1], after, '+', 'COUNT', 1)
+return {read + lag, read, first[1] and first[1][1] or ''}
+"""
