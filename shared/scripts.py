@@ -194,8 +194,10 @@ return 1
 # sees it, in one round trip (shared/admission.py's LaneState).
 # Returns {added, read, head_id}: entries ever added that count for the queue, entries
 # the group has read, and the ID of the oldest unread entry ('' when none). Without the
-# group (no worker has started yet) every entry in the lane waits. When Redis cannot
-# tell the group's lag (entries deleted out of order) the unread entries are counted.
+# group (no worker has started yet), or before the group's first read, every entry in the
+# lane waits: XLEN counts them, with no walk however long the queue (Redis reports no
+# lag then). When Redis cannot tell the lag otherwise (entries deleted out of order),
+# the unread entries are counted, up to 10,000.
 LANE_STATE = """
 local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
 local group = nil
@@ -206,7 +208,7 @@ if type(info) == 'table' and not info.err then
     if fields['name'] == ARGV[1] then group = fields break end
   end
 end
-if not group then
+if not group or group['last-delivered-id'] == '0-0' then
   local size = redis.call('XLEN', KEYS[1])
   if size == 0 then return {0, 0, ''} end
   local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)

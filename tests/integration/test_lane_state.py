@@ -63,9 +63,31 @@ async def test_a_group_on_an_empty_lane(redis: aioredis.Redis, redis_url: str) -
     assert (await admission(redis, redis_url).lanes())["high"] == LaneState(0, 0, None)
 
 
-async def test_unknown_lag_counts_the_unread_entries(
+async def test_before_the_groups_first_read_the_whole_lane_waits(
     redis: aioredis.Redis, redis_url: str
 ) -> None:
+    await redis.xgroup_create(NORMAL, keys.DISPATCH_GROUP, id="0", mkstream=True)
+    ids = await add(redis, NORMAL, 3)
+    [group] = await redis.xinfo_groups(NORMAL)
+    assert group["entries-read"] is None  # what a paused or busy fleet's lane looks like
+    adm = admission(redis, redis_url)
+    assert (await adm.lanes())["normal"] == LaneState(added=3, read=0, head_ms=ms(ids[0]))
+    await read_one(redis, NORMAL)
+    assert (await adm.lanes())["normal"] == LaneState(added=3, read=1, head_ms=ms(ids[1]))
+
+
+async def test_a_long_queue_before_the_first_read_is_counted_whole(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    await redis.xgroup_create(NORMAL, keys.DISPATCH_GROUP, id="0", mkstream=True)
+    pipe = redis.pipeline(transaction=False)
+    for _ in range(10_050):  # past the 10,000 entries the tombstone branch would count
+        pipe.xadd(NORMAL, {"m": b"x"})
+    await pipe.execute()
+    assert (await admission(redis, redis_url).lanes())["normal"].added == 10_050
+
+
+async def test_unknown_lag_counts_the_unread_entries(redis: aioredis.Redis, redis_url: str) -> None:
     ids = await add(redis, NORMAL, 4)
     await redis.xgroup_create(NORMAL, keys.DISPATCH_GROUP, id="0")
     await read_one(redis, NORMAL)
@@ -88,9 +110,7 @@ async def test_the_script_is_loaded_again_after_a_flush(
     assert (await adm.lanes())["normal"].added == 3
 
 
-async def test_check_new_refuses_at_the_queue_length(
-    redis: aioredis.Redis, redis_url: str
-) -> None:
+async def test_check_new_refuses_at_the_queue_length(redis: aioredis.Redis, redis_url: str) -> None:
     adm = admission(redis, redis_url, max_queue_length=3)
     await add(redis, HIGH, 1)
     await add(redis, NORMAL, 1)
