@@ -195,9 +195,9 @@ return 1
 # Returns {added, read, head_id}: entries ever added that count for the queue, entries
 # the group has read, and the ID of the oldest unread entry ('' when none). Without the
 # group (no worker has started yet), or before the group's first read, every entry in the
-# lane waits: XLEN counts them, with no walk however long the queue (Redis reports no
-# lag then). When Redis cannot tell the lag otherwise (entries deleted out of order),
-# the unread entries are counted, up to 10,000.
+# lane waits: XLEN counts them, with no walk however long the queue (Redis has no
+# `entries-read` for the group then). When Redis cannot tell the lag otherwise (entries
+# deleted out of order), the unread entries are counted, up to 10,000.
 LANE_STATE = """
 local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
 local group = nil
