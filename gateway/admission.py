@@ -29,7 +29,7 @@ class Admission:
     def __init__(self, redis: aioredis.Redis, config: Config) -> None:
         self.redis = redis
         self.config = config
-        self._sha = ""
+        self._lane_state = redis.register_script(scripts.LANE_STATE)
 
     async def lanes(self) -> dict[str, LaneState]:
         lanes, _ = await self._read(with_time=False)
@@ -37,29 +37,28 @@ class Admission:
 
     async def _read(self, *, with_time: bool) -> tuple[dict[str, LaneState], int]:
         """The lanes' states, and the server's time in unix ms (0 unless `with_time`)."""
-        if not self._sha:
-            self._sha = await self.redis.script_load(scripts.LANE_STATE)
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for priority in PRIORITIES:
-                pipe.evalsha(self._sha, 1, keys.dispatch(priority), keys.DISPATCH_GROUP)
-            if with_time:
-                pipe.time()
-            replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                # The server lost its scripts (restarted, SCRIPT FLUSH): load it again.
-                self._sha = await self.redis.script_load(scripts.LANE_STATE)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            break
+        replies = await self._pipeline(with_time)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # The server lost its script cache (restart, SCRIPT FLUSH): load it, ask again.
+            self._lane_state.sha = await self.redis.script_load(scripts.LANE_STATE)
+            replies = await self._pipeline(with_time)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         lanes = {p: _lane_state(r) for p, r in zip(PRIORITIES, replies, strict=False)}
         now_ms = 0
         if with_time:
             seconds, micros = replies[-1]
             now_ms = int(seconds) * 1000 + int(micros) // 1000
         return lanes, now_ms
+
+    async def _pipeline(self, with_time: bool) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for priority in PRIORITIES:
+            pipe.evalsha(self._lane_state.sha, 1, keys.dispatch(priority), keys.DISPATCH_GROUP)
+        if with_time:
+            pipe.time()
+        return list(await pipe.execute(raise_on_error=False))
 
     async def check_new(self, priority: str) -> None:
         """Raise Overloaded (1013) if a new session of `priority` may not queue now."""
