@@ -421,9 +421,7 @@ class SessionHandler:
         elif isinstance(msg, SessionStarted) and stream is None:
             rec.started(t, msg.session_id)
             copies = run.options.copies(self.clip)
-            self.stream = Stream(
-                ws, rec, self.clip, copies, run.options, time.monotonic(), run.t0
-            )
+            self.stream = Stream(ws, rec, self.clip, copies, run.options, time.monotonic(), run.t0)
             run.pacer.schedule(time.monotonic(), self.stream)
         elif isinstance(msg, Closed):
             rec.session_closed(t, msg.reason, msg.audio_seconds, msg.final_results)
@@ -491,10 +489,20 @@ def _text_or_bytes(data: bytes) -> str | bytes:
         return data
 
 
+#: How streamscribe's gateway writes an ack (`gateway.connection.ack_text`), up to seq.
+_ACK_HEAD = '{"type": "ack", "seq": '
+
+
 def _parse(raw: str | bytes, rec: SessionRecorder) -> object:
     if isinstance(raw, bytes):
         rec.anomaly("binary_server_frame")
         return None
+    if raw.startswith(_ACK_HEAD) and raw.endswith("}"):
+        # An ack per frame per session: read in the gateway's own layout without the JSON
+        # decoder and the message checks. Any other layout is parsed in full below.
+        digits = raw[len(_ACK_HEAD) : -1]
+        if digits.isascii() and digits.isdigit():
+            return Ack(int(digits))
     try:
         return parse_server_text(raw)
     except ProtocolViolation:

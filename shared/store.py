@@ -641,11 +641,12 @@ class Store:
             )
 
     async def read_audio(
-        self, streams: Sequence[tuple[bytes, bytes]], count: int, block_ms: int
+        self, streams: Sequence[tuple[bytes, bytes]], count: int, block_ms: int | None
     ) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
         """`XREAD COUNT count BLOCK block_ms STREAMS key... id...` over (key, last ID)
         pairs: per stream with new entries, (key, [(entry ID, [field, value, ...])]).
-        An empty list when nothing arrived within `block_ms`.
+        An empty list when nothing arrived within `block_ms` (None: no `BLOCK`, so an
+        empty list at once when nothing is new).
 
         Packed by hand and sent on a connection kept for it (`KeptConnection`): the
         worker names every owned session's stream in each read, and redis-py's general
@@ -654,12 +655,13 @@ class Store:
         if not streams:
             return []
         parts = [
-            b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n" % (6 + 2 * len(streams)),
+            b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n"
+            % (4 + 2 * len(streams) + (block_ms is not None) * 2),
             _bulk(b"%d" % count),
-            b"$5\r\nBLOCK\r\n",
-            _bulk(b"%d" % block_ms),
-            b"$7\r\nSTREAMS\r\n",
         ]
+        if block_ms is not None:
+            parts += [b"$5\r\nBLOCK\r\n", _bulk(b"%d" % block_ms)]
+        parts.append(b"$7\r\nSTREAMS\r\n")
         parts += [_bulk(key) for key, _ in streams]
         parts += [_bulk(last) for _, last in streams]
         [reply] = await self._read_conn.send(b"".join(parts), 1)

@@ -26,6 +26,16 @@ class AudioConverter:
 
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=TARGET_RATE)
 
+    def samples_in(self, size: int) -> int | None:
+        """How many output samples `convert` makes of `size` bytes, where that is known
+        without converting them: no resampler, whole sample instants. Such chunks can be
+        joined and converted at once with the same result (the worker batches the frames
+        of one read that way); None where it is not."""
+        width = self.params.bytes_per_frame
+        if self._resampler is not None or size % width:
+            return None
+        return size // width
+
     def convert(self, pcm: bytes) -> Audio:
         if self.params.encoding == "pcm_s16le":
             samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
@@ -60,10 +70,14 @@ class SampleBuffer:
     """A session's recent samples, addressed by absolute sample index.
 
     Appending copies only the new samples (amortised: the storage doubles when full), and
-    dropping old samples moves an offset; the live part is compacted only when the storage
-    must grow anyway or its dead head is at least as long as the live part. Concatenating
-    onto an array instead copied the whole open utterance (up to `max_utterance_s`) for
-    every frame."""
+    dropping old samples moves an offset; the live part is copied to fresh storage only
+    when the storage is full. Concatenating onto an array instead copied the whole open
+    utterance (up to `max_utterance_s`) for every frame.
+
+    Storage is written once: appends go past the newest sample and a full storage is
+    replaced, never compacted in place. So a `view` never changes, and a decode can be
+    handed one (read in another thread while the VAD thread appends) instead of a copy
+    of the utterance for every interim and final."""
 
     __slots__ = ("_data", "_head", "_len", "start")
 
@@ -84,19 +98,19 @@ class SampleBuffer:
     def append(self, samples: Audio) -> None:
         n = samples.size
         if self._head + self._len + n > self._data.size:
-            live = self._data[self._head : self._head + self._len]
-            if self._len + n > self._data.size // 2 or self._head < self._len:
-                data = np.empty(max(2 * self._data.size, 2 * (self._len + n)), np.float32)
-            else:
-                data = self._data  # plenty of room once the dead head is dropped
-            data[: self._len] = live  # (overlapping move within one array is safe here)
+            size = self._data.size
+            if self._len + n > size // 2:
+                size = max(2 * size, 2 * (self._len + n))
+            data = np.empty(size, np.float32)  # the same size while half of it is dead
+            data[: self._len] = self._data[self._head : self._head + self._len]
             self._data, self._head = data, 0
         tail = self._head + self._len
         self._data[tail : tail + n] = samples
         self._len += n
 
     def view(self, start: int, end: int) -> Audio:
-        """Samples [start, end) without copying; valid until the next `append`."""
+        """Samples [start, end) without copying. They never change: later appends and
+        drops leave this storage's samples as they are (see the class)."""
         if start < self.start or end > self.end or start > end:
             raise IndexError(f"samples [{start}, {end}) not in [{self.start}, {self.end})")
         lo = self._head + start - self.start
@@ -108,5 +122,3 @@ class SampleBuffer:
         self._head += keep - self.start
         self._len -= keep - self.start
         self.start = keep
-        if self._len == 0:
-            self._head = 0

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 #: Most publishes (interims and finals, of any sessions) in one pipeline.
 PUBLISH_MAX_CALLS = 256
+READ_COUNT = 200  # most entries of one stream per read
 
 
 class LeaseLost(Exception):
@@ -427,9 +428,7 @@ class Worker:
                     await asyncio.wait_for(self._session_added.wait(), 0.5)
                 continue
             try:
-                reply = await self.store.read_audio(
-                    streams, count=200, block_ms=self.config.read_block_ms
-                )
+                reply = await self._read_streams(streams)
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("read", exc)
                 continue
@@ -454,6 +453,22 @@ class Worker:
                 if owned.wake and not owned.fed_noted:  # one note covers any number of reads
                     owned.fed_noted = True
                     owned.inbox.put_nowait(FED)
+
+    async def _read_streams(
+        self, streams: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
+        """One read of `streams`, in chunks of `read_chunk_streams` one after another, so
+        that Redis serves the gateways' appends between them rather than after one long
+        command. Only the last chunk may block (`read_block_ms`), and only when the
+        others brought nothing: an idle worker waits there instead of spinning, and audio
+        that reaches another chunk's stream meanwhile waits at most `read_block_ms`."""
+        size = self.config.read_chunk_streams
+        reply: list[tuple[bytes, list[tuple[bytes, list[bytes]]]]] = []
+        for i in range(0, len(streams), size):
+            last = i + size >= len(streams)
+            block = self.config.read_block_ms if last and not reply else None
+            reply += await self.store.read_audio(streams[i : i + size], READ_COUNT, block)
+        return reply
 
     def _route(
         self,
@@ -565,8 +580,15 @@ class Worker:
         await self._close(s)
 
     def _feed(self, s: Owned, batch: Iterable[tuple[bytes, envelope.Envelope]]) -> None:
-        """Convert and VAD a batch of entries (runs in the VAD thread)."""
+        """Convert and VAD a batch of entries (runs in the VAD thread).
+
+        Consecutive audio frames whose sample count is known up front
+        (`AudioConverter.samples_in`) are converted and pushed together: a read spaced
+        by `read_streams_per_s` brings a session several frames, and numpy's cost per
+        call, not per sample, was most of the conversion and VAD (null engine)."""
         tr = s.transcriber
+        run: list[bytes] = []  # audio not yet pushed, in order
+        run_samples = 0
         for entry_id, item in batch:
             if tr.closing:
                 break
@@ -577,6 +599,15 @@ class Worker:
                     log.warning("session %s: audio seq %d again; skipped", s.sid, item.seq)
                     continue
                 s.next_seq = item.seq + 1
+                n = s.converter.samples_in(len(item.pcm))
+                if n is not None:
+                    s.entries.append((entry_id, tr.total_samples + run_samples))
+                    run.append(item.pcm)
+                    run_samples += n
+                    continue
+            if run:
+                tr.push_audio(s.converter.convert(b"".join(run)))
+                run, run_samples = [], 0
             s.entries.append((entry_id, tr.total_samples))
             if isinstance(item, AudioChunk):
                 tr.push_audio(s.converter.convert(item.pcm))
@@ -585,6 +616,8 @@ class Worker:
             elif isinstance(item, Control) and item.kind == "close":
                 s.close_reason = item.reason or "client_closed"
                 tr.close(s.converter.flush())
+        if run:
+            tr.push_audio(s.converter.convert(b"".join(run)))
 
     async def _decode(self, s: Owned, req: DecodeRequest) -> None:
         assert self.scheduler is not None

@@ -381,7 +381,10 @@ class SessionTranscriber:
     # --- buffer ----------------------------------------------------------------------
 
     def _slice(self, start: int, end: int) -> Audio:
-        return self._buf.view(start, end).copy()
+        """A decode's audio: a view, which later feeding never changes (`SampleBuffer`).
+        Copying the open utterance for every interim was a fifth of a null-engine
+        worker's event loop (1,000 sessions)."""
+        return self._buf.view(start, end)
 
     def _trim(self) -> None:
         keep = self._vad_pos - self._pad

@@ -125,7 +125,8 @@ async def test_renew_many_renews_only_leases_still_held(redis: aioredis.Redis) -
 
 async def test_read_audio_reads_many_streams_from_their_ids(redis: aioredis.Redis) -> None:
     """`read_audio` (the worker's hand-packed XREAD): entries after each stream's own ID,
-    in order, with flat field lists; [] when nothing arrives within the block; streams
+    in order, with flat field lists; [] when nothing arrives within the block, or at once
+    without one; streams
     with nothing new are left out; a reply is still read after the server dropped the
     connection it keeps."""
     store = Store(redis)
@@ -141,6 +142,12 @@ async def test_read_audio_reads_many_streams_from_their_ids(redis: aioredis.Redi
     assert entry_id > first
     assert envelope.decode_fields(fields) == AudioChunk(1, b"\1\1")
     assert await store.read_audio([(a, entry_id), (b, b"0-0")], count=10, block_ms=10) == []
+    # Without BLOCK: nothing new is an empty reply at once (a blocking read without a
+    # timeout would wait here for ever), and new entries are read as with it.
+    assert await asyncio.wait_for(store.read_audio([(a, entry_id)], 10, None), 5) == []
+    await store.ingest(SID, [AudioChunk(2, b"\3\3")])
+    [(key, [(_, fields)])] = await store.read_audio([(a, entry_id)], 10, None)
+    assert key == a and envelope.decode_fields(fields) == AudioChunk(2, b"\3\3")
     await store.ingest(other, [AudioChunk(0, b"\2\2")])
     await redis.client_kill_filter(_type="normal", skipme=True)  # drops the kept connection
     with pytest.raises(RedisConnectionError):  # the caller retries (the worker does)

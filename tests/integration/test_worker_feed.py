@@ -144,3 +144,37 @@ async def test_a_read_loop_stopped_mid_feed_holds_the_sessions_until_the_feed_en
     release.set()
     await asyncio.wait_for(worker._fed.wait(), 10)
     await ws.close()
+
+
+async def test_a_read_of_more_streams_than_a_chunk_goes_in_chunks(
+    service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more sessions than `read_chunk_streams`, each read is several XREADs of at
+    most that many streams, only the last of which may block; every session still gets
+    all of its audio (the same finals as the others, from the same audio)."""
+    from shared.store import Store
+
+    calls: list[tuple[int, int | None]] = []
+    read_audio = Store.read_audio
+
+    async def recording(self: Store, streams: Any, count: int, block_ms: int | None) -> Any:
+        calls.append((len(streams), block_ms))
+        return await read_audio(self, streams, count, block_ms)
+
+    monkeypatch.setattr(Store, "read_audio", recording)
+    svc = await service_factory(vad="energy", read_chunk_streams=2)
+    frames = list(fixture("s1.wav").frames(100))
+    sockets = [await open_ws(svc.url) for _ in range(5)]
+    for ws in sockets:
+        await started(ws)
+    for frame in frames:
+        for ws in sockets:
+            await ws.send(frame)
+    for ws in sockets:
+        await ws.send(json.dumps({"type": "close_stream"}))
+    outs = [await drain(ws) for ws in sockets]
+    assert [o.code for o in outs] == [1000] * 5
+    texts = [[f["text"] for f in o.finals] for o in outs]
+    assert texts[0] and all(t == texts[0] for t in texts), texts
+    assert calls and max(n for n, _ in calls) <= 2
+    assert any(block is None for _, block in calls)  # chunked reads happened

@@ -266,11 +266,20 @@ def test_zero_to_a_thousand_options_at_their_edges(field: str) -> None:
 
 def test_read_streams_per_s_is_off_or_at_least_a_thousand() -> None:
     """read_streams_per_s: 0 (no limit) and 1000 are taken; 999 and -1 are not."""
-    assert Config().read_streams_per_s == 10_000
+    assert Config().read_streams_per_s == 3_000
     assert Config(read_streams_per_s=0).read_streams_per_s == 0
     assert Config(read_streams_per_s=1000).read_streams_per_s == 1000
     for bad in (999, 1, -1):
         assert names_both(config_error(read_streams_per_s=bad), "read_streams_per_s")
+
+
+def test_read_chunk_streams_is_one_to_ten_thousand() -> None:
+    """read_chunk_streams: 1 and 10,000 are taken; 0 and 10,001 are not."""
+    assert Config().read_chunk_streams == 100
+    assert Config(read_chunk_streams=1).read_chunk_streams == 1
+    assert Config(read_chunk_streams=10_000).read_chunk_streams == 10_000
+    for bad in (0, 10_001, -1):
+        assert names_both(config_error(read_chunk_streams=bad), "read_chunk_streams")
 
 
 def test_max_audio_rate_is_off_or_at_least_real_time() -> None:
