@@ -57,6 +57,7 @@ from bench.common import (
     pick_clips,
     replace_section,
     rss_bytes,
+    speed_ms,
     stage_clips,
     streamed_audio_s,
     streamscribe,
@@ -91,6 +92,7 @@ class IngestRun:
     cores: dict[str, float]  # process -> average cores used over the run
     load_before: str
     busy_before: float  # cores busy just before the run (ours idle)
+    speed_ms: float  # bench.common.speed_ms() just before the run (lower is faster)
     foreign_cores: float  # cores used by processes outside this benchmark during the run
     elapsed_s: float
     errors: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +135,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             os.kill(service.pids["worker"], signal.SIGSTOP)
         busy_before = wait_quiet(args.quiet_wait_s)
         load_before = load_average()
+        speed = speed_ms()
         rss0, cpu0 = rss_bytes(gw), service.cpu()
         json_out = state / "ingest.json"
         cmd = [
@@ -218,6 +221,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
         cores=cores,
         load_before=load_before,
         busy_before=busy_before,
+        speed_ms=speed,
         foreign_cores=max(0.0, (sys1 - sys0) / wall - sum(cores.values())),
         elapsed_s=float(report["elapsed_s"]),
         errors=errors,
@@ -244,6 +248,7 @@ def row(r: IngestRun) -> list[str]:
         ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none",
         f"{r.busy_before:.2f} / {r.foreign_cores:.2f}",
         r.load_before,
+        f"{r.speed_ms:.0f}",
     ]
 
 
@@ -261,6 +266,7 @@ HEADER = [
     "errors",
     "other processes' cores: before / during",
     "load avg before",
+    "machine speed ms",
 ]
 
 
@@ -382,7 +388,10 @@ def main() -> None:
             f"no failed session, no errors, p99 ack <= {args.max_ack_ms:.0f} ms (sessions "
             f"still open {args.drain_timeout_s:.0f} s after streaming ended count as "
             f"unfinished: the worker's lag, not the gateway's). "
-            f"*cores* = CPU seconds / wall seconds of the run.\n\n{text}\n"
+            f"*cores* = CPU seconds / wall seconds of the run. *machine speed*: the best "
+            f"of three timings of a fixed Python loop just before the run (lower is "
+            f"faster; on this VM it has varied by a factor of up to 1.8 within an hour, "
+            f"and every process's CPU per frame moves with it).\n\n{text}\n"
         )
         replace_section(args.write, HEADING, section)
         print(f"wrote {args.write}")

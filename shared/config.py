@@ -349,9 +349,10 @@ class Config:
     read_chunk_streams: int = _opt(
         100,
         "Most audio streams one XREAD names (1..10,000). A worker with more sessions reads "
-        "them in chunks of this many, one after another: Redis runs one command at a "
-        "time, and a single read of every stream held the gateways' appends (and so "
-        "their acks) for its whole length, 10-70 ms at 900 sessions.",
+        "them in chunks of this many, spread evenly over each pass of read_streams_per_s: "
+        "Redis runs one command at a time, and a single read of every stream held the "
+        "gateways' appends (and so their acks) for its whole length, 10-70 ms at 900 "
+        "sessions.",
         WORKER,
     )
     worker_id: str | None = _opt(None, "Name of this worker (default: host-pid).", WORKER)

@@ -402,8 +402,18 @@ class Worker:
     # --- reading audio -----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        """Read the audio of every owned session, at most once per `read_interval_ms`, and
-        feed each reply's audio to its sessions in one job on the VAD thread.
+        """Read the audio of every owned session and feed each reply's audio to its
+        sessions in one job on the VAD thread.
+
+        A pass reads every session once, at most `read_streams_per_s` streams a second
+        and at most once per `read_interval_ms` (`read_spacing_s`). More sessions than
+        `read_chunk_streams` are read in chunks of that many, one `XREAD` each, spread
+        evenly over the pass and each fed before the next is read: Redis runs one
+        command at a time, and one `XREAD` over every stream held the gateways' appends
+        (and so their acks) for its whole length; a whole pass fed at once also took
+        most of a core for a tenth of a second, and the gateway waited for the CPU. Only
+        a pass of one chunk blocks (`read_block_ms`) for audio to come; chunks are paced
+        instead, so an idle worker reads each stream once per pass.
 
         One job per reply, not one per session: at real time a session has about one
         frame per read, and a thread hand-off per frame cost more than the frame's own
@@ -411,64 +421,63 @@ class Worker:
         session tasks wait at `_fed` before touching their transcriber (see `_may_touch`),
         so a transcriber is never used from two threads at once."""
         loop = asyncio.get_running_loop()
-        started, interval = -1.0, 0.0
+        started, spacing = -1.0, 0.0
         while not self._closing.is_set():
-            wait = started + interval - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)  # pacing: let the next read find more per session
-            started = loop.time()
             targets = {s.audio_key: s for s in self.owned.values() if s.close_reason is None}
             streams = [(key, owned.last_id) for key, owned in targets.items()]
-            interval = read_spacing_s(
-                len(streams), self.config.read_interval_ms, self.config.read_streams_per_s
-            )
             if not streams:
                 self._session_added.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._session_added.wait(), 0.5)
                 continue
-            try:
-                reply = await self._read_streams(streams)
-            except (RedisError, OSError) as exc:
-                await self._redis_trouble("read", exc)
-                continue
-            work = self._route(reply, targets)
-            if not work:
-                continue
-            self._fed.clear()
-            job = loop.run_in_executor(self._cpu, self._feed_all, work)
-            try:
-                await asyncio.shield(job)
-            finally:
-                # Cancelled (shutdown) while the job runs: the session tasks stay held
-                # until it has finished, not just until this task has stopped.
-                if job.done():
-                    self._fed.set()
-                else:
-                    job.add_done_callback(lambda _: self._fed.set())
-            for owned, _ in work:
-                # Woken only with something to do: at real time most reads bring a
-                # session one frame that starts no decode, and a wake-up per session per
-                # read was a tenth of the worker's CPU (null engine, 500 sessions).
-                if owned.wake and not owned.fed_noted:  # one note covers any number of reads
-                    owned.fed_noted = True
-                    owned.inbox.put_nowait(FED)
+            size = self.config.read_chunk_streams
+            chunks = [streams[i : i + size] for i in range(0, len(streams), size)]
+            block = self.config.read_block_ms if len(chunks) == 1 else None
+            pass_s = read_spacing_s(
+                len(streams), self.config.read_interval_ms, self.config.read_streams_per_s
+            )
+            for chunk in chunks:
+                wait = started + spacing - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # pacing: let the next read find more per session
+                spacing = pass_s / len(chunks)
+                started = loop.time()
+                try:
+                    reply = await self.store.read_audio(chunk, READ_COUNT, block)
+                except (RedisError, OSError) as exc:
+                    await self._redis_trouble("read", exc)
+                    break  # a new pass, from the sessions owned then
+                await self._feed_reply(reply, targets)
 
-    async def _read_streams(
-        self, streams: list[tuple[bytes, bytes]]
-    ) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
-        """One read of `streams`, in chunks of `read_chunk_streams` one after another, so
-        that Redis serves the gateways' appends between them rather than after one long
-        command. Only the last chunk may block (`read_block_ms`), and only when the
-        others brought nothing: an idle worker waits there instead of spinning, and audio
-        that reaches another chunk's stream meanwhile waits at most `read_block_ms`."""
-        size = self.config.read_chunk_streams
-        reply: list[tuple[bytes, list[tuple[bytes, list[bytes]]]]] = []
-        for i in range(0, len(streams), size):
-            last = i + size >= len(streams)
-            block = self.config.read_block_ms if last and not reply else None
-            reply += await self.store.read_audio(streams[i : i + size], READ_COUNT, block)
-        return reply
+    async def _feed_reply(
+        self,
+        reply: list[tuple[bytes, list[tuple[bytes, list[bytes]]]]],
+        targets: dict[bytes, Owned],
+    ) -> None:
+        """Feed one read's audio (one job on the VAD thread), then wake each session
+        that has something to do."""
+        work = self._route(reply, targets)
+        if not work:
+            return
+        loop = asyncio.get_running_loop()
+        self._fed.clear()
+        job = loop.run_in_executor(self._cpu, self._feed_all, work)
+        try:
+            await asyncio.shield(job)
+        finally:
+            # Cancelled (shutdown) while the job runs: the session tasks stay held
+            # until it has finished, not just until this task has stopped.
+            if job.done():
+                self._fed.set()
+            else:
+                job.add_done_callback(lambda _: self._fed.set())
+        for owned, _ in work:
+            # Woken only with something to do: at real time most reads bring a
+            # session one frame that starts no decode, and a wake-up per session per
+            # read was a tenth of the worker's CPU (null engine, 500 sessions).
+            if owned.wake and not owned.fed_noted:  # one note covers any number of reads
+                owned.fed_noted = True
+                owned.inbox.put_nowait(FED)
 
     def _route(
         self,

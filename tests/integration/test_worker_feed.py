@@ -149,9 +149,9 @@ async def test_a_read_loop_stopped_mid_feed_holds_the_sessions_until_the_feed_en
 async def test_a_read_of_more_streams_than_a_chunk_goes_in_chunks(
     service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With more sessions than `read_chunk_streams`, each read is several XREADs of at
-    most that many streams, only the last of which may block; every session still gets
-    all of its audio (the same finals as the others, from the same audio)."""
+    """With more sessions than `read_chunk_streams`, a pass reads them in XREADs of at
+    most that many streams, which do not block; every session still gets all of its
+    audio (the same finals as the others, from the same audio)."""
     from shared.store import Store
 
     calls: list[tuple[int, int | None]] = []
@@ -177,4 +177,4 @@ async def test_a_read_of_more_streams_than_a_chunk_goes_in_chunks(
     texts = [[f["text"] for f in o.finals] for o in outs]
     assert texts[0] and all(t == texts[0] for t in texts), texts
     assert calls and max(n for n, _ in calls) <= 2
-    assert any(block is None for _, block in calls)  # chunked reads happened
+    assert any(block is None for _, block in calls)  # chunked passes happened
