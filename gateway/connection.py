@@ -57,6 +57,7 @@ from shared.fleet import Fleet
 from shared.keys import GatewayId, SessionId
 from shared.metrics import Metrics
 from shared.protocol import (
+    ACK_TEXT,
     CloseStream,
     ConnectionState,
     Finalize,
@@ -92,12 +93,9 @@ def close_reason(text: str) -> str:
     return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
 
 
-_ACK_TEMPLATE = '{"type": "ack", "seq": %d}'
-
-
 def ack_text(seq: int) -> str:
     """`build_server_message(Ack(seq))`, without building a dict and encoding JSON."""
-    return _ACK_TEMPLATE % seq
+    return ACK_TEXT % seq
 
 
 def text_frame(data: bytes) -> bytes:

@@ -43,6 +43,7 @@ from shared.envelope import Closed, Transcript
 from shared.errors import ConfigError, ProtocolViolation
 from shared.loadstats import LoadRecorder, LoadReport, RunInfo, SessionRecorder
 from shared.protocol import (
+    ACK_TEXT,
     Ack,
     CloseStream,
     ErrorMessage,
@@ -489,8 +490,8 @@ def _text_or_bytes(data: bytes) -> str | bytes:
         return data
 
 
-#: How streamscribe's gateway writes an ack (`gateway.connection.ack_text`), up to seq.
-_ACK_HEAD = '{"type": "ack", "seq": '
+#: How streamscribe's gateway writes an ack (`ACK_TEXT`), up to seq.
+_ACK_HEAD = ACK_TEXT.split("%d")[0]
 
 
 def _parse(raw: str | bytes, rec: SessionRecorder) -> object:

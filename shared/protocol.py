@@ -268,6 +268,11 @@ class ErrorMessage:
 ServerMessage = SessionStarted | SessionResumed | Ack | Queued | ErrorMessage | Transcript | Closed
 
 
+#: An ack's text as `build_server_message(Ack(seq))` writes it, `% seq`: the gateway sends
+#: it without the JSON encoder, and the load generator reads it without the decoder.
+ACK_TEXT = '{"type": "ack", "seq": %d}'
+
+
 def build_server_message(msg: ServerMessage) -> str:
     """The JSON text frame for a server message, exactly as protocol.md specifies."""
     body: dict[str, Any]

@@ -25,14 +25,16 @@ class AudioConverter:
             import av
 
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=TARGET_RATE)
+        # Bytes per sample instant where `samples_in` can tell the count (0: it cannot).
+        self._width = 0 if self._resampler is not None else params.bytes_per_frame
 
     def samples_in(self, size: int) -> int | None:
         """How many output samples `convert` makes of `size` bytes, where that is known
         without converting them: no resampler, whole sample instants. Such chunks can be
         joined and converted at once with the same result (the worker batches the frames
         of one read that way); None where it is not."""
-        width = self.params.bytes_per_frame
-        if self._resampler is not None or size % width:
+        width = self._width
+        if not width or size % width:
             return None
         return size // width
 

@@ -447,10 +447,11 @@ class Worker:
                 except (RedisError, OSError) as exc:
                     await self._redis_trouble("read", exc)
                     break  # a new pass, from the sessions owned then
-                await self._feed_reply(reply, targets)
+                await self._feed_reply(loop, reply, targets)
 
     async def _feed_reply(
         self,
+        loop: asyncio.AbstractEventLoop,
         reply: list[tuple[bytes, list[tuple[bytes, list[bytes]]]]],
         targets: dict[bytes, Owned],
     ) -> None:
@@ -459,7 +460,6 @@ class Worker:
         work = self._route(reply, targets)
         if not work:
             return
-        loop = asyncio.get_running_loop()
         self._fed.clear()
         job = loop.run_in_executor(self._cpu, self._feed_all, work)
         try:
