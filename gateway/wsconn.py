@@ -40,6 +40,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Data
 
 from shared.errors import FrameTooLarge
+from shared.wsframes import frame_bounds, parser_at_boundary
 
 try:
     from websockets.speedups import apply_mask
@@ -58,54 +59,6 @@ def too_large_text(limit: int | None, reason: str) -> str:
 
 #: First header byte of a whole binary message: FIN, no reserved bits, opcode 2.
 _FIN_BINARY = 0x82
-
-
-def frame_bounds(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
-    """Where the frame that starts at `pos` has its payload: (payload start, payload
-    end), or None if `buf` does not yet hold its whole header. The payload end may lie
-    past `len(buf)` (the frame is not complete yet); a masked frame's key is the 4
-    bytes before the payload start (RFC 6455, 5.2)."""
-    avail = len(buf) - pos
-    if avail < 2:
-        return None
-    second = buf[pos + 1]
-    length = second & 0x7F
-    head = 2
-    if length == 126:
-        head = 4
-    elif length == 127:
-        head = 10
-    if second & 0x80:
-        head += 4
-    if avail < head:
-        return None
-    if length == 126:
-        length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-    elif length == 127:
-        length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-    return pos + head, pos + head + length
-
-
-#: What the framing reads of websockets' protocol (websockets >= 15).
-_PROTOCOL_ATTRIBUTES = ("max_message_size", "max_fragment_size", "current_size", "reader")
-
-
-def parser_at_boundary(protocol: ServerProtocol) -> bool:
-    """Whether websockets' parser holds nothing: no bytes, no events not yet taken, and
-    it waits at the top of its loop for a new frame, not inside one (a client may send
-    bytes right behind its handshake, which the parser starts on at once). Also False
-    with an extension (compression), whose frames only websockets can read. Anything
-    unexpected in websockets' internals (an older version) also says False: framing then
-    stays with websockets, which is only slower."""
-    if not all(hasattr(protocol, a) for a in _PROTOCOL_ATTRIBUTES):
-        return False  # an older websockets: its limits and state are named otherwise
-    if protocol.extensions or protocol.reader.buffer or protocol.events:
-        return False
-    gen: Any = getattr(protocol, "parser", None)
-    while (inner := getattr(gen, "gi_yieldfrom", None)) is not None:
-        gen = inner
-    code = getattr(gen, "gi_code", None)
-    return getattr(code, "co_name", None) == "at_eof"
 
 
 class GatewayServerConnection(ServerConnection):

@@ -53,6 +53,7 @@ from shared.protocol import (
     parse_server_text,
 )
 from shared.wavfile import read_wav
+from shared.wsframes import frame_bounds, parser_at_boundary
 
 KNOWN_SERVER_TYPES = frozenset(
     {"session.started", "session.resumed", "ack", "transcript", "queued", "session.closed", "error"}
@@ -448,13 +449,82 @@ class CallbackConnection(ClientConnection):
     The load generator gets an ack per frame per session: with hundreds of sessions,
     waking each session's task for each ack (and websockets' message assembly) was a
     fifth of its CPU. Fragmented messages are joined here; control frames (ping, pong,
-    close) are left to websockets."""
+    close) are left to websockets.
+
+    Framing: once the connection is open, incoming bytes are cut into whole frames here
+    (`shared.wsframes`), and a frame that is a whole unmasked text message within
+    `max_size`, in valid UTF-8, with no fragmented message in progress, goes to `handler`
+    without websockets' generator-based parser (most of the rest of the load generator's
+    receiving cost at an ack per frame). Every other frame goes to websockets whole, as
+    the gateway does with its clients' audio (`gateway/wsconn.py`); connections opened
+    with an extension (compression) leave all framing to websockets."""
 
     def __init__(self, handler: MessageHandler, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.handler = handler
         self._parts: list[bytes] = []
         self._text = False
+        self._framing: bool | None = None  # None until the connection is open
+        self._rest = b""  # the start of a frame whose end has not arrived yet
+        #: Messages taken by the framing here and frames fed to websockets (for tests).
+        self.direct = self.slow_frames = 0
+
+    def data_received(self, data: bytes) -> None:
+        framing = self._framing
+        if framing is None:
+            if self.protocol.state is not State.OPEN:
+                super().data_received(data)  # the handshake
+                return
+            framing = self._framing = parser_at_boundary(self.protocol)
+        if not framing:
+            super().data_received(data)
+            return
+        buf = self._rest + data if self._rest else data
+        pos = self._frames(buf)
+        self._rest = buf[pos:] if 0 <= pos < len(buf) else b""
+
+    def _frames(self, buf: bytes) -> int:
+        """Take or feed every whole frame in `buf`; where the first incomplete one
+        starts, or -1 if framing stopped and websockets was given everything."""
+        protocol = self.protocol
+        limit = protocol.max_message_size
+        pos, size = 0, len(buf)
+        while pos < size:
+            bounds = frame_bounds(buf, pos)
+            if bounds is None:
+                break
+            start, end = bounds
+            if limit is not None and end - start > limit:
+                # websockets refuses it at its header, before its payload arrives.
+                self._framing = False
+                super().data_received(buf[pos:])
+                return -1
+            if end > size:
+                break
+            text: str | None = None
+            if (
+                buf[pos] == 0x81  # FIN, no reserved bits, text
+                and not buf[pos + 1] & 0x80  # unmasked, as a server's frames must be
+                and not self._parts
+                and protocol.state is State.OPEN
+                and self.handler.error is None
+            ):
+                with contextlib.suppress(UnicodeDecodeError):
+                    text = buf[start:end].decode()
+            if text is not None:
+                self.direct += 1
+                self._deliver(text)
+            else:
+                self.slow_frames += 1
+                super().data_received(buf[pos:end])
+            pos = end
+        return pos
+
+    def eof_received(self) -> None:
+        if self._rest:
+            rest, self._rest = self._rest, b""
+            super().data_received(rest)  # websockets ends it as a truncated frame
+        super().eof_received()
 
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame):
@@ -472,10 +542,13 @@ class CallbackConnection(ClientConnection):
             return
         data = b"".join(self._parts)
         self._parts = []
+        self._deliver(_text_or_bytes(data) if self._text else data)
+
+    def _deliver(self, message: str | bytes) -> None:
         if self.handler.error is not None:
             return
         try:
-            self.handler(self, _text_or_bytes(data) if self._text else data)
+            self.handler(self, message)
         except Exception as exc:  # a bug here: end this session, not the whole run
             self.handler.error = exc
             self.transport.abort()

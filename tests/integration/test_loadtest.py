@@ -267,3 +267,59 @@ async def test_callback_connection_joins_fragments_and_keeps_order() -> None:
         await ws.wait_closed()
     assert rec.messages == ["one", "two", b"\x00\x01", b"\x02\x03", "three", b"\xff\xfe"]
     assert isinstance(rec.error, RuntimeError) and str(rec.error) == "handler bug"
+
+
+async def test_callback_connection_cuts_text_frames_itself_and_leaves_the_rest() -> None:
+    """Once open, the load generator's connection cuts frames itself: each unfragmented
+    text message goes to the handler without websockets' parser, every other frame
+    (binary, fragments, close) through websockets, all in order, even when the bytes
+    arrive a few at a time. A frame over `max_size` still ends the connection with 1009
+    before the handler sees it. (No compression, as the load generator connects.)"""
+    import asyncio
+    import functools
+    from typing import cast
+
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.frames import Frame, Opcode
+
+    from shared.loadtest import CallbackConnection
+
+    frames = [
+        Frame(Opcode.TEXT, b'{"type":"ack","seq":0}'),
+        Frame(Opcode.TEXT, "é".encode() * 100),  # 200 bytes: a 16-bit length
+        Frame(Opcode.BINARY, b"\x01\x02"),
+        Frame(Opcode.TEXT, b"fr", fin=False),
+        Frame(Opcode.CONT, b"ag", fin=True),
+        Frame(Opcode.TEXT, b"last"),
+    ]
+    wire = b"".join(f.serialize(mask=False, extensions=[]) for f in frames)
+    too_big = Frame(Opcode.TEXT, b"x" * 300).serialize(mask=False, extensions=[])
+
+    async def server(ws: ServerConnection) -> None:
+        payload = too_big if await ws.recv() == "big" else wire
+        for i in range(0, len(payload), 7):  # a few bytes at a time
+            ws.transport.write(payload[i : i + 7])
+            await asyncio.sleep(0)  # let each piece go out on its own if it will
+        await ws.wait_closed() if payload is too_big else await ws.close()
+
+    async with serve(server, "127.0.0.1", 0) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        rec = Recorder()
+        factory = cast("type[ClientConnection]", functools.partial(CallbackConnection, rec))
+        ws = await connect(f"ws://127.0.0.1:{port}", create_connection=factory, compression=None)
+        await ws.send("go")
+        await ws.wait_closed()
+        conn = cast("CallbackConnection", ws)
+        assert rec.messages == ['{"type":"ack","seq":0}', "é" * 100, b"\x01\x02", "frag", "last"]
+        assert (conn.direct, conn.slow_frames) == (3, 4)  # 3 fragments/binary + the close
+
+        big = Recorder()
+        factory = cast("type[ClientConnection]", functools.partial(CallbackConnection, big))
+        ws = await connect(
+            f"ws://127.0.0.1:{port}", create_connection=factory, compression=None, max_size=100
+        )
+        await ws.send("big")
+        await ws.wait_closed()
+        assert big.messages == []
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == 1009

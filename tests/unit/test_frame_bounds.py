@@ -1,4 +1,4 @@
-"""`frame_bounds` (gateway/wsconn.py) cuts frames as websockets' own parser does, and
+"""`frame_bounds` (shared/wsframes.py) cuts frames as websockets' own parser does, and
 `parser_at_boundary` says when the gateway may take framing over from websockets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
-from gateway.wsconn import frame_bounds, parser_at_boundary
+from shared.wsframes import frame_bounds, parser_at_boundary
 
 
 def wire(size: int, *, mask: bool, opcode: Opcode = Opcode.BINARY, fin: bool = True) -> bytes:
