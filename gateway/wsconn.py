@@ -40,7 +40,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Data
 
 from shared.errors import FrameTooLarge
-from shared.wsframes import frame_bounds, parser_at_boundary
+from shared.wsframes import frame_bounds, framing_state
 
 try:
     from websockets.speedups import apply_mask
@@ -92,12 +92,9 @@ class GatewayServerConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         framing = self._framing
         if framing is None:
-            if self.protocol.state is not State.OPEN:
-                super().data_received(data)  # the handshake
-                return
-            framing = self._framing = parser_at_boundary(self.protocol)
+            framing = self._framing = framing_state(self.protocol)
         if not framing:
-            super().data_received(data)
+            super().data_received(data)  # the handshake, or websockets keeps the framing
             return
         rest = self._rest
         if rest:

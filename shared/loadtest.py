@@ -53,7 +53,7 @@ from shared.protocol import (
     parse_server_text,
 )
 from shared.wavfile import read_wav
-from shared.wsframes import frame_bounds, parser_at_boundary
+from shared.wsframes import frame_bounds, framing_state
 
 KNOWN_SERVER_TYPES = frozenset(
     {"session.started", "session.resumed", "ack", "transcript", "queued", "session.closed", "error"}
@@ -472,12 +472,9 @@ class CallbackConnection(ClientConnection):
     def data_received(self, data: bytes) -> None:
         framing = self._framing
         if framing is None:
-            if self.protocol.state is not State.OPEN:
-                super().data_received(data)  # the handshake
-                return
-            framing = self._framing = parser_at_boundary(self.protocol)
+            framing = self._framing = framing_state(self.protocol)
         if not framing:
-            super().data_received(data)
+            super().data_received(data)  # the handshake, or websockets keeps the framing
             return
         buf = self._rest + data if self._rest else data
         pos = self._frames(buf)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
 
 
 def frame_bounds(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
@@ -60,3 +60,12 @@ def parser_at_boundary(protocol: Protocol) -> bool:
         gen = inner
     code = getattr(gen, "gi_code", None)
     return getattr(code, "co_name", None) == "at_eof"
+
+
+def framing_state(protocol: Protocol) -> bool | None:
+    """For a connection that may cut its frames itself: None while the handshake runs (ask
+    again with the next bytes), then, once open, `parser_at_boundary` (decided once: from
+    then on websockets only ever gets whole frames, so it stays at a boundary)."""
+    if protocol.state is not State.OPEN:
+        return None
+    return parser_at_boundary(protocol)
