@@ -40,7 +40,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Data
 
 from shared.errors import FrameTooLarge
-from shared.wsframes import frame_bounds, framing_state
+from shared.wsframes import frame_bounds, frame_limit, framing_state
 
 try:
     from websockets.speedups import apply_mask
@@ -116,9 +116,7 @@ class GatewayServerConnection(ServerConnection):
         """Take or feed every whole frame in `buf`; where the first incomplete one
         starts, or -1 if framing stopped and websockets was given everything."""
         protocol = self.protocol
-        limit = protocol.max_message_size
-        if protocol.max_fragment_size is not None:
-            limit = min(protocol.max_fragment_size, limit or protocol.max_fragment_size)
+        limit = frame_limit(protocol)
         pos, size = 0, len(buf)
         while pos < size:
             bounds = frame_bounds(view, pos)

@@ -53,7 +53,7 @@ from shared.protocol import (
     parse_server_text,
 )
 from shared.wavfile import read_wav
-from shared.wsframes import frame_bounds, framing_state
+from shared.wsframes import frame_bounds, frame_limit, framing_state
 
 KNOWN_SERVER_TYPES = frozenset(
     {"session.started", "session.resumed", "ack", "transcript", "queued", "session.closed", "error"}
@@ -484,7 +484,7 @@ class CallbackConnection(ClientConnection):
         """Take or feed every whole frame in `buf`; where the first incomplete one
         starts, or -1 if framing stopped and websockets was given everything."""
         protocol = self.protocol
-        limit = protocol.max_message_size
+        limit = frame_limit(protocol)
         pos, size = 0, len(buf)
         while pos < size:
             bounds = frame_bounds(buf, pos)
@@ -504,7 +504,6 @@ class CallbackConnection(ClientConnection):
                 and not buf[pos + 1] & 0x80  # unmasked, as a server's frames must be
                 and not self._parts
                 and protocol.state is State.OPEN
-                and self.handler.error is None
             ):
                 with contextlib.suppress(UnicodeDecodeError):
                     text = buf[start:end].decode()

@@ -69,3 +69,13 @@ def framing_state(protocol: Protocol) -> bool | None:
     if protocol.state is not State.OPEN:
         return None
     return parser_at_boundary(protocol)
+
+
+def frame_limit(protocol: Protocol) -> int | None:
+    """The largest frame payload websockets would take (`max_size`, and
+    `max_fragment_size` where set): a frame over it goes to websockets as soon as its
+    header is in, to be refused there (1009) before its payload is buffered."""
+    limit: int | None = protocol.max_message_size
+    if protocol.max_fragment_size is not None:
+        limit = min(protocol.max_fragment_size, limit or protocol.max_fragment_size)
+    return limit
