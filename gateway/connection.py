@@ -1,11 +1,14 @@
 """One client connection: the async shell around `shared.protocol.ServerSession`.
 
-Four tasks per connection, all ending together:
+Five tasks per connection, all ending together:
 - reader: client frames -> ServerSession -> the pending queue (bounded: back-pressure);
+  most audio frames skip the task: taken in the protocol callback (gateway/wsconn.py);
 - writer: pending queue -> one atomic, idempotent Redis append per batch (sent with
-  other connections' appends in one pipeline, gateway/ingest.py) -> `ack`;
+  other connections' appends in one pipeline, gateway/ingest.py) -> `ack`; most
+  batches skip the task too: stored and acked from callbacks while it is parked;
 - results: pub/sub + results stream -> `Delivery` -> transcripts and `session.closed`;
-- watchdog: idle timeout.
+- watchdog: idle timeout;
+- queue watcher: `queued` positions until a worker claims the session.
 Errors become an `error` message and a close code in `_fail`, the one place that maps
 the exception tree to the wire.
 """
@@ -74,7 +77,7 @@ from shared.protocol import (
     parse_query,
 )
 from shared.ratelimit import AudioRateLimit
-from shared.store import SeqGap, SessionGone, Store, now_ms
+from shared.store import IngestResult, SeqGap, SessionGone, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +221,13 @@ class Connection:
         # An audio frame that failed in the protocol callback; the reader raises it.
         self._direct_error: Exception | None = None
         self._reader_busy = False  # the reader is putting a message of its own in `pending`
+        # The writer (see `_writer`): parked with nothing queued, so that callbacks may
+        # store audio; the call they made and its frames; the writer's wake-up.
+        self._writer_parked = False
+        self._ingesting: tuple[asyncio.Future[IngestResult], list[AudioChunk]] | None = None
+        self._writer_wake: asyncio.Future[None] | None = None
+        self._max_audio_bytes = 0.0  # max_session_audio_s in bytes, set as the writer starts
+        self._callback_error: Exception | None = None  # raised by the writer
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -376,6 +386,10 @@ class Connection:
                 if any(task.get_name() != "queue" for task in done):
                     break  # the queue watcher alone may end early: the session got a worker
         finally:
+            self._writer_parked = False  # no more calls from callbacks
+            if self._ingesting is not None:
+                self._ingesting[0].cancel()  # left out of its pipeline if not yet sent
+                self._ingesting = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -417,7 +431,7 @@ class Connection:
                 if isinstance(message, str):
                     await self._text(message)
                 elif (chunk := self._audio(message)) is not None:
-                    await self.pending.put(chunk)  # back-pressure: stop reading while full
+                    await self._queue(chunk)  # back-pressure: stop reading while full
                 self._reader_busy = False
         finally:
             if direct is not None:
@@ -439,6 +453,7 @@ class Connection:
             return False
         if chunk is not None:
             self.pending.put_nowait(chunk)
+            self._kick()
         return True
 
     def _audio(self, data: bytes) -> AudioChunk | None:
@@ -464,9 +479,9 @@ class Connection:
         if isinstance(msg, Keepalive) or session.server_ended:
             return
         if isinstance(msg, Finalize):
-            await self.pending.put(Control(kind="finalize"))
+            await self._queue(Control(kind="finalize"))
         elif isinstance(msg, CloseStream):
-            await self.pending.put(Control(kind="close", reason="client_closed"))
+            await self._queue(Control(kind="close", reason="client_closed"))
 
     def _check_rate(self, limit: AudioRateLimit, nbytes: int) -> None:
         if limit.take(nbytes, self.last_activity):
@@ -479,23 +494,119 @@ class Connection:
         )
 
     async def _writer(self) -> None:
-        carry: AudioChunk | Control | None = None
+        """Store what the reader queued, in order, one Redis call at a time, and ack it.
+
+        Most audio never wakes this task. While it is parked (`_park`), the protocol
+        callback (`_direct_audio`) and each call's completion (`_ingested`) store and
+        ack audio themselves (`_kick`), one call at a time: a task woken twice per frame
+        (by the frame, then by its reply) was a sixth of the gateway's CPU. Anything
+        else wakes it (`_wake_writer`): a command, a call that failed (it is retried
+        here, the calls being idempotent), an ack the socket cannot take at once,
+        max_duration reached, audio after the server ended the stream. It first settles
+        the call in flight, then works through the queue, and parks once it is empty."""
+        session = self._session()
+        self._max_audio_bytes = self.cfg.max_session_audio_s * session.params.bytes_per_second
         while True:
-            item = carry if carry is not None else await self.pending.get()
-            carry = None
-            if isinstance(item, Control):
-                await self._store_control(item)
-                continue
-            if self._session().server_ended:
-                continue  # the server ended the stream: in-flight audio is dropped unacked
-            batch = [item]
-            while len(batch) < MAX_BATCH_FRAMES and not self.pending.empty():
-                nxt = self.pending.get_nowait()
-                if isinstance(nxt, Control):
-                    carry = nxt
-                    break
-                batch.append(nxt)
+            if self._callback_error is not None:
+                raise self._callback_error
+            if self._ingesting is not None:
+                await self._settle()
+            elif self.pending.empty():
+                await self._park()
+            elif isinstance(control := self.pending.peek(), Control):
+                self.pending.get_nowait()
+                await self._store_control(control)
+            elif session.server_ended:
+                self.pending.get_nowait()  # in-flight audio is dropped unacked
+            else:
+                await self._store_audio(self._take_audio())
+
+    def _take_audio(self) -> list[AudioChunk]:
+        """The audio at the head of the queue (at least one frame), up to the next
+        command or MAX_BATCH_FRAMES."""
+        batch: list[AudioChunk] = []
+        pending = self.pending
+        while len(batch) < MAX_BATCH_FRAMES and not pending.empty():
+            chunk = pending.peek()
+            if not isinstance(chunk, AudioChunk):
+                break
+            batch.append(chunk)
+            pending.get_nowait()
+        return batch
+
+    async def _park(self) -> None:
+        """Wait, with nothing queued, until `_wake_writer`; meanwhile `_kick` stores
+        audio from callbacks."""
+        wake = self.loop.create_future()
+        self._writer_wake = wake
+        self._writer_parked = True
+        try:
+            await wake
+        finally:
+            self._writer_parked = False
+            self._writer_wake = None
+
+    def _wake_writer(self) -> None:
+        # Not parked from this moment: no callback starts another call before it runs.
+        self._writer_parked = False
+        wake = self._writer_wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _kick(self) -> None:
+        """Something was queued, or a call ended: if the writer is parked and no call
+        is in flight, store the queued audio from here (or wake the writer for what
+        only it does)."""
+        if not self._writer_parked or self._ingesting is not None or self.pending.empty():
+            return
+        if not isinstance(self.pending.peek(), AudioChunk) or self._session().server_ended:
+            self._wake_writer()
+            return
+        batch = self._take_audio()
+        fut = self.ctx.ingest.start_ingest(self._sid(), batch)
+        self._ingesting = (fut, batch)
+        fut.add_done_callback(self._ingested)
+
+    def _ingested(self, fut: asyncio.Future[IngestResult]) -> None:
+        """A call `_kick` made is answered: ack it and go on from here, or leave it to
+        the writer (woken meanwhile, or woken now for anything but a plain ack)."""
+        ingesting = self._ingesting
+        if ingesting is None or ingesting[0] is not fut or not self._writer_parked:
+            return  # the writer settles it (or the connection ended)
+        try:
+            if not fut.cancelled() and fut.exception() is None:
+                result = fut.result()
+                if result.audio_bytes < self._max_audio_bytes and send_now(
+                    self.ws, ack_text(result.next_seq - 1)
+                ):
+                    self._ingesting = None
+                    self.ctx.metrics.inc('audio_writes_total{path="callback"}')
+                    self._kick()
+                    return
+        except Exception as exc:  # a bug: the writer raises it (an internal error)
+            self._callback_error = exc
+        self._wake_writer()
+
+    async def _settle(self) -> None:
+        """The call `_kick` made: its ack and max_duration, or, if it failed, the same
+        call again with retries and the errors mapped to the wire (it is idempotent)."""
+        assert self._ingesting is not None
+        fut, batch = self._ingesting
+        self._ingesting = None
+        try:
+            if fut.cancelled():
+                raise BatcherClosed("call cancelled")  # not this task: make the call again
+            result = await fut
+        except Exception:
             await self._store_audio(batch)
+            return
+        self.ctx.metrics.inc('audio_writes_total{path="callback"}')
+        await self._stored(result)
+
+    async def _queue(self, item: AudioChunk | Control) -> None:
+        """Queue for the writer (waiting while the queue is full: back-pressure)."""
+        await self.pending.put(item)
+        self._kick()
 
     async def _store_audio(self, batch: list[AudioChunk]) -> None:
         sid = self._sid()
@@ -509,11 +620,15 @@ class Connection:
             ) from None
         except BatcherClosed:
             raise reconnect("gateway draining; reconnect and resume") from None
+        self.ctx.metrics.inc('audio_writes_total{path="task"}')
+        await self._stored(result)
+
+    async def _stored(self, result: IngestResult) -> None:
+        """Audio is stored: ack it; end the stream at max_duration."""
         # The ack is the one message per frame: its JSON from a template, not the codec
         # (same text as build_server_message(Ack(seq)); tests/unit/test_ingest_batcher.py).
         await self._send_text(ack_text(result.next_seq - 1))
-        limit = self.cfg.max_session_audio_s * self._session().params.bytes_per_second
-        if result.audio_bytes >= limit and not self._session().server_ended:
+        if result.audio_bytes >= self._max_audio_bytes and not self._session().server_ended:
             # Stored directly: the writer must never wait on its own (possibly full) queue.
             self._session().mark_closing()
             log.info("session %s: server ends the stream (max_duration)", self.sid)
@@ -626,7 +741,7 @@ class Connection:
     async def _server_close(self, reason: CloseReason) -> None:
         self._session().mark_closing()
         log.info("session %s: server ends the stream (%s)", self.sid, reason)
-        await self.pending.put(Control(kind="close", reason=reason))
+        await self._queue(Control(kind="close", reason=reason))
 
     async def _finish(self) -> None:
         session = self._session()

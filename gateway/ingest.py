@@ -11,6 +11,7 @@ reaches every caller of that pipeline, and each retries (INGEST is idempotent on
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from shared.batching import BatcherClosed, GroupCommit
@@ -58,3 +59,9 @@ class IngestBatcher(GroupCommit[_Call, IngestResult]):
     async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:
         """`Store.ingest`, sent with whatever other connections store meanwhile."""
         return await self.call((sid, chunks))
+
+    def start_ingest(
+        self, sid: SessionId, chunks: Sequence[AudioChunk]
+    ) -> asyncio.Future[IngestResult]:
+        """`ingest` as a future, for a caller that goes on in a done-callback."""
+        return self.submit((sid, chunks))

@@ -37,6 +37,12 @@ class PendingQueue(Generic[T]):
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
 
+    def peek(self) -> T:
+        """The oldest item, left in the queue."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items[0]
+
     def put_nowait(self, item: T) -> None:
         if self.full():
             raise asyncio.QueueFull

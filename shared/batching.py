@@ -72,17 +72,27 @@ class GroupCommit(Generic[Req, Res]):
         """`send_many([request])[0]`, sent with whatever other callers send meanwhile."""
         if self._closed:
             raise BatcherClosed("shutting down")
+        return await self.submit(request)
+
+    def submit(self, request: Req) -> asyncio.Future[Res]:
+        """`call` without a coroutine: the future of the call's result, for a caller that
+        goes on in a done-callback instead of awaiting in a task (the same guarantees;
+        cancelling the future leaves the call out of its batch if not yet sent). After
+        `close`, a future already failed with `BatcherClosed`."""
         if self._loop is None:
             self.start()
         assert self._loop is not None
         # The loop the batcher started on, not asyncio.get_running_loop(): on Python 3.11
         # that costs a getpid() system call, and the gateway calls this once per frame.
         fut: asyncio.Future[Res] = self._loop.create_future()
+        if self._closed:
+            fut.set_exception(BatcherClosed("shutting down"))
+            return fut
         self._queue.append((request, fut))
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
-        return await fut
+        return fut
 
     async def close(self) -> None:
         """Stop; calls still waiting fail with `BatcherClosed` (a batch in flight is

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 from websockets.asyncio.client import ClientConnection
 
 from shared import envelope, keys
@@ -100,6 +101,23 @@ def test_packed_calls_are_the_bytes_redis_py_would_send() -> None:
     assert pack_ingest_calls(sha, calls) == want
 
 
+async def test_a_failure_on_one_sessions_keys_is_that_sessions_alone(
+    redis: aioredis.Redis,
+) -> None:
+    """One pipeline for several sessions: a command failing on one session's keys (its
+    audio key is not a stream) is that session's error; the sessions before and after
+    it in the pipeline are stored."""
+    store = Store(redis)
+    for n in range(3):
+        await store.create_session(sid(n), SessionParams(), "tokenhash", "conn")
+    await redis.set(keys.audio(sid(1)), "not a stream")
+    out = await store.ingest_many([(sid(n), [chunk(0), chunk(1)]) for n in range(3)])
+    assert out[0] == out[2] == IngestResult(next_seq=2, stored=2, audio_bytes=2 * 8)
+    assert isinstance(out[1], ResponseError) and "WRONGTYPE" in str(out[1])
+    assert await stored_seqs(redis, sid(0)) == await stored_seqs(redis, sid(2)) == [0, 1]
+    assert await redis.hget(keys.meta(sid(1)), "next_seq") == b"0"  # type: ignore[misc]
+
+
 async def test_a_pipeline_cut_off_before_its_replies_leaves_no_stale_reply(
     redis: aioredis.Redis,
 ) -> None:
@@ -174,6 +192,11 @@ async def test_concurrent_sessions_store_their_own_audio_in_order(
         )
     batcher = svc.gateway.batcher
     assert batcher.calls >= sessions and 1 <= batcher.pipelines <= batcher.calls
+    # Audio alone, every ack written at once: each call was made and acked from
+    # callbacks, none woke a writer task (gateway/connection.py, `_writer`).
+    counters = svc.gateway.metrics.counters
+    assert counters['audio_writes_total{path="callback"}'] == batcher.calls
+    assert counters['audio_writes_total{path="task"}'] == 0
     for ws in sockets:
         await ws.close()
 

@@ -47,4 +47,9 @@ async def test_audio_and_text_are_stored_in_the_order_sent(
     assert conn.direct > 0, conn.direct
     if pending < 256:
         assert conn.received > 24, conn.received  # the 24 finalizes, and frames
+    # The writer too: audio stored from callbacks while its task was parked, and by the
+    # task once a finalize woke it (audio queued behind the finalize included).
+    counters = svc.gateway.metrics.counters
+    assert counters['audio_writes_total{path="callback"}'] > 0
+    assert counters['audio_writes_total{path="task"}'] > 0
     await ws.close()

@@ -26,6 +26,8 @@ def connection(pending: int) -> Connection:
     conn._limit = None
     conn._direct_error = None
     conn._reader_busy = False
+    conn._writer_parked = False  # the writer task is busy: frames wait in `pending`
+    conn._ingesting = None
     return conn
 
 

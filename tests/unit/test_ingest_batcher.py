@@ -213,6 +213,31 @@ async def test_close_fails_waiting_calls_and_refuses_new_ones() -> None:
         await batcher.ingest(sid("a"), frames(0))
 
 
+async def test_start_ingest_gives_a_future_that_joins_the_same_pipelines() -> None:
+    """The callback form: its future resolves in the same pipeline as awaited calls,
+    a cancelled one is left out, and after close it comes back already failed."""
+    store = MemoryStore()
+    store.next_seq = {sid("a"): 0, sid("b"): 0, sid("c"): 0}
+    store.release.clear()
+    batcher = batcher_for(store)
+    first = batcher.start_ingest(sid("a"), frames(0))
+    await store.sent.wait()
+    awaited = asyncio.ensure_future(batcher.ingest(sid("b"), frames(0)))
+    gone = batcher.start_ingest(sid("c"), frames(0))
+    answered: list[int] = []
+    first.add_done_callback(lambda fut: answered.append(fut.result().next_seq))
+    await asyncio.sleep(0)
+    gone.cancel()
+    store.release.set()
+    assert (await awaited).next_seq == 1
+    assert answered == [1] and first.result().next_seq == 1
+    assert store.pipelines == [["a"], ["b"]]
+    assert store.next_seq["c"] == 0
+    await batcher.close()
+    late = batcher.start_ingest(sid("a"), frames(1))
+    assert late.done() and isinstance(late.exception(), BatcherClosed)
+
+
 def test_bad_limit_is_refused() -> None:
     """A pipeline limit below one call is a ValueError."""
     with pytest.raises(ValueError, match="max_calls_per_pipeline"):
