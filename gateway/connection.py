@@ -499,7 +499,7 @@ class Connection:
         Most audio never wakes this task. While it is parked (`_park`), the protocol
         callback (`_direct_audio`) and each call's completion (`_ingested`) store and
         ack audio themselves (`_kick`), one call at a time: a task woken twice per frame
-        (by the frame, then by its reply) was a sixth of the gateway's CPU. Anything
+        (by the frame, then by its reply) cost about a tenth of the gateway's CPU. Anything
         else wakes it (`_wake_writer`): a command, a call that failed (it is retried
         here, the calls being idempotent), an ack the socket cannot take at once,
         max_duration reached, audio after the server ended the stream. It first settles
