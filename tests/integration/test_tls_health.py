@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, open_ws, started
+from tests.helpers import await_ack, drain, indexed_frame, open_ws, started
+
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
 
 async def test_tls_context_is_created_once(
@@ -76,3 +80,34 @@ async def test_metrics_count_sessions_and_errors(service_factory: ServiceFactory
     assert status == 200
     assert "streamscribe_gateway_sessions_started_total 1" in body
     assert 'streamscribe_gateway_errors_total{code="protocol_violation"} 1' in body
+
+
+async def test_every_metric_the_gateway_exposes_is_documented(
+    service_factory: ServiceFactory,
+) -> None:
+    """After a session with audio, a finalize and a protocol error, each metric name in
+    /metrics (labels included) is a row of docs/architecture.md's metrics table."""
+    svc = await service_factory()
+    ws = await open_ws(svc.url)
+    await started(ws)
+    for seq in range(3):
+        await ws.send(indexed_frame(seq))
+    await await_ack(ws, 2)
+    await ws.send("nope")
+    await drain(ws)
+    base = svc.url.replace("ws://", "http://").removesuffix("/v1/listen")
+    status, body = await asyncio.to_thread(_get, base + "/metrics")
+    assert status == 200
+    names = {
+        line.split(" ", 1)[0].removeprefix("streamscribe_gateway_")
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert "audio_frames_total" in names and len(names) >= 10, names
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("### Gateway metrics") :]
+    section = section[: section.index("\n## ")]
+    rows = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    documented = {row.split("{", 1)[0] for row in rows}  # a row stands for all its labels
+    missing = {name for name in names if name.split("{", 1)[0] not in documented}
+    assert not missing, f"metrics missing from docs/architecture.md: {sorted(missing)}"
