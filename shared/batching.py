@@ -79,15 +79,16 @@ class GroupCommit(Generic[Req, Res]):
         goes on in a done-callback instead of awaiting in a task (the same guarantees;
         cancelling the future leaves the call out of its batch if not yet sent). After
         `close`, a future already failed with `BatcherClosed`."""
+        if self._closed:  # (never starting the batcher again)
+            closed: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+            closed.set_exception(BatcherClosed("shutting down"))
+            return closed
         if self._loop is None:
             self.start()
         assert self._loop is not None
         # The loop the batcher started on, not asyncio.get_running_loop(): on Python 3.11
         # that costs a getpid() system call, and the gateway calls this once per frame.
         fut: asyncio.Future[Res] = self._loop.create_future()
-        if self._closed:
-            fut.set_exception(BatcherClosed("shutting down"))
-            return fut
         self._queue.append((request, fut))
         wake = self._wake
         if wake is not None and not wake.done():

@@ -238,6 +238,14 @@ async def test_start_ingest_gives_a_future_that_joins_the_same_pipelines() -> No
     assert late.done() and isinstance(late.exception(), BatcherClosed)
 
 
+async def test_a_batcher_closed_before_it_started_is_not_started_by_a_call() -> None:
+    batcher = batcher_for(MemoryStore())
+    await batcher.close()
+    late = batcher.start_ingest(sid("a"), frames(0))
+    assert isinstance(late.exception(), BatcherClosed)
+    assert batcher._task is None  # no batcher task left running
+
+
 def test_bad_limit_is_refused() -> None:
     """A pipeline limit below one call is a ValueError."""
     with pytest.raises(ValueError, match="max_calls_per_pipeline"):
