@@ -221,11 +221,10 @@ class Connection:
         # An audio frame that failed in the protocol callback; the reader raises it.
         self._direct_error: Exception | None = None
         self._reader_busy = False  # the reader is putting a message of its own in `pending`
-        # The writer (see `_writer`): parked with nothing queued, so that callbacks may
-        # store audio; the call they made and its frames; the writer's wake-up.
-        self._writer_parked = False
-        self._ingesting: tuple[asyncio.Future[IngestResult], list[AudioChunk]] | None = None
+        # The writer (see `_writer`): its wake-up while parked (`_parked`), and the call
+        # that callbacks made meanwhile, with its frames.
         self._writer_wake: asyncio.Future[None] | None = None
+        self._ingesting: tuple[asyncio.Future[IngestResult], list[AudioChunk]] | None = None
         self._max_audio_bytes = 0.0  # max_session_audio_s in bytes, set as the writer starts
         self._callback_error: Exception | None = None  # raised by the writer
 
@@ -386,7 +385,7 @@ class Connection:
                 if any(task.get_name() != "queue" for task in done):
                     break  # the queue watcher alone may end early: the session got a worker
         finally:
-            self._writer_parked = False  # no more calls from callbacks
+            self._writer_wake = None  # no more calls from callbacks
             if self._ingesting is not None:
                 self._ingesting[0].cancel()  # left out of its pipeline if not yet sent
                 self._ingesting = None
@@ -539,16 +538,19 @@ class Connection:
         audio from callbacks."""
         wake = self.loop.create_future()
         self._writer_wake = wake
-        self._writer_parked = True
         try:
             await wake
         finally:
-            self._writer_parked = False
             self._writer_wake = None
 
+    def _parked(self) -> bool:
+        """The writer waits in `_park` and no one has woken it yet."""
+        wake = self._writer_wake
+        return wake is not None and not wake.done()
+
     def _wake_writer(self) -> None:
-        # Not parked from this moment: no callback starts another call before it runs.
-        self._writer_parked = False
+        # Not parked from this moment (the wake-up is done): no callback starts another
+        # call before the writer runs.
         wake = self._writer_wake
         if wake is not None and not wake.done():
             wake.set_result(None)
@@ -557,7 +559,7 @@ class Connection:
         """Something was queued, or a call ended: if the writer is parked and no call
         is in flight, store the queued audio from here (or wake the writer for what
         only it does)."""
-        if not self._writer_parked or self._ingesting is not None or self.pending.empty():
+        if not self._parked() or self._ingesting is not None or self.pending.empty():
             return
         if not isinstance(self.pending.peek(), AudioChunk) or self._session().server_ended:
             self._wake_writer()
@@ -571,7 +573,7 @@ class Connection:
         """A call `_kick` made is answered: ack it and go on from here, or leave it to
         the writer (woken meanwhile, or woken now for anything but a plain ack)."""
         ingesting = self._ingesting
-        if ingesting is None or ingesting[0] is not fut or not self._writer_parked:
+        if ingesting is None or ingesting[0] is not fut or not self._parked():
             return  # the writer settles it (or the connection ended)
         try:
             if not fut.cancelled() and fut.exception() is None:

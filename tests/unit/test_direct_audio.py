@@ -26,7 +26,7 @@ def connection(pending: int) -> Connection:
     conn._limit = None
     conn._direct_error = None
     conn._reader_busy = False
-    conn._writer_parked = False  # the writer task is busy: frames wait in `pending`
+    conn._writer_wake = None  # the writer task is busy: frames wait in `pending`
     conn._ingesting = None
     return conn
 
