@@ -252,3 +252,53 @@ async def test_a_flushed_script_cache_does_not_interrupt_a_session(
         acked = msg["seq"] if msg["type"] == "ack" else acked
     assert await stored_seqs(redis, session) == list(range(6))
     await ws.close()
+
+
+@pytest.mark.parametrize("path", ["hiredis reader", "redis-py read_response"])
+async def test_kept_connection_reads_every_kind_of_reply_in_order(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """`KeptConnection.send` reads a pipeline's replies from hiredis's reader directly,
+    or through redis-py's `read_response` when that parser is not there: either way every
+    reply comes back in order (integers, strings, nested arrays, a reply larger than one
+    socket read), error replies in their place as `ResponseError`s (NOSCRIPT as
+    `NoScriptError`, which `ingest_many` reloads on), and the connection stays usable."""
+    from redis._parsers.hiredis import _AsyncHiredisParser
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import NoScriptError
+
+    import shared.store
+    from shared.store import KeptConnection
+
+    if path == "redis-py read_response":
+        monkeypatch.setattr(shared.store, "_AsyncHiredisParser", None)
+    big = b"x" * 300_000  # several socket reads
+    await redis.set("big", big)
+    await redis.set("text", "not a list")
+    pack = Connection().pack_command
+    commands = [
+        ("PING",),
+        ("GET", "big"),
+        ("LRANGE", "text", 0, -1),  # WRONGTYPE
+        ("EVALSHA", "f" * 40, 0),  # NOSCRIPT
+        ("EVAL", "return {1, {2, 'three'}, -4}", 0),
+        ("GET", "missing"),
+    ]
+    kept = KeptConnection(redis)
+    assert await kept.send(b"".join(pack("PING")), 1) == [b"PONG"]
+    assert kept._conn is not None
+    if path == "hiredis reader":
+
+        async def public_path(*args: object, **kwargs: object) -> object:
+            raise AssertionError("read through redis-py's read_response")
+
+        monkeypatch.setattr(kept._conn, "read_response", public_path)
+    for _ in range(2):  # the second pipeline reads on the same kept connection
+        out = await kept.send(b"".join(b"".join(pack(*c)) for c in commands), len(commands))
+        assert out[0] == b"PONG"
+        assert out[1] == big
+        assert isinstance(out[2], ResponseError) and "WRONGTYPE" in str(out[2])
+        assert isinstance(out[3], NoScriptError)
+        assert out[4] == [1, [2, b"three"], -4]
+        assert out[5] is None
+    assert isinstance(kept._conn._parser, _AsyncHiredisParser)  # hiredis is a dependency
