@@ -190,6 +190,18 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
+# KEYS: lane. ARGV: sid, envelope.
+# Appends a new session's dispatch entry. Returns {entry ID, the lane's entries-added
+# just after it} (0 on a Redis without that counter): the session's place in its lane.
+DISPATCH = """
+local id = redis.call('XADD', KEYS[1], '*', 'sid', ARGV[1], 'm', ARGV[2])
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'entries-added' then return {id, info[i + 1]} end
+end
+return {id, 0}
+"""
+
 # KEYS: lane (a dispatch stream). ARGV: group. Read-only: one lane's state as the group
 # sees it, in one round trip (shared/admission.py's LaneState).
 # Returns {added, read, head_id}: entries ever added that count for the queue, entries

@@ -300,6 +300,7 @@ class Store:
         self._detach = redis.register_script(scripts.DETACH)
         self._abandon = redis.register_script(scripts.ABANDON)
         self._cancel_queued = redis.register_script(scripts.CANCEL_QUEUED)
+        self._dispatch = redis.register_script(scripts.DISPATCH)
         #: The connections kept for the hand-packed hot paths: the gateway's audio, the
         #: worker's reads and its publishes.
         self._ingest_conn = KeptConnection(redis)
@@ -313,10 +314,13 @@ class Store:
     ) -> int:
         """Write the session's meta, then announce it on its priority's dispatch lane.
 
-        Two steps (the dispatch stream lives in another cluster slot). A worker that
-        claims a dispatch entry whose meta is missing simply acknowledges it. Returns the
-        entry's place in its lane: the lane's `entries-added` counter just after the add
-        (compared with the consumer group's `entries-read` to tell the queue position).
+        Two round trips: the meta hash and the dispatch entry (`DISPATCH`: the `XADD` and
+        the lane's `entries-added`) pipelined in that order, then the entry's ID and place
+        into the meta hash (the dispatch stream lives in another cluster slot, so no one
+        script does both). A worker that claims a dispatch entry whose meta is missing
+        simply acknowledges it. Returns the entry's place in its lane: the lane's
+        `entries-added` counter just after the add (compared with the consumer group's
+        `entries-read` to tell the queue position).
         """
         mapping: dict[str, Any] = {
             "state": "open",
@@ -335,15 +339,29 @@ class Store:
             "epoch": 0,
             "conn": conn,
         }
-        await cast(Awaitable[int], self.redis.hset(keys.meta(sid), mapping=mapping))
-        # No MAXLEN here: a cap could trim entries still pending. The maintenance job
-        # trims with MINID below the oldest entry a worker still needs.
+        # No MAXLEN on the dispatch entry: a cap could trim entries still pending. The
+        # maintenance job trims with MINID below the oldest entry a worker still needs.
         lane = keys.dispatch(params.priority)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(lane, {"sid": sid, "m": envelope.encode(envelope.Dispatch(sid))})
-        pipe.xinfo_stream(lane)
-        entry_id, info = await pipe.execute()
-        index = int(info.get("entries-added") or 0)
+        dispatch = envelope.encode(envelope.Dispatch(sid))
+        for attempt in range(2):
+            # One round trip: the meta first, then the entry (a pipeline keeps the order).
+            # By EVALSHA, not the Script object: in a pipeline that would first ask
+            # SCRIPT EXISTS, a round trip of its own on every session start.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.meta(sid), mapping=mapping)
+            pipe.evalsha(self._dispatch.sha, 1, lane, sid, dispatch)  # type: ignore[arg-type]
+            written, reply = await pipe.execute(raise_on_error=False)
+            if isinstance(written, Exception):
+                raise written
+            if not isinstance(reply, NoScriptError) or attempt:
+                break
+            # The server lost its script cache: no entry was added; load it and redo
+            # both (the meta hash is written again with the same values).
+            self._dispatch.sha = await self.redis.script_load(scripts.DISPATCH)
+        if isinstance(reply, Exception):
+            raise reply
+        entry_id, added = reply
+        index = int(added)
         await cast(
             Awaitable[int],
             self.redis.hset(

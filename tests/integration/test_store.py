@@ -189,3 +189,28 @@ async def test_publish_many_fences_and_fails_each_call_alone(redis: aioredis.Red
     assert isinstance(replies[0], ResponseError) and "WRONGTYPE" in str(replies[0])
     assert replies[1] == 2
     assert await store.publish_many([]) == []
+
+
+async def test_create_session_writes_meta_then_one_dispatch_entry_with_its_place(
+    redis: aioredis.Redis,
+) -> None:
+    """`create_session`: the meta hash, one dispatch entry on the session's priority lane
+    naming it, and its place (the lane's `entries-added` just after the add) returned and
+    recorded with the entry's ID; after the server lost its script cache (NOSCRIPT) the
+    next session still gets exactly one entry and the next place."""
+    store = Store(redis)
+    other = SessionId("cd" * 16)
+    high = SessionId("ef" * 16)
+    assert await store.create_session(SID, SessionParams(), "tokenhash", "conn-1") == 1
+    await redis.script_flush()
+    assert await store.create_session(other, SessionParams(), "tokenhash", "conn-2") == 2
+    assert await store.create_session(high, SessionParams(priority="high"), "t", "c") == 1
+    entries = await redis.xrange(keys.dispatch("normal"))
+    assert [fields[b"sid"] for _, fields in entries] == [SID.encode(), other.encode()]
+    assert len(await redis.xrange(keys.dispatch("high"))) == 1
+    for sid, (entry_id, _), place in ((SID, entries[0], b"1"), (other, entries[1], b"2")):
+        meta = await redis.hgetall(keys.meta(sid))  # type: ignore[misc]
+        assert meta[b"state"] == b"open" and meta[b"next_seq"] == b"0"
+        assert meta[b"dispatch_id"] == entry_id and meta[b"dispatch_index"] == place
+    loaded = await store.load_meta(other)
+    assert loaded is not None and loaded.dispatch_index == 2
