@@ -168,8 +168,10 @@ async def read_replies(conn: AbstractConnection, count: int) -> list[Any]:
     `read_response` wraps each reply in bookkeeping (the host's name formatted for a
     possible error, the loop's time for the health check: a getpid() system call on
     Python 3.11) that was two thirds of reading an INGEST reply (~3 against ~1 us), and
-    the gateway reads one per audio frame. Anything else (another parser, a connection
-    being torn down) takes the public path."""
+    the gateway reads one per audio frame. (Reads made here do not move redis-py's
+    health-check clock, so a busy kept connection sends one PING every
+    `health_check_interval`, 30 s, before its next command.) Anything else (another
+    parser, a connection being torn down) takes the public path."""
     parser = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
     if (
