@@ -69,9 +69,8 @@ class GroupCommit(Generic[Req, Res]):
             self._task = self._loop.create_task(self._run(), name=self._name)
 
     async def call(self, request: Req) -> Res:
-        """`send_many([request])[0]`, sent with whatever other callers send meanwhile."""
-        if self._closed:
-            raise BatcherClosed("shutting down")
+        """`send_many([request])[0]`, sent with whatever other callers send meanwhile
+        (`BatcherClosed` after `close`: `submit`'s future is already failed then)."""
         return await self.submit(request)
 
     def submit(self, request: Req) -> asyncio.Future[Res]:
