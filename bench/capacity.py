@@ -377,8 +377,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write", type=Path, help="update this markdown file's section")
     args = parser.parse_args()
-    if min(args.sessions) < 1 or max(args.sessions) > 200:
-        parser.error("--sessions must be 1..200")
+    if min(args.sessions) < 1 or max(args.sessions) > 2000:
+        parser.error("--sessions must be 1..2000")
     started = time.monotonic()
     deadline = started + args.budget_s
     clips = pick_clips(args.clips)

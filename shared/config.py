@@ -221,7 +221,7 @@ class Config:
         8,
         "Most sessions one worker transcribes at once; the rest wait in the dispatch queue. "
         "Set it from a measurement (streamscribe loadtest): on 2 CPU cores with tiny.en, "
-        "21-25 real-time sessions kept the p95 final lag within 2 s; larger models and "
+        "21-27 real-time sessions kept the p95 final lag within 2 s; larger models and "
         "slower machines serve fewer.",
         WORKER,
     )
