@@ -103,6 +103,12 @@ PLATFORMS = (
     "manylinux1_x86_64",
 )
 MANIFEST = "manifest.json"
+#: Benchmark 5 once installed (docs/benchmarks.md, "GPU: staging"); $OUT comes back.
+RUN = (
+    "python3 bench/capacity.py --device cuda --sessions 32 64 128 256 --duration-s 30"
+    " --retries 0 --variant 'alone=' --variant 'batch 8=--batch-decodes 8' --budget-s 360"
+    " --quiet-wait-s 5 --json $OUT/gpu.json --write $OUT/benchmarks.md"
+)
 
 
 @dataclass(frozen=True)
@@ -304,13 +310,11 @@ def prepare(args: argparse.Namespace) -> None:
     print(f"\n{total / MIB:.1f} MiB in {len(folders)} chunk(s), working tree {tree / MIB:.1f} MiB.")
     print("Then, one device `run` after another while the machine stays warm (30 s):")
     rel = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
+    first = "nvidia-smi -L; find /usr /opt -name 'libcublas.so.1[23]*' 2>/dev/null"
     for i, folder in enumerate(folders):
-        last = i == len(folders) - 1
-        command = (
-            f"python3 bench/gpu_stage.py install --out {rel} && . {rel}/env.sh && <benchmark>"
-            if last
-            else "nvidia-smi -L"
-        )
+        command = first if i == 0 else "true"
+        if i == len(folders) - 1:
+            command = f"python3 bench/gpu_stage.py install --out {rel} && . {rel}/env.sh && {RUN}"
         print(f'  carry ["{rel}/{folder.name}"]  command: {command}')
 
 
@@ -318,12 +322,13 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def find_cublas13() -> Path | None:
-    patterns = [f"{p}/nvidia/cu*/lib/libcublas.so.13*" for p in sys.path if p]
-    patterns += [f"{p}/nvidia/cublas/lib/libcublas.so.13*" for p in sys.path if p]
+    """The image's cuBLAS 13: in a wheel's `nvidia/` folder on sys.path (CUDA 13 wheels use
+    `nvidia/cu13/lib`, older ones `nvidia/cublas/lib`), else a system CUDA."""
+    patterns = [f"{p}/nvidia/**/libcublas.so.13*" for p in sys.path if p]
     patterns += ["/usr/local/cuda*/lib64/libcublas.so.13*"]
     patterns += ["/usr/lib/x86_64-linux-gnu/libcublas.so.13*"]
     for pattern in patterns:
-        for hit in sorted(glob.glob(pattern)):
+        for hit in sorted(glob.glob(pattern, recursive=True)):
             return Path(hit)
     return None
 
