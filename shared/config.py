@@ -221,8 +221,8 @@ class Config:
         8,
         "Most sessions one worker transcribes at once; the rest wait in the dispatch queue. "
         "Set it from a measurement (streamscribe loadtest): on 2 CPU cores with tiny.en, "
-        "21-27 real-time sessions kept the p95 final lag within 2 s; larger models and "
-        "slower machines serve fewer.",
+        "32-38 real-time sessions kept the p95 final lag within 2 s (27-30 with "
+        "batch_decodes 1); larger models and slower machines serve fewer.",
         WORKER,
     )
     interim_interval_s: float = _opt(
@@ -259,17 +259,20 @@ class Config:
         "Most finals of different sessions decoded together in one Whisper window when they "
         "wait at the same time (one encoder pass for all); 1 decodes every final alone. "
         "Packing pays when every call encodes a full 30 s window (encode_min_s 30: 2.2x the "
-        "throughput on 2 CPU cores); with a shorter window it does not (docs/benchmarks.md).",
+        "throughput on 2 CPU cores); with a shorter window it does not (docs/benchmarks.md). "
+        "Above 1 it turns batch_decodes off.",
         WORKER,
     )
     batch_decodes: int = _opt(
-        1,
+        2,
         "Most decodes of different sessions run as one batched model call when they wait "
         "at the same time (one window per session, stacked: one encoder and decoder pass "
         "for all), finals with finals and interims with interims, of one language and "
-        "prompt; 1: off. Meant for GPUs, where a batch costs little more than one window; "
-        "on 2 CPU cores it raised throughput but not the sessions served (a batched final "
-        "waits for its whole batch). Takes precedence over pack_finals.",
+        "prompt; 1: off. Only decodes already waiting join a call: none waits for others. "
+        "On 2 CPU cores with tiny.en, 2 served 32-38 real-time sessions within a 2 s p95 "
+        "final lag where 1 served 27-30 and 4 served 33 (a batched final waits for its "
+        "whole batch); on a GPU larger batches should pay. pack_finals above 1 takes "
+        "precedence.",
         WORKER,
     )
     pack_window_s: float = _opt(

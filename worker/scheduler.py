@@ -371,12 +371,12 @@ class Scheduler:
         self.pack = pack or PackPolicy(max_items=1)
         if batch < 1:
             raise ValueError("batch must be at least 1")
-        # Batching (separate windows stacked in one call) takes precedence over packing
-        # (several utterances in one window): it cannot misplace a word.
-        self.batch = batch if getattr(engine, "can_batch", False) else 1
-        self._packs = (
-            self.batch == 1 and self.pack.enabled and bool(getattr(engine, "can_pack", False))
-        )
+        # Packing (several utterances in one window) is off unless asked for, and then
+        # takes precedence over batching (separate windows stacked in one call), which is
+        # on by default (batch_decodes 2).
+        self._packs = self.pack.enabled and bool(getattr(engine, "can_pack", False))
+        can_batch = bool(getattr(engine, "can_batch", False)) and not self._packs
+        self.batch = batch if can_batch else 1
         self.queue: DecodeQueue[_Work] = DecodeQueue(
             policy, clock, load_window_s=load_window_s, concurrency=concurrency
         )

@@ -73,9 +73,8 @@ def request(kind: str, level: float, prompt: str = "") -> DecodeRequest:
     return DecodeRequest(kind, 0, len(audio), audio, 0, prompt=prompt)  # type: ignore[arg-type]
 
 
-def scheduler(engine: object, batch: int) -> Scheduler:
+def scheduler(engine: object, batch: int, pack: PackPolicy | None = None) -> Scheduler:
     policy = InterimPolicy(interval_s=60.0, stale_s=60.0)
-    pack = PackPolicy(max_items=8, window_s=28.0, guard_s=1.0)  # batching must win over it
     s = Scheduler(engine, beam_size=1, policy=policy, pack=pack, batch=batch)  # type: ignore[arg-type]
     s.start()
     return s
@@ -193,6 +192,17 @@ async def test_without_batch_support_or_at_one_nothing_is_batched() -> None:
         sched = scheduler(engine, batch=batch)
         assert sched.batch == 1
         await sched.close()
+
+
+async def test_a_pack_policy_of_one_item_leaves_batching_on() -> None:
+    sched = scheduler(BatchEngine(), batch=8, pack=PackPolicy(max_items=1))
+    assert sched.batch == 8
+    await sched.close()
+
+
+def test_the_service_batches_two_by_default_and_packs_only_when_asked() -> None:
+    assert Config().batch_decodes == 2
+    assert Config().pack_finals == 1
 
 
 def test_batch_decodes_is_checked_at_its_edges() -> None:

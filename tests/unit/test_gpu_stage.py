@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_stage import MANIFEST, join_chunks, needed, plan_chunks, write_chunks
+from bench.common import DEFAULT_CLIPS, REAL, pick_clips
+from bench.gpu_stage import (
+    MANIFEST,
+    copy_clips,
+    join_chunks,
+    needed,
+    plan_chunks,
+    write_chunks,
+)
 
 SIZES = {"a.whl": 0, "b.whl": 1, "c.whl": 999, "d.whl": 1000, "model.whl": 2500, "z.tsv": 7}
 
@@ -97,3 +105,18 @@ def test_what_travels_is_what_the_image_lacks_with_its_dependencies() -> None:
     for name in ("numpy", "onnxruntime", "tokenizers", "msgpack", "uvloop", "pytest", "mypy"):
         assert name not in wheels
     assert all(version for version in wheels.values())
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/audio/real is not beside the checkout")
+def test_the_staged_clips_read_back_as_the_benchmark_reads_them(tmp_path: Path) -> None:
+    copy_clips(tmp_path)
+    (tmp_path / "clips.manifest.tsv").rename(tmp_path / "manifest.tsv")
+    for clip in tmp_path.glob("clip.*"):
+        clip.rename(tmp_path / clip.name.removeprefix("clip."))
+    staged = pick_clips(DEFAULT_CLIPS, tmp_path)
+    original = pick_clips(DEFAULT_CLIPS)
+    assert [(c.id, c.reference, c.duration_s) for c in staged] == [
+        (c.id, c.reference, c.duration_s) for c in original
+    ]
+    for s, o in zip(staged, original, strict=True):
+        assert s.path.read_bytes() == o.path.read_bytes()

@@ -275,9 +275,9 @@ async def started(engine: LevelEngine, sched: Scheduler, first: asyncio.Future[o
     raise AssertionError("the first decode never started")
 
 
-def sched_with(engine: LevelEngine, pack: PackPolicy) -> Scheduler:
+def sched_with(engine: LevelEngine, pack: PackPolicy, batch: int = 1) -> Scheduler:
     policy = InterimPolicy(interval_s=60.0, stale_s=60.0)
-    s = Scheduler(engine, beam_size=1, policy=policy, pack=pack)  # type: ignore[arg-type]
+    s = Scheduler(engine, beam_size=1, policy=policy, pack=pack, batch=batch)  # type: ignore[arg-type]
     s.start()
     return s
 
@@ -314,6 +314,32 @@ async def test_finals_waiting_together_share_one_call_and_each_gets_its_own_word
         assert engine.alone == ["p0.1"] and engine.windows == [3]
         c = sched.counters
         assert (c.final, c.packs, c.packed_finals, c.pack_retries) == (4, 1, 3, 0)
+    finally:
+        await sched.close()
+
+
+class BatchingLevelEngine(LevelEngine):
+    can_batch = True
+
+    def transcribe_batch(self, audios: object, **kwargs: object) -> list[list[Segment]]:
+        raise AssertionError("packing was asked for: nothing is batched")
+
+
+async def test_packing_asked_for_takes_precedence_over_batching() -> None:
+    engine = BatchingLevelEngine()
+    pack = PackPolicy(max_items=8, window_s=28.0, guard_s=1.0)
+    sched = sched_with(engine, pack, batch=8)  # batch_decodes 2 is the service's default
+    try:
+        assert sched.batch == 1
+        first, waiting = await hold_then_queue(
+            engine, sched, [final(level) for level in (0.2, 0.3, 0.4)]
+        )
+        engine.gate.release(2)
+        results = await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
+        assert [r[0].text if r else None for r in results] == ["L0.1", "L0.2", "L0.3", "L0.4"]
+        assert engine.windows == [3]
+        c = sched.counters
+        assert (c.packs, c.packed_finals, c.batches) == (1, 3, 0)
     finally:
         await sched.close()
 
