@@ -353,7 +353,8 @@ def main() -> None:
         choices=["cpu", "cuda"],
         default="cpu",
         help="where the model runs: passed to the offline bound and to every `up` (a GPU "
-        "run: compare variants such as --variant 'alone=' --variant 'batch 8=--batch-decodes 8')",
+        "run: compare variants such as --variant 'alone=--batch-decodes 1' "
+        "--variant 'batch 8=--batch-decodes 8')",
     )
     parser.add_argument("--budget-s", type=float, default=600.0, help="no new run after this")
     parser.add_argument(

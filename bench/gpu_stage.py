@@ -112,7 +112,8 @@ MANIFEST = "manifest.json"
 #: Benchmark 5 once installed (docs/benchmarks.md, "GPU: staging"); $OUT comes back.
 RUN = (
     "python3 bench/capacity.py --device cuda --sessions 32 64 128 256 --duration-s 30"
-    " --retries 0 --variant 'alone=' --variant 'batch 8=--batch-decodes 8' --budget-s 360"
+    " --retries 0 --variant 'alone=--batch-decodes 1' --variant 'batch 8=--batch-decodes 8'"
+    " --budget-s 360"
     " --quiet-wait-s 5 --json $OUT/gpu.json --write $OUT/benchmarks.md"
 )
 
