@@ -43,7 +43,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +61,7 @@ MIB = 1 << 20
 #: Valkey, WER and plots. Their dependencies are walked from the metadata installed here.
 EXTRAS = ("worker", "embedded", "bench")
 #: What the device image already holds (the device tool's KINDS.md, read 2026-11-17): not
-#: carried. Names as `canonical` writes them.
+#: carried. Names as packaging's `canonicalize_name` writes them.
 DEVICE_HAS = frozenset(
     """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
     botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
@@ -225,16 +224,13 @@ def join_chunks(out: Path, dest: Path) -> list[Path]:
 # --- prepare (here) ------------------------------------------------------------------------
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def needed(root: str = "streamscribe", extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
     """Every distribution `root` with `extras` needs on the device and the image lacks,
     with the version installed here: the dependencies declared in the installed metadata,
     walked, with markers evaluated for CPython 3.12 on x86-64 Linux."""
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     env = {key: str(value) for key, value in default_environment().items()} | DEVICE_ENV
     found: dict[str, str] = {}
@@ -243,26 +239,21 @@ def needed(root: str = "streamscribe", extras: tuple[str, ...] = EXTRAS) -> dict
     while todo:
         name, wanted = todo.pop()
         for extra in ("", *wanted):
-            if (canonical(name), extra) in seen:
+            if (canonicalize_name(name), extra) in seen:
                 continue
-            seen.add((canonical(name), extra))
+            seen.add((canonicalize_name(name), extra))
             for line in metadata.requires(name) or []:
                 req = Requirement(line)
                 if req.marker is not None and not req.marker.evaluate({**env, "extra": extra}):
                     continue
                 if extra and (req.marker is None or "extra" not in str(req.marker)):
                     continue  # an unconditional requirement: taken with extra ""
-                key = canonical(req.name)
-                if key == canonical(root):
-                    todo.append((root, tuple(req.extras)))
-                    continue
+                key = canonicalize_name(req.name)
                 if key in DEVICE_HAS:
                     continue
-                if key not in found:
+                if key != canonicalize_name(root):  # root[extra] only widens the walk
                     found[key] = metadata.version(req.name)
-                    todo.append((req.name, tuple(req.extras)))
-                elif req.extras:
-                    todo.append((req.name, tuple(req.extras)))
+                todo.append((req.name, tuple(req.extras)))
     return dict(sorted(found.items()))
 
 
