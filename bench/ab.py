@@ -8,8 +8,9 @@ by 2x in between. Here every variant's `streamscribe up` runs for the whole comp
 (idle ones cost next to nothing), and the load runs take turns: variant A, variant B, A,
 B, ... each `--repeats` times, so a slow spell hits them alike. Each run is
 `streamscribe loadtest` at pace 1.0 on the capacity clips, as in bench/capacity.py
-(`--slots` is set so that every session is served at once); each line printed is one run:
-sessions completed, final lag p50 / p95 / max, interims per session-second, and the cores
+(`--slots` is set so that every session can be served at once); each line printed is one run:
+sessions completed, final lag p50 / p95 / max, the sessions told `queued` and the p95
+final lag of those never queued, interims per session-second, and the cores
 that processes other than ours used meanwhile (the rest of the machine's busy time, steal
 included, less every `up`'s and the load generator's own CPU): a run with a high figure
 there was disturbed and says little about its variant.
@@ -46,6 +47,10 @@ from bench.common import (
 def _cpu(ups: list[UpService]) -> float:
     """CPU seconds used so far by every process of every running `up`."""
     return sum(sum(up.cpu().values()) for up in ups)
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
 
 
 def main() -> None:
@@ -98,11 +103,14 @@ def main() -> None:
                 ours = _cpu(ups) - ours0 + float(report["loadtest_cpu_s"])
                 foreign = max(0.0, (system_busy_s() - sys0 - ours) / wall)
                 lag = report["metrics"]["final_lag_s"]
+                served = report["metrics"].get("final_lag_unqueued_s", lag)
                 result = {
                     "variant": variant.name,
                     "repeat": rep + 1,
                     "completed": int(report["completed"]),
                     "final_lag_s": {k: lag.get(k) for k in ("p50", "p95", "max")},
+                    "queued_sessions": int(report.get("queued_sessions", 0)),
+                    "final_lag_unqueued_p95_s": served.get("p95"),
                     "interims_per_session_s": interims_per_session_s(report),
                     "other_cores": foreign,
                 }
@@ -111,10 +119,9 @@ def main() -> None:
                     variant.name,
                     str(rep + 1),
                     f"{result['completed']}/{args.sessions}",
-                    *(
-                        f"{float(lag[k]):.2f}" if lag.get(k) is not None else "-"
-                        for k in ("p50", "p95", "max")
-                    ),
+                    *(_seconds(lag.get(k)) for k in ("p50", "p95", "max")),
+                    str(result["queued_sessions"]),
+                    _seconds(served.get("p95")),
                     f"{result['interims_per_session_s']:.3f}",
                     f"{foreign:.2f}",
                 ]
@@ -129,6 +136,8 @@ def main() -> None:
                 "final lag p50 s",
                 "p95 s",
                 "max s",
+                "queued sessions",
+                "never queued: p95 s",
                 "interims / session-s",
                 "other processes' cores",
             ],

@@ -38,6 +38,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("connect_s", "connect"),
     ("first_interim_s", "time to first interim"),
     ("final_lag_s", "final lag"),
+    ("final_lag_unqueued_s", "final lag, never queued"),
     ("ack_latency_s", "ack latency"),
     ("completion_s", "session completion"),
     ("send_delay_s", "send delay (generator)"),
@@ -200,7 +201,10 @@ class SessionRecorder:
         if self._send_t:
             frame = bisect_left(self._audio_end, end - END_TOLERANCE_S)
             frame = min(frame, len(self._send_t) - 1)
-            self._run.final_lag.add(t, t - self._send_t[frame])
+            lag = t - self._send_t[frame]
+            self._run.final_lag.add(t, lag)
+            if self.index not in self._run.queued_sessions:
+                self._run.final_lag_unqueued.add(t, lag)
 
     def queued(self, t: float, position: int) -> None:
         self._run.queued_sessions.add(self.index)
@@ -384,6 +388,9 @@ class LoadRecorder:
         self.connect = Series()
         self.first_interim = Series()
         self.final_lag = Series()
+        #: The finals of sessions never told `queued` (served at once; `queued` always
+        #: comes before a session's first final).
+        self.final_lag_unqueued = Series()
         self.ack_latency = Series()
         self.completion = Series()
         self.send_delay = Series()
@@ -411,6 +418,7 @@ class LoadRecorder:
             "connect_s": self.connect,
             "first_interim_s": self.first_interim,
             "final_lag_s": self.final_lag,
+            "final_lag_unqueued_s": self.final_lag_unqueued,
             "ack_latency_s": self.ack_latency,
             "completion_s": self.completion,
             "send_delay_s": self.send_delay,
@@ -522,7 +530,9 @@ def render_table(report: LoadReport) -> str:
         f"{'latency (ms)':<26}{'count':>8}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}",
     ]
     for name, label in METRICS:
-        d = r.metrics[name]
+        d = r.metrics.get(name)
+        if d is None or (name == "final_lag_unqueued_s" and not r.queued_sessions):
+            continue  # not in an older report; or, with no session queued, the final lag
         lines.append(
             f"{label:<26}{d.count:>8}{_ms(d.p50):>10}{_ms(d.p95):>10}{_ms(d.p99):>10}"
             f"{_ms(d.max):>10}"

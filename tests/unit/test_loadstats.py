@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -91,6 +92,45 @@ def test_final_lag_is_measured_from_the_frame_holding_the_final_end() -> None:
     assert list(run.final_lag.values) == pytest.approx([1.1, 1.0, 1.0, 1.0])
     assert list(run.final_lag.times) == [1.5, 1.6, 1.7, 2.0]
     assert rec.text == "one two three four"
+
+
+def test_final_lag_of_sessions_never_queued_is_also_kept_apart() -> None:
+    """Finals of a session that was told `queued` count in the final lag but not in the
+    final lag of sessions never queued; the table shows that row only when a session
+    was queued, and an older report without the metric still renders."""
+    run = LoadRecorder()
+    served, waited = run.session("a.wav"), run.session("b.wav")
+    for i, rec in enumerate((served, waited)):
+        rec.connecting(0.0)
+        rec.started(0.0, f"s{i}")
+        streamed(rec, 10)
+    waited.queued(0.3, 1)
+    served.transcript(1.1, 0, True, 0.5, "one")  # frame 4 sent at 0.5 -> 0.6
+    waited.transcript(5.0, 0, True, 0.5, "one")  # -> 4.5, after waiting in the queue
+    served.transcript(1.4, 1, True, 1.0, "two")  # frame 9 sent at 1.0 -> 0.4
+    assert list(run.final_lag.values) == pytest.approx([0.6, 4.5, 0.4])
+    assert list(run.final_lag_unqueued.values) == pytest.approx([0.6, 0.4])
+    for rec in (served, waited):
+        complete(rec, 6.0, len(rec._finals), 1.0)
+    report = run.report(RUN, 7.0)
+    assert report.metrics["final_lag_unqueued_s"].max == pytest.approx(0.6)
+    assert report.metrics["final_lag_s"].max == pytest.approx(4.5)
+    row = next(x for x in report.render_table().splitlines() if x.startswith("final lag, never"))
+    assert row.split()[-5:] == ["2", "400.0", "600.0", "600.0", "600.0"]
+    assert "queued: 1 session(s), highest position 1" in report.render_table()
+    older = dataclasses.replace(
+        report,
+        metrics={k: v for k, v in report.metrics.items() if k != "final_lag_unqueued_s"},
+    )
+    assert "never queued" not in older.render_table()
+    alone = LoadRecorder()
+    rec = alone.session("a.wav")
+    rec.connecting(0.0)
+    rec.started(0.0, "s")
+    streamed(rec, 10)
+    rec.transcript(1.1, 0, True, 0.5, "one")
+    complete(rec, 2.0, 1, 1.0)
+    assert "never queued" not in alone.report(RUN, 3.0).render_table()
 
 
 def test_ack_latency_with_cumulative_acks() -> None:
