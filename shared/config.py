@@ -221,7 +221,7 @@ class Config:
         8,
         "Most sessions one worker transcribes at once; the rest wait in the dispatch queue. "
         "Set it from a measurement (streamscribe loadtest): on 2 CPU cores with tiny.en, "
-        "32-38 real-time sessions kept the p95 final lag within 2 s (27-30 with "
+        "32-40 real-time sessions kept the p95 final lag within 2 s (27-30 with "
         "batch_decodes 1); larger models and slower machines serve fewer.",
         WORKER,
     )
@@ -269,7 +269,7 @@ class Config:
         "at the same time (one window per session, stacked: one encoder and decoder pass "
         "for all), finals with finals and interims with interims, of one language and "
         "prompt; 1: off. Only decodes already waiting join a call: none waits for others. "
-        "On 2 CPU cores with tiny.en, 2 served 32-38 real-time sessions within a 2 s p95 "
+        "On 2 CPU cores with tiny.en, 2 served 32-40 real-time sessions within a 2 s p95 "
         "final lag where 1 served 27-30 and 4 served 33 (a batched final waits for its "
         "whole batch); on a GPU larger batches should pay. pack_finals above 1 takes "
         "precedence.",
