@@ -64,6 +64,13 @@ def _int(value: object) -> int | None:
         return None
 
 
+def _float(value: object) -> float | None:
+    try:
+        return float(_s(value))
+    except ValueError:
+        return None
+
+
 def _decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {_s(k): _s(v) for k, v in raw.items()}
 
@@ -220,6 +227,7 @@ async def collect_workers(p: Probe) -> WorkersInfo:
                 pid=_int(info.get("pid")),
                 pending=pending.get(wid, 0),
                 max_uncommitted_s=behind.get(wid),
+                engine_busy=_float(info.get("engine_busy")),
             )
         )
     known = {row.worker_id for row in rows}

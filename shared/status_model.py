@@ -88,6 +88,8 @@ class WorkerRow:
     pid: int | None
     pending: int  # dispatch entries pending for this consumer: the sessions it holds
     max_uncommitted_s: float | None  # largest received-minus-committed audio of its sessions
+    #: Share of its engine's decode capacity used over the last 4 s (heartbeat `engine_busy`).
+    engine_busy: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

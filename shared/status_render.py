@@ -132,6 +132,7 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
         else:
             beat = format_duration_ms(row.heartbeat_age_ms) + " ago"
         uncommitted = None if row.max_uncommitted_s is None else f"{row.max_uncommitted_s:.1f} s"
+        busy = None if row.engine_busy is None else f"{row.engine_busy * 100:.0f}%"
         rows.append(
             [
                 row.worker_id,
@@ -141,15 +142,20 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
                 _cell(row.owned),
                 str(row.pending),
                 _cell(row.queued_decodes),
+                _cell(busy),
                 _cell(uncommitted),
                 row.model or "-",
             ]
         )
-    header = ["WORKER", "STATE", "HEARTBEAT", "SLOTS", "OWNED", "PENDING", "QUEUED", "BEHIND"]
-    lines += _table([*header, "MODEL"], rows)
+    header = ["WORKER", "STATE", "HEARTBEAT", "SLOTS", "OWNED", "PENDING", "QUEUED", "BUSY"]
+    lines += _table([*header, "BEHIND", "MODEL"], rows)
     lines.append(
         "  PENDING: sessions it holds (XPENDING, every lane). QUEUED: decodes waiting in its "
         "scheduler."
+    )
+    lines.append(
+        "  BUSY: share of its engine's decode capacity used over the last 4 s (interims thin "
+        "out above 50% and stop at 90% by default; near 100% its finals wait)."
     )
     lines.append(
         "  BEHIND: largest received-minus-committed audio of its sessions (includes the open "
