@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shared import keys
+from shared.config import Config
 from shared.status_model import (
     DeadLetterInfo,
     DetachedInfo,
@@ -27,6 +28,9 @@ from shared.status_model import (
 
 #: (collected value, now_ms) -> lines
 Renderer = Callable[[Any, int], list[str]]
+
+#: The worker settings the legends quote (a worker may run others).
+_DEFAULTS = Config()
 
 
 def format_duration_ms(ms: float) -> str:
@@ -155,7 +159,8 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
     )
     lines.append(
         "  BUSY: share of its engine's decode capacity used over the last 4 s (interims thin "
-        "out above 50% and stop at 90% by default; near 100% its finals wait)."
+        f"out above {_DEFAULTS.interim_busy_target:.0%} and stop at "
+        f"{_DEFAULTS.interim_shed_busy:.0%} by default; near 100% its finals wait)."
     )
     lines.append(
         "  BEHIND: largest received-minus-committed audio of its sessions (includes the open "
