@@ -1,9 +1,10 @@
 """Accuracy through the service vs the model's own offline accuracy, on the same clips.
 
     python bench/accuracy.py [--clips DIR_WITH_manifest.tsv] [--set FIELD=VALUE ...]
-                             [--write docs/benchmarks.md]
+                             [--model tiny.en] [--write docs/benchmarks.md]
 
-Starts an embedded Valkey, one gateway and one worker (tiny.en, CPU int8) in-process,
+Starts an embedded Valkey, one gateway and one worker (tiny.en unless --model, CPU int8)
+in-process,
 streams every clip of the manifest (as fast as acknowledged, 4 at a time), and compares
 normalised WER (jiwer + whisper-normalizer's English normalizer) with faster-whisper on
 the whole clip in one call. Prints a table; with --write, replaces the accuracy section
@@ -30,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import replace_section
+from bench.common import model_heading, replace_section
 from gateway.server import Gateway
 from shared.client import StreamingSession
 from shared.config import Config
@@ -89,13 +90,16 @@ async def streamed(url: str, path: Path) -> str:
 
 
 async def measure(
-    clips: list[tuple[str, Path, str]], concurrency: int, settings: dict[str, Any]
+    clips: list[tuple[str, Path, str]],
+    concurrency: int,
+    settings: dict[str, Any],
+    model: str = "tiny.en",
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         valkey = EmbeddedValkey(Path(tmp))
         valkey.start()
-        config = Config(redis_url=valkey.url, port=0, certfile="none", **settings)
-        engine = WhisperEngine("tiny.en", "cpu", "int8", 0, config.encode_min_s)
+        config = Config(redis_url=valkey.url, port=0, certfile="none", model=model, **settings)
+        engine = WhisperEngine(model, "cpu", "int8", 0, config.encode_min_s)
         worker = Worker(config, engine=engine)
         await worker.start()
         gateway = Gateway(config)
@@ -149,6 +153,12 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="a worker setting for the service run (a Config field, e.g. encode_min_s=30)",
     )
+    parser.add_argument(
+        "--model",
+        default="tiny.en",
+        help="what the worker's --model takes (`base`: the `model-base` extra); a model other "
+        "than tiny.en writes a section of its own",
+    )
     parser.add_argument("--write", type=Path, help="update this markdown file's accuracy section")
     args = parser.parse_args()
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -171,7 +181,7 @@ def main() -> None:
     for folder in folders:
         clips = [c for c in load_manifest(folder) if c[1].exists()]
         print(f"measuring {len(clips)} clips from {folder} ...", flush=True)
-        r = asyncio.run(measure(clips, args.concurrency, settings))
+        r = asyncio.run(measure(clips, args.concurrency, settings, args.model))
         diff = float(r["service_wer"]) - float(r["offline_wer"])  # type: ignore[arg-type]
         lines.append(
             f"| {folder.name} | {r['clips']} | {float(r['audio_s']):.1f} | "  # type: ignore[arg-type]
@@ -190,9 +200,10 @@ def main() -> None:
     print(table)
     if args.write:
         stamp = datetime.date.today().isoformat()
+        heading = model_heading("## Accuracy: service vs offline model", args.model)
         section = (
-            f"## Accuracy: service vs offline model\n\nMeasured {stamp} on {platform.node()} "
-            f"({platform.machine()}, Python {platform.python_version()}), tiny.en int8 CPU, "
+            f"{heading}\n\nMeasured {stamp} on {platform.node()} "
+            f"({platform.machine()}, Python {platform.python_version()}), {args.model} int8 CPU, "
             f"command `python bench/accuracy.py {' '.join(sys.argv[1:])}`. One in-process "
             f"gateway + worker + embedded Valkey, {args.concurrency} sessions at a time "
             "streamed as fast as acknowledged; offline = faster-whisper on the whole clip in "
@@ -202,7 +213,7 @@ def main() -> None:
             "word errors differ (offline → service, of the normalised reference's words)."
             f"\n\n{table}\n"
         )
-        replace_section(args.write, "## Accuracy: service vs offline model", section)
+        replace_section(args.write, heading, section)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/capacity.py [--clips ID ...] [--sessions 1 2 4 6 8 10 12]
                              [--variant 'NAME=UP FLAGS [-- LOADTEST FLAGS]' ...]
-                             [--budget-s 600]
+                             [--model tiny.en] [--budget-s 600]
                              [--json OUT] [--write docs/benchmarks.md]
 
 1. Offline bound: bench/offline.py on the same clips, in its own process, before the
@@ -40,9 +40,11 @@ from bench.common import (
     DEFAULT_CLIPS,
     ROOT,
     UpService,
+    engine_text,
     interims_per_session_s,
     load_average,
     machine,
+    model_heading,
     pick_clips,
     replace_section,
     run_loadtest,
@@ -284,11 +286,15 @@ def row(r: LoadRun) -> list[str]:
 
 
 def offline_bound(
-    clip_ids: list[str], cpu_threads: str | None, tmp: Path, device: str = "cpu"
+    clip_ids: list[str],
+    cpu_threads: str | None,
+    tmp: Path,
+    device: str = "cpu",
+    model: str = "tiny.en",
 ) -> dict[str, Any]:
     out = tmp / "offline.json"
     cmd = [sys.executable, str(ROOT / "bench" / "offline.py"), "--clips", *clip_ids]
-    cmd += ["--device", device]
+    cmd += ["--device", device, "--model", model]
     cmd += ["--no-call-cost", "--repeats", "3", "--parallel", "1", "2", "--json", str(out)]
     if cpu_threads is not None:
         cmd += ["--cpu-threads", cpu_threads]
@@ -356,6 +362,12 @@ def main() -> None:
         "run: compare variants such as --variant 'alone=--batch-decodes 1' "
         "--variant 'batch 8=--batch-decodes 8')",
     )
+    parser.add_argument(
+        "--model",
+        default="tiny.en",
+        help="passed to the offline bound and to every `up` (`base`: the `model-base` "
+        "extra); a model other than tiny.en writes a section of its own",
+    )
     parser.add_argument("--budget-s", type=float, default=600.0, help="no new run after this")
     parser.add_argument(
         "--quiet-wait-s",
@@ -390,11 +402,14 @@ def main() -> None:
     if args.device != "cpu":
         for v in variants:
             v.up_args += ["--device", args.device]
+    if args.model != "tiny.en":
+        for v in variants:
+            v.up_args += ["--model", args.model]
     with tempfile.TemporaryDirectory(prefix="ss-capacity-") as tmp_name:
         tmp = Path(tmp_name)
         audio = stage_clips(clips, tmp / "clips")
         print(f"offline bound on {', '.join(args.clips)} ...", flush=True)
-        offline = offline_bound(args.clips, args.cpu_threads, tmp, args.device)
+        offline = offline_bound(args.clips, args.cpu_threads, tmp, args.device, args.model)
         print(
             f"offline bound: {offline['bound']:.1f} audio s / s "
             f"(one call at a time {offline['by_parallel'].get(1, 0.0):.1f}, "
@@ -412,9 +427,11 @@ def main() -> None:
         )
     if args.write:
         cmd = "python bench/capacity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        heading = model_heading(HEADING, args.model)
         section = (
-            f"{HEADING}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
-            f"Gateway, worker (tiny.en int8 CPU), embedded Valkey and the load generator "
+            f"{heading}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
+            f"Gateway, worker ({engine_text(args.model, args.device)}), embedded Valkey and "
+            f"the load generator "
             f"(`streamscribe loadtest`, its own process) all share the 2 cores. Clips "
             f"{', '.join(args.clips)} looped to {args.duration_s:.0f} s per session, pace 1.0, "
             f"sessions started over {args.ramp_s:.0f} s, TLS with the development "
@@ -434,7 +451,7 @@ def main() -> None:
             f"shared; each run first waits up to {args.quiet_wait_s:.0f} s for < 0.3 cores)."
             f"\n\n{text}\n"
         )
-        replace_section(args.write, HEADING, section)
+        replace_section(args.write, heading, section)
         print(f"wrote {args.write}")
 
 

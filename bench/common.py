@@ -147,6 +147,16 @@ def replace_section(path: Path, heading: str, section: str) -> None:
     path.write_text(text)
 
 
+def model_heading(heading: str, model: str) -> str:
+    """A benchmark's section heading; a model other than tiny.en gets a section of its own."""
+    return heading if model == "tiny.en" else f"{heading} ({model})"
+
+
+def engine_text(model: str, device: str) -> str:
+    """How a section names the model and where it ran (the worker's compute type)."""
+    return f"{model} int8 CPU" if device == "cpu" else f"{model} on {device}, its own compute type"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

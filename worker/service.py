@@ -150,6 +150,7 @@ class Worker:
                 cfg.cpu_threads,
                 cfg.encode_min_s,
                 cfg.decode_threads,
+                cfg.state_dir,
             )
         await loop.run_in_executor(None, getattr(self.engine, "warm_up", lambda: None))
         await loop.run_in_executor(None, make_vad, self.config.vad)  # load the VAD model once

@@ -21,3 +21,15 @@ def whisper() -> Iterator[WhisperEngine]:
     assert isinstance(engine, WhisperEngine)
     engine.warm_up()
     yield engine
+
+
+@pytest.fixture(scope="session")
+def whisper_base() -> Iterator[WhisperEngine]:
+    """Whisper base (multilingual; the `model-base` extra) on CPU as a worker builds it."""
+    cfg = Config()
+    engine = load_engine(
+        "whisper", "base", "cpu", "int8", 0, cfg.encode_min_s, cfg.decode_threads
+    )
+    assert isinstance(engine, WhisperEngine)
+    engine.warm_up()
+    yield engine

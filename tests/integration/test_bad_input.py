@@ -59,6 +59,22 @@ async def test_invalid_query_parameter_closes_4400(
     assert not out.of_type("session.started")
 
 
+async def test_a_language_is_refused_only_by_an_english_only_model(
+    service_factory: ServiceFactory,
+) -> None:
+    """`language=de` against tiny.en (the default model): 4400 saying the model is
+    English-only. Against a multilingual model (`base`) the same request starts a session."""
+    english_only = await service_factory()
+    out = await drain(await open_ws(english_only.url, "language=de"))
+    _assert_error(out, 4400, "bad_request")
+    assert "English-only" in out.reason and "tiny.en" in out.reason
+    multilingual = await service_factory(model="base")
+    ws = await open_ws(multilingual.url, "language=de")
+    await started(ws)
+    await ws.send(json.dumps({"type": "close_stream"}))
+    assert (await drain(ws)).of_type("session.closed")
+
+
 @pytest.mark.parametrize(
     ("text", "what"),
     [

