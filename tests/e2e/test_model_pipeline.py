@@ -191,16 +191,21 @@ def plain_wer(ref: str, hyp: str) -> float:
 async def test_multilingual_base_serves_german_and_english_sessions_at_once(
     service_factory: ServiceFactory, whisper_base: WhisperEngine
 ) -> None:
-    """With Whisper base (multilingual) a German session (`language=de`) and an English one
-    (the default language) run at once on one worker: each transcript is as good as the
-    model's own on the whole clip (within 0.2), and neither holds a word of the other
-    language's reference. (Not `auto`: base, given this clip's first sentence alone,
-    detects Thai with probability 0.91; docs/configuration.md, `language`.)"""
+    """With Whisper base (multilingual) a German session (`language=de`), an English one
+    (the default language) and an English one that asks for detection (`auto`: decoded
+    alone, not batched) run at once on one worker: each transcript is as good as the
+    model's own on the whole clip (within 0.2), and none holds a word of the other
+    language's reference. (Not `auto` on the German clip: base, given its first sentence
+    alone, detects Thai with probability 0.91; docs/configuration.md, `language`.)"""
     svc = await service_factory(engine=whisper_base, model="base", slots=8)
-    (de, de_closed), (en, _) = await asyncio.gather(
+    (de, de_closed), (en, _), (auto, _) = await asyncio.gather(
         stream(svc.url, "de1.wav", realtime=True, language="de"),
         stream(svc.url, "s1.wav", realtime=True),
+        stream(svc.url, "s2.wav", realtime=True, language="auto"),
     )
+    auto_text = " ".join(f.text for f in auto)
+    auto_offline = wer([reference("s2")], [offline_text(whisper_base, "s2.wav")])
+    assert wer([reference("s2")], [auto_text]) <= auto_offline + 0.2, auto_text
     de_ref, en_ref = (FIXTURES / "de1.txt").read_text().strip(), reference("s1")
     de_text, en_text = (" ".join(f.text for f in r) for r in (de, en))
     de_offline = plain_wer(de_ref, offline_text(whisper_base, "de1.wav", "de"))
