@@ -99,7 +99,14 @@ def resolve_model(model: str, cache_dir: str | os.PathLike[str] | None = None) -
             return model
         if cache_dir is None:
             cache_dir = Config().state_dir
-        return str(join_parts(split, parts, Path(cache_dir).expanduser() / "models"))
+        models_dir = Path(cache_dir).expanduser() / "models"
+        try:
+            return str(join_parts(split, parts, models_dir))
+        except OSError as exc:  # unwritable, full, or not a folder
+            raise ModelError(
+                f"model {split.name}: cannot join it under {models_dir} ({exc}); give the "
+                f"worker a writable --state-dir with {split.size / 1e6:.0f} MB free"
+            ) from exc
     return model
 
 

