@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--api-key", help="API key (default: $STREAMSCRIBE_API_KEY)")
     tr.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
     tr.add_argument("--no-interim", action="store_true", help="ask for finals only")
+    tr.add_argument(
+        "--language",
+        help="language spoken: an ISO 639 code (de, fr, ...) or auto (detection); needs a "
+        "multilingual model such as base (default: the service's, en)",
+    )
     tr.add_argument("--json", action="store_true", help="print every result as a JSON line")
     tr.add_argument("--state-dir", default=None, help="where `up` wrote up.json")
 

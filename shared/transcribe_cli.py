@@ -38,6 +38,7 @@ async def stream_file(
         encoding=audio.encoding,
         channels=audio.channels,
         interim_results=not args.no_interim,
+        language=args.language,
         api_key=api_key,
         ssl_context=ctx,
     ) as session:

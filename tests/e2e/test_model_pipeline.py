@@ -129,7 +129,8 @@ def test_newcomer_up_then_transcribe(tmp_path: Path, model: list[str]) -> None:
     """`streamscribe up` (embedded Valkey, dev certificate, gateway, worker) then
     `streamscribe transcribe FILE.wav` prints the right words; Ctrl-C stops everything.
     With `--model base` the worker first joins Whisper base from its two packages under
-    the state folder, and serves it."""
+    the state folder, and serves it: `transcribe --language de` then prints German, where
+    tiny.en refuses it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [
@@ -168,6 +169,22 @@ def test_newcomer_up_then_transcribe(tmp_path: Path, model: list[str]) -> None:
         assert out.returncode == 0, out.stderr
         assert wer([reference("s1")], [re.sub(r"\[[^\]]*\]", "", out.stdout)]) <= 0.25, out.stdout
         assert "session closed (client_closed)" in out.stderr
+        german = subprocess.run(
+            [
+                *(sys.executable, "-m", "shared.cli", "transcribe", str(FIXTURES / "de1.wav")),
+                *("--language", "de", "--state-dir", str(tmp_path)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        if model:  # multilingual: German words
+            assert german.returncode == 0, german.stderr
+            assert {"zug", "berlin"} <= _words(german.stdout), german.stdout
+        else:  # tiny.en refuses, saying why
+            assert german.returncode == 2, german.stdout
+            assert "English-only" in german.stderr, german.stderr
     finally:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=60)
