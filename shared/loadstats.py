@@ -311,6 +311,7 @@ class RunInfo:
     duration_s: float | None
     frame_ms: int
     interim_results: bool
+    language: str | None = None  # the sessions' `language` parameter; None: the service's
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +522,8 @@ def render_table(report: LoadReport) -> str:
         f"streamscribe loadtest: {run.sessions} session(s) against {run.url}",
         f"  pace {run.pace:g}x, ramp {run.ramp_s:g} s, "
         + (f"duration {run.duration_s:g} s" if run.duration_s else "each file once")
-        + f", {run.frame_ms} ms frames, interim results {'on' if run.interim_results else 'off'}",
+        + f", {run.frame_ms} ms frames, interim results {'on' if run.interim_results else 'off'}"
+        + (f", language {run.language}" if run.language else ""),
         f"  elapsed {r.elapsed_s:.1f} s{' (interrupted)' if r.interrupted else ''}",
         "",
         f"sessions: {r.completed} completed, {r.failed} failed, {r.unfinished} unfinished "

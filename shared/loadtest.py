@@ -51,6 +51,7 @@ from shared.protocol import (
     SessionStarted,
     build_client_message,
     parse_server_text,
+    valid_language,
 )
 from shared.wavfile import read_wav
 from shared.wsframes import frame_bounds, frame_limit, framing_state
@@ -136,6 +137,7 @@ class Options:
     drain_timeout_s: float = 60.0
     frame_ms: int = 100
     interim_results: bool = True
+    language: str | None = None
     api_key: str | None = None
     insecure: bool = False
     cafile: str | None = None
@@ -161,6 +163,11 @@ class Options:
             (self.open_timeout_s > 0, "--open-timeout-s must be > 0"),
             (0 <= self.tick_ms <= 100, f"--tick-ms must be 0..100, got {self.tick_ms}"),
             (bool(self.audio), "give at least one --audio file"),
+            (
+                self.language is None or valid_language(self.language),
+                f"--language must be an ISO 639 code such as 'de', or 'auto', "
+                f"got {self.language!r}",
+            ),
             (
                 urlsplit(self.url).scheme in ("ws", "wss"),
                 f"--url must be ws:// or wss://, got {self.url!r}",
@@ -201,6 +208,8 @@ class Options:
         }
         if not self.interim_results:
             params["interim_results"] = "false"
+        if self.language is not None:
+            params["language"] = self.language
         path = parts.path if parts.path not in ("", "/") else "/v1/listen"
         return urlunsplit(parts._replace(path=path, query=urlencode(params)))
 
@@ -657,9 +666,15 @@ async def run_load(
         duration_s=options.duration_s,
         frame_ms=options.frame_ms,
         interim_results=options.interim_results,
+        language=options.language,
     )
     interrupted = stop is not None and stop.is_set()
-    report = run.recorder.report(info, run.clock(), interrupted=interrupted, wer_fn=wer)
+    report = run.recorder.report(
+        info,
+        run.clock(),
+        interrupted=interrupted,
+        wer_fn=functools.partial(wer, language=options.language),
+    )
     return report, run.recorder
 
 
@@ -706,6 +721,12 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
     p.add_argument("--no-interim", action="store_true", help="ask for finals only")
+    p.add_argument(
+        "--language",
+        help="the sessions' language: an ISO 639 code (de, fr, ...) or auto; needs a "
+        "multilingual model such as base; WER then uses Whisper's basic text normalizer "
+        "(default: the service's language, en)",
+    )
     p.add_argument(
         "--max-unacked-frames",
         type=int,
@@ -765,6 +786,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         drain_timeout_s=args.drain_timeout_s,
         frame_ms=args.frame_ms,
         interim_results=not args.no_interim,
+        language=args.language,
         api_key=args.api_key or client_api_key(),
         insecure=args.insecure,
         cafile=cafile,

@@ -85,6 +85,13 @@ def _int_param(query: Mapping[str, Sequence[str]], name: str, default: int) -> i
     return int(raw)
 
 
+def valid_language(language: str) -> bool:
+    """`auto`, or an ISO 639 code: 2-3 lower-case ASCII letters (the `language` parameter)."""
+    return language == "auto" or (
+        2 <= len(language) <= 3 and language.isascii() and language.isalpha() and language.islower()
+    )
+
+
 def parse_query(query: str | Mapping[str, Sequence[str]]) -> SessionParams:
     """Validate the query string; every problem raises `BadRequest` (close 4400)."""
     if isinstance(query, str):
@@ -110,15 +117,7 @@ def parse_query(query: str | Mapping[str, Sequence[str]]) -> SessionParams:
     if channels not in (1, 2):
         raise BadRequest(f"channels must be 1 or 2, got {channels}")
     language = _single(parsed, "language")
-    if language is not None and not (
-        language == "auto"
-        or (
-            2 <= len(language) <= 3
-            and language.isascii()
-            and language.isalpha()
-            and language.islower()
-        )
-    ):
+    if language is not None and not valid_language(language):
         raise BadRequest(
             f"language must be an ISO 639 code such as 'en', or 'auto', got {language!r}"
         )

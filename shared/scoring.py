@@ -1,4 +1,6 @@
-"""Word error rate with Whisper's English normalizer on both sides (needs the `bench` extra)."""
+"""Word error rate with Whisper's text normalizers on both sides (needs the `bench` extra):
+the English one for English (and for `auto`, whose language is not known), the basic one
+(lower case, no punctuation or symbols) for any other language."""
 
 from __future__ import annotations
 
@@ -7,23 +9,29 @@ from functools import lru_cache
 from typing import Any
 
 
-@lru_cache(maxsize=1)
-def _normalizer() -> Any:
-    from whisper_normalizer.english import EnglishTextNormalizer
+@lru_cache(maxsize=2)
+def _normalizer(english: bool) -> Any:
+    if english:
+        from whisper_normalizer.english import EnglishTextNormalizer
 
-    return EnglishTextNormalizer()
+        return EnglishTextNormalizer()
+    from whisper_normalizer.basic import BasicTextNormalizer
+
+    return BasicTextNormalizer()
 
 
-def normalize(text: str) -> str:
-    return str(_normalizer()(text)).strip()
+def normalize(text: str, language: str | None = "en") -> str:
+    return str(_normalizer(language in (None, "en", "auto"))(text)).strip()
 
 
-def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+def wer(
+    references: Sequence[str], hypotheses: Sequence[str], language: str | None = "en"
+) -> float:
     """Corpus WER over pairs (errors over all reference words), normalized text."""
     import jiwer
 
-    refs = [normalize(r) for r in references]
-    hyps = [normalize(h) for h in hypotheses]
+    refs = [normalize(r, language) for r in references]
+    hyps = [normalize(h, language) for h in hypotheses]
     pairs = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
     if not pairs:
         return 0.0

@@ -147,6 +147,29 @@ async def test_wrong_api_key_is_reported_by_close_code(service_factory: ServiceF
     assert "error messages: unauthorized: 2" in table
 
 
+async def test_language_reaches_the_gateway(service_factory: ServiceFactory) -> None:
+    """`--language de` is sent with every session: an English-only service (tiny.en)
+    refuses each one with 4400, a multilingual one (base) serves them all."""
+    english_only = await service_factory()
+    code, table, _ = await run_cli(
+        "--url", english_only.url, "--sessions", "2", "--pace", "0", "--audio", S1,
+        "--language", "de",
+    )  # fmt: skip
+    assert code == 1, table
+    assert "sessions: 0 completed, 2 failed, 0 unfinished (of 2)" in table
+    assert "4400" in table
+    multilingual = await service_factory(model="base")
+    from shared.loadtest import prepare, run_load
+
+    args = parse(
+        "--url", multilingual.url, "--sessions", "2", "--pace", "0", "--audio", S1,
+        "--language", "de",
+    )  # fmt: skip
+    report, _ = await run_load(*prepare(args))
+    check_consistent(report)
+    assert report.run.language == "de"
+
+
 def test_refused_connection_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     """Against a closed loopback port every session fails and the exit code is 1."""
     url = f"ws://127.0.0.1:{closed_port()}/v1/listen"
@@ -167,7 +190,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         "--url", "--sessions", "--audio", "--pace", "--ramp-s", "--duration-s",
         "--drain-timeout-s", "--frame-ms", "--no-interim", "--max-unacked-frames",
         "--open-timeout-s", "--insecure", "--cafile", "--api-key", "--json", "--plot",
-        "--no-progress", "--state-dir", "--tick-ms",
+        "--no-progress", "--state-dir", "--tick-ms", "--language",
     ):  # fmt: skip
         assert flag in text, flag
     assert "loadtest" in build_parser().format_help()
@@ -183,6 +206,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         (["--tick-ms", "100.5"], "--tick-ms must be 0..100"),
         (["--url", "http://127.0.0.1:1/v1/listen"], "--url must be ws:// or wss://"),
         (["--json", "/nonexistent-dir/x.json"], "no such directory"),
+        (["--language", "German"], "--language must be an ISO 639 code"),
     ],
 )
 def test_usage_errors_exit_2(

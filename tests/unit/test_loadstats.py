@@ -288,6 +288,29 @@ def test_word_errors_count_what_corpus_wer_adds_up() -> None:
     )
 
 
+def test_other_languages_are_scored_with_the_basic_normalizer() -> None:
+    """English (and `auto`) text goes through Whisper's English normalizer, which also
+    spells British and American alike; any other language through the basic one (lower
+    case, no punctuation), which keeps its letters."""
+    assert wer(["the harbour"], ["The harbor."]) == 0.0
+    assert wer(["the harbour"], ["The harbor."], language="auto") == 0.0
+    assert wer(["the harbour"], ["The harbor."], language="de") == pytest.approx(0.5)
+    assert wer(["Der Hund, spielt!"], ["der hund spielt"], language="de") == 0.0
+    assert wer(["Straße über"], ["strasse über"], language="de") == pytest.approx(0.5)
+
+
+def test_the_language_of_a_run_is_shown_only_when_set() -> None:
+    """`--language de` shows in the run's header line; a report written before the field
+    existed (no `language` in its JSON) reads back without one."""
+    report = scored_run().report(dataclasses.replace(RUN, language="de"), 2.0)
+    assert ", language de" in report.render_table().splitlines()[1]
+    plain = scored_run().report(RUN, 2.0)
+    assert "language" not in plain.render_table().splitlines()[1]
+    data = plain.to_dict()
+    del data["run"]["language"]
+    assert LoadReport.from_dict(data).run.language is None
+
+
 def test_wer_without_references_or_scorer_says_why() -> None:
     """No reference anywhere, or the scorer's package missing, gives no number and a note."""
     run = LoadRecorder()
