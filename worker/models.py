@@ -8,7 +8,8 @@ No model hub is needed for the two models that PyPI packages ship:
   ship its `model.bin` in two halves, since PyPI limits a file's size. The halves are
   joined once into `<state_dir>/models/base-<sha256 prefix>/`, their SHA-256 checked
   before the folder appears under that name (written beside it, then renamed), so a
-  folder by that name is always whole; later starts use it as it is.
+  folder by that name is always whole; later starts use it as it is. What a process
+  killed while joining left beside it is removed by the next join.
 
 Any other name goes to faster-whisper, which downloads it from the hub.
 """
@@ -128,6 +129,7 @@ def join_parts(split: SplitModel, parts: Sequence[Traversable], models_dir: Path
     if _whole(target, split):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(models_dir, split)
     work = models_dir / f".{split.folder_name}.{os.getpid()}.tmp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -171,6 +173,26 @@ def join_parts(split: SplitModel, parts: Sequence[Traversable], models_dir: Path
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _remove_abandoned(models_dir: Path, split: SplitModel) -> None:
+    """Half-joined folders of processes that no longer run (killed while joining): each
+    would keep up to the model's size of disk. A live process's folder is left alone."""
+    for work in models_dir.glob(f".{split.folder_name}.*.tmp"):
+        pid = work.name.removesuffix(".tmp").rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by process %s", work, pid)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _whole(folder: Path, split: SplitModel) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,27 @@ def test_a_folder_it_cannot_write_is_a_clear_error(
     with pytest.raises(ModelError, match=r"cannot join it under .*state/models .*--state-dir"):
         resolve_model("toy", state)
     assert Path(resolve_model("toy", tmp_path / "ok"), "model.bin").read_bytes() == PART1 + PART2
+
+
+def test_a_join_left_half_done_by_a_dead_process_is_removed(tmp_path: Path) -> None:
+    """A folder a killed process was joining into is removed by the next join; one that a
+    running process is still writing is not touched."""
+    parts = make_parts(tmp_path)
+    split = split_for(PART1 + PART2)
+    models = tmp_path / "models"
+    models.mkdir()
+    gone = models / f".{split.folder_name}.{_exited_pid()}.tmp"
+    live = models / f".{split.folder_name}.{os.getppid()}.tmp"
+    for folder in (gone, live):
+        folder.mkdir()
+        (folder / "model.bin").write_bytes(PART1)
+    folder = join_parts(split, parts, models)
+    assert (folder / "model.bin").read_bytes() == PART1 + PART2
+    assert not gone.exists() and live.exists()
+
+
+def _exited_pid() -> int:
+    """The PID of a child that has exited and been reaped (so nothing runs under it)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
