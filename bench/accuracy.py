@@ -4,13 +4,13 @@
                              [--model tiny.en] [--write docs/benchmarks.md]
 
 Starts an embedded Valkey, one gateway and one worker (tiny.en unless --model, CPU int8)
-in-process,
-streams every clip of the manifest (as fast as acknowledged, 4 at a time), and compares
-normalised WER (jiwer + whisper-normalizer's English normalizer) with faster-whisper on
-the whole clip in one call. Prints a table; with --write, replaces the accuracy section
-of the benchmarks document. `--set` changes a numeric worker setting for the service
-run (e.g. `--set encode_min_s=30 --set early_final_s=0`); the offline side is always
-plain faster-whisper over full 30 s windows.
+in-process, streams every clip of the manifest (as fast as acknowledged, 4 at a time), and
+compares normalised WER (jiwer + whisper-normalizer's English normalizer) with
+faster-whisper on the whole clip in one call. Prints a table; with --write, replaces the
+accuracy section of the benchmarks document (its own section for a model other than
+tiny.en). `--set` changes a numeric worker setting for the service run (e.g. `--set
+encode_min_s=30 --set early_final_s=0`); the offline side is always plain faster-whisper
+over full 30 s windows.
 """
 
 from __future__ import annotations

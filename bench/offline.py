@@ -4,12 +4,13 @@
                             [--model tiny.en] [--repeats 3] [--json OUT]
                             [--write docs/benchmarks.md]
 
-The same model and settings as the worker (tiny.en unless --model, int8 on CPU, beam 1, the worker's
-`cpu_threads` default), each whole clip in one `transcribe()` call, one call at a time:
-the ceiling that a streaming service on the same cores is compared with. Also prints what
-one call costs for 1-28 s of speech, with and without word timestamps (the worker's finals
-ask for them), which is where a streamer's cost comes from. Prints tables; with --write,
-replaces the "Offline bound" section of the benchmarks document.
+The same model and settings as the worker (tiny.en unless --model, int8 on CPU, beam 1,
+the worker's `cpu_threads` default), each whole clip in one `transcribe()` call, one call
+at a time: the ceiling that a streaming service on the same cores is compared with. Also
+prints what one call costs for 1-28 s of speech, with and without word timestamps (the
+worker's finals ask for them), which is where a streamer's cost comes from. Prints tables;
+with --write, replaces the "Offline bound" section of the benchmarks document (its own
+section for a model other than tiny.en).
 
 `--parallel P` (several values: one row each) runs P calls at once on one model
 (CTranslate2 workers, as the worker's `decode_threads`), each clip P times, with
