@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -10,23 +11,26 @@ from shared.config import Config
 from worker.engine import WhisperEngine, load_engine
 
 
-def _as_worker_builds(model: str) -> WhisperEngine:
+def _as_worker_builds(model: str, state_dir: Path) -> WhisperEngine:
     """`model` on CPU as a worker builds it with the shipped settings (encoder window,
-    concurrent decodes, threads per decode), warmed up."""
+    concurrent decodes, threads per decode), warmed up; a split model is joined under
+    `state_dir`, not the user's."""
     cfg = Config()
-    engine = load_engine("whisper", model, "cpu", "int8", 0, cfg.encode_min_s, cfg.decode_threads)
+    engine = load_engine(
+        "whisper", model, "cpu", "int8", 0, cfg.encode_min_s, cfg.decode_threads, str(state_dir)
+    )
     assert isinstance(engine, WhisperEngine)
     engine.warm_up()
     return engine
 
 
 @pytest.fixture(scope="session")
-def whisper() -> Iterator[WhisperEngine]:
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WhisperEngine]:
     """tiny.en, the default model."""
-    yield _as_worker_builds("tiny.en")
+    yield _as_worker_builds("tiny.en", tmp_path_factory.mktemp("state"))
 
 
 @pytest.fixture(scope="session")
-def whisper_base() -> Iterator[WhisperEngine]:
+def whisper_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WhisperEngine]:
     """Whisper base (multilingual; the `model-base` extra)."""
-    yield _as_worker_builds("base")
+    yield _as_worker_builds("base", tmp_path_factory.mktemp("state"))
