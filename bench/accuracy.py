@@ -8,9 +8,11 @@ in-process, streams every clip of the manifest (as fast as acknowledged, 4 at a 
 compares normalised WER (jiwer + whisper-normalizer's English normalizer) with
 faster-whisper on the whole clip in one call. Prints a table; with --write, replaces the
 accuracy section of the benchmarks document (its own section for a model other than
-tiny.en). `--set` changes a numeric worker setting for the service run (e.g. `--set
+tiny.en). `--set` changes a worker setting for the service run (e.g. `--set
 encode_min_s=30 --set early_final_s=0`); the offline side is always plain faster-whisper
-over full 30 s windows.
+over full 30 s windows, in the worker's `language` (`--set language=auto --model base`:
+sessions that name no language detect it, and so does the offline call, over the whole
+clip).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def load_manifest(folder: Path) -> list[tuple[str, Path, str]]:
     return [(r["id"], folder / r["file"], r["reference"]) for r in rows]
 
 
-def offline(engine: WhisperEngine, path: Path) -> str:
-    """The whole clip in one call, over a full 30 s window: plain faster-whisper."""
+def offline(engine: WhisperEngine, path: Path, language: str | None = "en") -> str:
+    """The whole clip in one call, over a full 30 s window: plain faster-whisper (which
+    detects the language over the whole clip when `language` is None)."""
     audio = read_wav(path)
     conv = AudioConverter(
         SessionParams(
@@ -64,7 +67,7 @@ def offline(engine: WhisperEngine, path: Path) -> str:
     samples = np.concatenate([conv.convert(audio.data), conv.flush()])
     window, engine.encode_min_s = engine.encode_min_s, 30.0
     try:
-        segments = engine.transcribe(samples, language="en", word_timestamps=False, beam_size=1)
+        segments = engine.transcribe(samples, language=language, word_timestamps=False, beam_size=1)
     finally:
         engine.encode_min_s = window
     return " ".join(s.text for s in segments)
@@ -106,7 +109,8 @@ async def measure(
         await gateway.start()
         try:
             t0 = time.monotonic()
-            off = [offline(engine, p) for _, p, _ in clips]
+            language = None if config.language == "auto" else config.language
+            off = [offline(engine, p, language) for _, p, _ in clips]
             offline_s = time.monotonic() - t0
             sem = asyncio.Semaphore(concurrency)
 
@@ -151,7 +155,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="a worker setting for the service run (a Config field, e.g. encode_min_s=30)",
+        help="a worker setting for the service run (a Config field, e.g. encode_min_s=30 "
+        "or language=auto)",
     )
     parser.add_argument(
         "--model",
@@ -167,7 +172,8 @@ def main() -> None:
         name, _, value = item.partition("=")
         if name not in fields:
             parser.error(f"--set {item}: no such setting")
-        settings[name] = float(value) if fields[name] == "float" else int(value)
+        kind = fields[name]
+        settings[name] = value if kind == "str" else float(value) if kind == "float" else int(value)
     folders = args.clips or [
         p
         for p in (ROOT / "tests/fixtures/audio", ROOT.parent / "shared/audio/real")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.modelinfo import english_only
+from shared.protocol import valid_language as _valid_language
 
 MIN_ENCODE_S = 10.0  # the least encode_min_s: with less Whisper loops and invents text
 
@@ -217,7 +219,28 @@ class Config:
         "least 10: below that Whisper loops.",
         WORKER,
     )
-    language: str = _opt("en", "Default language of sessions that name none.", WORKER)
+    language: str = _opt(
+        "en",
+        "Default language of sessions that name none: an ISO 639 code, or auto (detect; "
+        "needs a multilingual model).",
+        WORKER,
+    )
+    language_lock_s: float = _opt(
+        8.0,
+        "A language=auto session detects the language of every utterance until this many "
+        "seconds of its finals' speech are judged and one language has language_lock_share "
+        "of the detection weight (each final's detected probabilities times its length); "
+        "from then on it decodes in that language, which saves a detection pass per decode "
+        "and lets it batch with other sessions. 0: detect every utterance.",
+        WORKER,
+    )
+    language_lock_share: float = _opt(
+        0.8,
+        "Share of the detection weight one language needs for language_lock_s to fix a "
+        "session on it (above 0.5, at most 1). A session whose utterances disagree never "
+        "reaches it and keeps detecting.",
+        WORKER,
+    )
     slots: int = _opt(
         8,
         "Most sessions one worker transcribes at once; the rest wait in the dispatch queue. "
@@ -421,6 +444,20 @@ class Config:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
         if self.decode_threads < 1:
             raise ConfigError(f"{_where('decode_threads')} must be >= 1")
+        if not _valid_language(self.language):
+            raise ConfigError(
+                f"{_where('language')} must be an ISO 639 code such as 'en', or 'auto', "
+                f"got {self.language!r}"
+            )
+        if self.language not in ("en", "auto") and english_only(self.model):
+            raise ConfigError(
+                f"{_where('language')} {self.language!r} needs a multilingual model: "
+                f"{self.model} is English-only (try --model base)"
+            )
+        if not (0 <= self.language_lock_s < math.inf):
+            raise ConfigError(f"{_where('language_lock_s')} must be >= 0 (0: never lock)")
+        if not 0.5 < self.language_lock_share <= 1:
+            raise ConfigError(f"{_where('language_lock_share')} must be above 0.5 and at most 1")
         if not 0 <= self.prompt_chars <= 1000:
             raise ConfigError(f"{_where('prompt_chars')} must be 0..1000")
         if not (self.max_audio_rate == 0 or 1 <= self.max_audio_rate < math.inf):

@@ -83,9 +83,11 @@ return 1
 """
 
 # KEYS: meta, lease, results, audio.
-# ARGV: token, result_id, envelope, channel, ckpt_entry, ckpt_sample, ckpt_base.
+# ARGV: token, result_id, envelope, channel, ckpt_entry, ckpt_sample, ckpt_base
+# [, language_locked].
 # (ckpt_entry: first audio entry still needed; ckpt_base: its first sample's index;
-# ckpt_sample: everything before it is transcribed. All indices at 16 kHz.)
+# ckpt_sample: everything before it is transcribed. All indices at 16 kHz.
+# language_locked: the language this final's detection fixed an `auto` session on.)
 # Records a final durably, numbers it, moves the checkpoint, trims committed audio and
 # publishes. The entry's `by` field names the lease token (worker:epoch) that wrote it.
 # Returns the new final count, -1 when fenced, -2 when result_id is not the
@@ -97,6 +99,7 @@ if tonumber(ARGV[2]) ~= finals then return -2 end
 redis.call('XADD', KEYS[3], '*', 't', 'final', 'rid', ARGV[2], 'by', ARGV[1], 'm', ARGV[3])
 redis.call('HSET', KEYS[1], 'finals', finals + 1, 'ckpt_entry', ARGV[5], 'ckpt_sample', ARGV[6],
            'ckpt_base', ARGV[7])
+if ARGV[8] and ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'language_locked', ARGV[8]) end
 redis.call('XTRIM', KEYS[4], 'MINID', ARGV[5])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 return finals + 1

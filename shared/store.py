@@ -71,6 +71,8 @@ class SessionMeta:
     dispatch_index: int = 0
     #: When the session was created (unix ms): when it joined the dispatch queue.
     created_ms: int = 0
+    #: The language a `language=auto` session's detections fixed it on ("" until then).
+    language_locked: str = ""
 
     @property
     def audio_seconds(self) -> float:
@@ -399,6 +401,7 @@ class Store:
             conn=_s(get(b"conn")),
             dispatch_index=int(get(b"dispatch_index", b"0")),
             created_ms=int(get(b"created_ms", b"0")),
+            language_locked=_s(get(b"language_locked")),
         )
 
     async def ingest(self, sid: SessionId, chunks: Sequence[AudioChunk]) -> IngestResult:
@@ -595,6 +598,7 @@ class Store:
         ckpt_entry: str,
         ckpt_sample: int,
         ckpt_base: int,
+        language_locked: str = "",
     ) -> ScriptCall:
         """`publish_final` as a `publish_many` call: the same reply."""
         return ScriptCall(
@@ -608,6 +612,7 @@ class Store:
                 ckpt_entry,
                 ckpt_sample,
                 ckpt_base,
+                language_locked,
             ),
         )
 
@@ -646,9 +651,13 @@ class Store:
         ckpt_entry: str,
         ckpt_sample: int,
         ckpt_base: int,
+        language_locked: str = "",
     ) -> int:
-        """Record and publish a final. Returns the new count; -1 fenced; -2 stale numbering."""
-        call = self.final_call(sid, token, item, ckpt_entry, ckpt_sample, ckpt_base)
+        """Record and publish a final (and the language it fixed an `auto` session on, if
+        any). Returns the new count; -1 fenced; -2 stale numbering."""
+        call = self.final_call(
+            sid, token, item, ckpt_entry, ckpt_sample, ckpt_base, language_locked
+        )
         return int(await self._run(call))
 
     @staticmethod

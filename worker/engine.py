@@ -9,6 +9,7 @@ called in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.envelope import Word
+from worker.language import TOP_LANGUAGES
 from worker.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class Segment:
     end: float
     text: str
     words: tuple[Word, ...]
+    # The languages the decode detected, most probable first, with their probabilities
+    # (at most TOP_LANGUAGES); empty when the decode was told its language.
+    languages: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +199,16 @@ class WhisperEngine:
         beam_size: int,
         prompt: str | None = None,
     ) -> list[Segment]:
-        return _kept(self._segments(audio, language, beam_size, word_timestamps, prompt or None))
+        segments, detected = self._segments(audio, language, beam_size, word_timestamps, prompt)
+        kept = _kept(segments)
+        if detected:
+            kept = [dataclasses.replace(seg, languages=detected) for seg in kept]
+        return kept
+
+    @property
+    def encodes_saved(self) -> int:
+        """Decodes that detected their language and reused the detection's encoder pass."""
+        return int(self._model.encodes_saved)
 
     def transcribe_batch(
         self,
@@ -286,7 +300,7 @@ class WhisperEngine:
                 i,
                 _sound(seg),
             )
-            for i, seg in enumerate(self._segments(audio, language, beam_size, True, None))
+            for i, seg in enumerate(self._segments(audio, language, beam_size, True, None)[0])
             for w in (seg.words or ())
         ]
 
@@ -297,16 +311,24 @@ class WhisperEngine:
         beam_size: int,
         word_timestamps: bool,
         prompt: str | None,
-    ) -> list[Any]:
+    ) -> tuple[list[Any], tuple[tuple[str, float], ...]]:
+        """faster-whisper's segments of one decode, and the languages it detected (most
+        probable first; empty when the language was given or the model is English-only)."""
         if not self.multilingual:
             language = "en"
         frames = encode_frames(len(audio), self.encode_min_s)
-        out = self._decode(audio, frames, language, beam_size, word_timestamps, prompt)
+        out, info = self._decode(audio, frames, language, beam_size, word_timestamps, prompt)
         if frames < FULL_WINDOW_FRAMES and _loop_may_hide_speech(out):
             self.window_retries += 1
             full = FULL_WINDOW_FRAMES
-            out = self._decode(audio, full, language, beam_size, word_timestamps, prompt)
-        return out
+            out, info = self._decode(audio, full, language, beam_size, word_timestamps, prompt)
+        detected: tuple[tuple[str, float], ...] = ()
+        if language is None:
+            probs = getattr(info, "all_language_probs", None) or [
+                (info.language, info.language_probability)
+            ]
+            detected = tuple((str(lang), float(p)) for lang, p in probs[:TOP_LANGUAGES])
+        return out, detected
 
     def _decode(
         self,
@@ -316,21 +338,22 @@ class WhisperEngine:
         beam_size: int,
         word_timestamps: bool,
         prompt: str | None,
-    ) -> list[Any]:
+    ) -> tuple[list[Any], Any]:
         self._model.encode_frames = frames  # for this thread's call only
-        segments, _info = self._model.transcribe(
+        segments, info = self._model.transcribe(
             audio,
             language=language,
             beam_size=beam_size,
             word_timestamps=word_timestamps,
             vad_filter=False,  # we segment with our own streaming VAD
             condition_on_previous_text=False,
-            initial_prompt=prompt,  # the session's previous final: context, as offline
+            initial_prompt=prompt or None,  # the session's previous final: context, as offline
             without_timestamps=not word_timestamps,
             temperature=0.0,  # no fallback: see TRAILING_SEGMENT_MIN_LOGPROB
             max_new_tokens=max_new_tokens(len(audio)),  # cuts a loop short
         )
-        return list(segments)  # iterating runs the decoder: keep it in the calling thread
+        # Iterating runs the decoder: keep it in the calling thread.
+        return list(segments), info
 
     def warm_up(self) -> None:
         """Run the model once so the first real session does not pay for lazy init."""
@@ -416,6 +439,7 @@ def _windowed_model_class() -> Any:
     class WindowedWhisperModel(WhisperModel):  # type: ignore[misc]
         # Per calling thread: with several decode threads each call has its own window.
         _window = threading.local()
+        encodes_saved = 0  # detecting calls whose decode reused the detection's encode
 
         @property
         def encode_frames(self) -> int:
@@ -428,7 +452,52 @@ def _windowed_model_class() -> Any:
         def encode(self, features: Any) -> Any:
             if getattr(features, "shape", (0,))[-1] > self.encode_frames:
                 features = features[..., : self.encode_frames]
+            kept = getattr(self._window, "detected", None)
+            if kept is not None:
+                self._window.detected = None
+                if kept[0].shape == features.shape and np.array_equal(kept[0], features):
+                    self.encodes_saved += 1
+                    return kept[1]
             return super().encode(features)
+
+        def detect_language(
+            self,
+            audio: Any = None,
+            features: Any = None,
+            vad_filter: bool = False,
+            vad_parameters: Any = None,
+            language_detection_segments: int = 1,
+            language_detection_threshold: float = 0.5,
+        ) -> tuple[str, float, list[tuple[str, float]]]:
+            """Detect on the window the decode itself will encode, and keep its encoder
+            output for that decode (`encode`), so a call that detects encodes once.
+
+            faster-whisper detects on the first 30 s of the features, last frame
+            included, then decodes a window of those features without their last frame
+            (zero in its place) and encodes again. Here detection takes the decode's
+            window, so the second encode finds the same input and reuses the first's
+            output: the decode is exactly the one faster-whisper would make, and the
+            detection sees 10 ms less audio. Only for what `transcribe` asks (features
+            from the start, one detection segment); anything else is faster-whisper's."""
+            if features is None or audio is not None or language_detection_segments != 1:
+                return super().detect_language(  # type: ignore[no-any-return]
+                    audio,
+                    features,
+                    vad_filter,
+                    vad_parameters,
+                    language_detection_segments,
+                    language_detection_threshold,
+                )
+            from faster_whisper.audio import pad_or_trim
+
+            window = self.feature_extractor.nb_max_frames
+            segment = pad_or_trim(features[:, : min(window, features.shape[-1] - 1)])
+            if segment.shape[-1] > self.encode_frames:
+                segment = segment[..., : self.encode_frames]
+            output = super().encode(segment)
+            self._window.detected = (segment, output)
+            probs = [(token[2:-2], prob) for token, prob in self.model.detect_language(output)[0]]
+            return probs[0][0], probs[0][1], probs
 
     return WindowedWhisperModel
 

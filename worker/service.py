@@ -378,7 +378,12 @@ class Worker:
     def _start_session(
         self, sid: SessionId, claim: ClaimResult, meta: SessionMeta, lane: str, dispatch_id: bytes
     ) -> None:
-        options = dataclasses.replace(self.options, interim_results=meta.params.interim_results)
+        language = meta.language_locked or meta.params.language or self.config.language
+        options = dataclasses.replace(
+            self.options,
+            interim_results=meta.params.interim_results,
+            language=None if language == "auto" else language,
+        )
         transcriber = SessionTranscriber(
             options, make_vad(self.config.vad), start_sample=claim.ckpt_base, finals=claim.finals
         )
@@ -631,11 +636,8 @@ class Worker:
 
     async def _decode(self, s: Owned, req: DecodeRequest) -> None:
         assert self.scheduler is not None
-        language = s.meta.params.language or self.config.language
         try:
-            segments = await self.scheduler.decode(
-                req, None if language == "auto" else language, session=s.sid
-            )
+            segments = await self.scheduler.decode(req, req.language, session=s.sid)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -657,7 +659,15 @@ class Worker:
         final = dataclasses.replace(out.transcript, epoch=s.epoch)
         rc = int(
             await self.publisher.call(
-                self.store.final_call(s.sid, s.token, final, entry, out.commit_sample, base)
+                self.store.final_call(
+                    s.sid,
+                    s.token,
+                    final,
+                    entry,
+                    out.commit_sample,
+                    base,
+                    out.locked_language or "",
+                )
             )
         )
         if rc == -1:
@@ -665,6 +675,15 @@ class Worker:
         if rc == -2:
             raise RuntimeError(
                 f"final numbering out of step at result_id {out.transcript.result_id}"
+            )
+        if out.locked_language is not None:
+            lock = s.transcriber.language_lock
+            log.info(
+                "session %s: language fixed on %s (%.0f%% of %.1f s of detected speech)",
+                s.sid,
+                out.locked_language,
+                100 * lock.best_share,
+                lock.seconds,
             )
 
     def _checkpoint(self, s: Owned, sample: int) -> tuple[str, int]:
@@ -769,6 +788,7 @@ class Worker:
             "early_decodes": self.early_decodes,
             "early_finals": self.early_finals,
             "window_retries": getattr(self.engine, "window_retries", 0),
+            "encodes_saved": getattr(self.engine, "encodes_saved", 0),
         }
 
     async def _redis_trouble(self, where: str, exc: BaseException) -> None:

@@ -35,6 +35,7 @@ from shared.config import Config
 from shared.envelope import Transcript, Word
 from worker.audio import SampleBuffer
 from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment
+from worker.language import LanguageLock
 
 MIN_SPEECH_S = 0.15  # shorter "utterances" are noise blips: never decoded
 CUT_SEARCH_S = 2.0  # where to look for a pause when an utterance must be cut
@@ -58,6 +59,13 @@ class StreamOptions:
     # How much of the session's previous final (its last characters) conditions the next
     # decode as Whisper's prompt; 0: none (the service default is Config.prompt_chars).
     prompt_chars: int = 0
+    # The session's language: a code, or None to detect it (`auto`). A detecting session
+    # is fixed on one language once `language_lock_s` seconds of its finals' speech give
+    # that language `language_lock_share` of the detection weight (worker/language.py);
+    # 0: detect every decode.
+    language: str | None = "en"
+    language_lock_s: float = 0.0
+    language_lock_share: float = 0.8
 
     @classmethod
     def from_config(cls, config: Config, *, interim_results: bool = True) -> StreamOptions:
@@ -72,6 +80,9 @@ class StreamOptions:
             interim_pause_s=config.interim_pause_s,
             early_final_s=config.early_final_s,
             prompt_chars=config.prompt_chars,
+            language=None if config.language == "auto" else config.language,
+            language_lock_s=config.language_lock_s,
+            language_lock_share=config.language_lock_share,
         )
 
 
@@ -84,6 +95,7 @@ class DecodeRequest:
     result_id: int
     prompt: str = ""  # text of the session's previous final (decoder context)
     early: bool = False  # a final asked for before its utterance is known to have ended
+    language: str | None = "en"  # None: the decode detects it
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +108,8 @@ class Final:
     transcript: Transcript | None  # None: the utterance held no words (no result_id used)
     commit_sample: int  # everything before this sample is fully handled
     early: bool = False  # decoded before the utterance's end was confirmed
+    # The language this final's detection fixed the session on (see LanguageLock), once.
+    locked_language: str | None = None
 
 
 Output = Interim | Final
@@ -139,6 +153,8 @@ class SessionTranscriber:
         self._early_at: int | None = None
         self._early_done: tuple[DecodeRequest, list[Segment]] | None = None
         self._ready: deque[Output] = deque()  # finals that needed no decode, to publish
+        self.language_lock = LanguageLock(options.language_lock_s, options.language_lock_share)
+        self.language = options.language  # what the next decode is told (None: detect)
 
     # --- input ----------------------------------------------------------------------
 
@@ -262,7 +278,13 @@ class SessionTranscriber:
         if self._pending:
             start, end = self._pending[0]
             req = DecodeRequest(
-                "final", start, end, self._slice(start, end), self.finals, self._prompt
+                "final",
+                start,
+                end,
+                self._slice(start, end),
+                self.finals,
+                self._prompt,
+                language=self.language,
             )
         elif self._early_due():
             assert self._utt_start is not None
@@ -278,13 +300,20 @@ class SessionTranscriber:
                 self.finals,
                 self._prompt,
                 early=True,
+                language=self.language,
             )
         elif self._interim_due():
             start = self._open_start()
             end = self._vad_pos
             self._last_interim_end = end
             req = DecodeRequest(
-                "interim", start, end, self._slice(start, end), self.finals, self._prompt
+                "interim",
+                start,
+                end,
+                self._slice(start, end),
+                self.finals,
+                self._prompt,
+                language=self.language,
             )
         else:
             return None
@@ -354,7 +383,14 @@ class SessionTranscriber:
         transcript = _transcript(self.finals, True, req.start / SAMPLE_RATE, req, segments, text)
         self.finals += 1
         self._prompt = prompt_of(text, self.opt.prompt_chars)
-        return Final(transcript, self.committed, req.early)
+        locked = None
+        if self.language is None and segments[0].languages:
+            locked = self.language_lock.observe(
+                segments[0].languages, (req.end - req.start) / SAMPLE_RATE
+            )
+            if locked is not None:
+                self.language = locked
+        return Final(transcript, self.committed, req.early, locked)
 
     def _early_due(self) -> bool:
         """Whether the open utterance's pause is long enough to decode its final early."""

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
+from shared import keys
 from shared.client import StreamingSession
 from shared.envelope import Closed, Transcript
+from shared.keys import SessionId
 from shared.protocol import SessionParams
 from shared.scoring import wer
 from shared.wavfile import read_wav
@@ -22,6 +25,7 @@ from tests.conftest import FIXTURES, ServiceFactory
 from tests.helpers import reference
 from worker.audio import AudioConverter
 from worker.engine import WhisperEngine
+from worker.language import TOP_LANGUAGES
 from worker.models import SPLIT_MODELS
 
 pytestmark = pytest.mark.model
@@ -41,8 +45,14 @@ def offline_text(engine: WhisperEngine, name: str, language: str = "en") -> str:
 
 
 async def stream(
-    url: str, name: str, *, realtime: bool, language: str | None = None
+    url: str,
+    name: str,
+    *,
+    realtime: bool,
+    language: str | None = None,
+    ids: list[str] | None = None,
 ) -> tuple[list[Transcript], Closed]:
+    """Stream one fixture; the session's id is appended to `ids` if given."""
     audio = read_wav(FIXTURES / name)
     finals: list[Transcript] = []
     async with StreamingSession(
@@ -52,6 +62,9 @@ async def stream(
         channels=audio.channels,
         language=language,
     ) as session:
+        if ids is not None:
+            assert session.session_id is not None
+            ids.append(session.session_id)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         for i, frame in enumerate(audio.frames(100)):
@@ -196,20 +209,28 @@ def test_newcomer_up_then_transcribe(tmp_path: Path, model: list[str]) -> None:
 
 
 async def test_multilingual_base_serves_german_and_english_sessions_at_once(
-    service_factory: ServiceFactory, whisper_base: WhisperEngine
+    service_factory: ServiceFactory, whisper_base: WhisperEngine, redis: aioredis.Redis
 ) -> None:
     """With Whisper base (multilingual) a German session (`language=de`), an English one
-    (the default language) and an English one that asks for detection (`auto`: decoded
-    alone, not batched) run at once on one worker: each transcript is as good as the
-    model's own on the whole clip (within 0.2), and none holds a word of the other
-    language's reference. (Not `auto` on the German clip: base, given its first sentence
-    alone, detects Thai with probability 0.91; docs/configuration.md, `language`.)"""
-    svc = await service_factory(engine=whisper_base, model="base", slots=8)
+    (the default language) and an English one that asks for detection (`auto`) run at
+    once on one worker: each transcript is as good as the model's own on the whole clip
+    (within 0.2), and none holds a word of the other language's reference. The `auto`
+    session's detections fix it on English (language_lock_s lowered to 2 s for a 6 s
+    clip), recorded in its meta hash; the sessions that named a language record none.
+    (Not `auto` on the German clip: base, given its first sentence alone, detects Thai
+    with probability 0.91; docs/configuration.md, `language`.)"""
+    svc = await service_factory(engine=whisper_base, model="base", slots=8, language_lock_s=2.0)
+    ids: dict[str, list[str]] = {"de": [], "en": [], "auto": []}
     (de, de_closed), (en, _), (auto, _) = await asyncio.gather(
-        stream(svc.url, "de1.wav", realtime=True, language="de"),
-        stream(svc.url, "s1.wav", realtime=True),
-        stream(svc.url, "s2.wav", realtime=True, language="auto"),
+        stream(svc.url, "de1.wav", realtime=True, language="de", ids=ids["de"]),
+        stream(svc.url, "s1.wav", realtime=True, ids=ids["en"]),
+        stream(svc.url, "s2.wav", realtime=True, language="auto", ids=ids["auto"]),
     )
+    locked = {
+        name: await redis.hget(keys.meta(SessionId(sid)), "language_locked")
+        for name, [sid] in ids.items()
+    }
+    assert locked == {"de": None, "en": None, "auto": b"en"}
     auto_text = " ".join(f.text for f in auto)
     auto_offline = wer([reference("s2")], [offline_text(whisper_base, "s2.wav")])
     assert wer([reference("s2")], [auto_text]) <= auto_offline + 0.2, auto_text
@@ -223,3 +244,52 @@ async def test_multilingual_base_serves_german_and_english_sessions_at_once(
     assert not _words(en_text) & (_words(de_ref) - _words(en_ref)), en_text
     assert not _words(de_text) & (_words(en_ref) - _words(de_ref)), de_text
     assert de_closed.final_results == len(de) >= 1
+
+
+def test_a_decode_that_detects_reports_the_languages(
+    whisper: WhisperEngine, whisper_base: WhisperEngine
+) -> None:
+    """Base asked to detect reports the detected languages, English first, with each
+    segment; told the language it reports none. tiny.en never detects (English-only)."""
+    audio = read_wav(FIXTURES / "s2.wav")
+    samples = AudioConverter(
+        SessionParams(sample_rate=audio.sample_rate, encoding=audio.encoding)
+    ).convert(audio.data)
+    detected = whisper_base.transcribe(samples, language=None, word_timestamps=True, beam_size=1)
+    assert detected and all(seg.languages == detected[0].languages for seg in detected)
+    languages = detected[0].languages
+    assert languages[0][0] == "en" and languages[0][1] > 0.5
+    assert 1 < len(languages) <= TOP_LANGUAGES
+    assert [p for _, p in languages] == sorted((p for _, p in languages), reverse=True)
+    told = whisper_base.transcribe(samples, language="en", word_timestamps=True, beam_size=1)
+    assert told and all(seg.languages == () for seg in told)
+    english_only = whisper.transcribe(samples, language=None, word_timestamps=True, beam_size=1)
+    assert english_only and all(seg.languages == () for seg in english_only)
+
+
+@pytest.mark.parametrize("name", ["s2.wav", "de1.wav"])
+def test_a_detecting_decode_encodes_once_and_decodes_as_if_told(
+    whisper_base: WhisperEngine, name: str
+) -> None:
+    """A decode that detects its language reuses the detection's encoder pass (one
+    encode saved per call), and its text and word times are exactly those of a decode
+    told the detected language, over the service's short window and over a full one."""
+    audio = read_wav(FIXTURES / name)
+    samples = AudioConverter(
+        SessionParams(sample_rate=audio.sample_rate, encoding=audio.encoding)
+    ).convert(audio.data)
+    for window in (whisper_base.encode_min_s, 30.0):
+        whisper_base.encode_min_s, kept = window, whisper_base.encode_min_s
+        try:
+            saved = whisper_base.encodes_saved
+            detected = whisper_base.transcribe(
+                samples, language=None, word_timestamps=True, beam_size=1
+            )
+            assert whisper_base.encodes_saved == saved + 1
+            told = whisper_base.transcribe(
+                samples, language=detected[0].languages[0][0], word_timestamps=True, beam_size=1
+            )
+            assert whisper_base.encodes_saved == saved + 1  # told: nothing to reuse
+        finally:
+            whisper_base.encode_min_s = kept
+        assert [(s.text, s.words) for s in detected] == [(s.text, s.words) for s in told]

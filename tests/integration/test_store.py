@@ -91,6 +91,29 @@ async def test_fenced_worker_cannot_publish(redis: aioredis.Redis) -> None:
     assert await redis.xlen(keys.results(SID)) == 1
 
 
+async def test_a_final_records_the_language_it_locked_and_only_its_owner_can(
+    redis: aioredis.Redis,
+) -> None:
+    """`language_locked` is written with the final whose detection fixed the language,
+    in the same script: by the lease holder only; load_meta reads it back."""
+    store = Store(redis)
+    await _new_session(store)
+    meta = await store.load_meta(SID)
+    assert meta is not None and meta.language_locked == ""
+    assert isinstance(await store.claim(SID, WorkerId("w1"), lease_s=5), ClaimResult)
+    await redis.delete(keys.lease(SID))
+    assert isinstance(await store.claim(SID, WorkerId("w2"), lease_s=5), ClaimResult)
+    final = Transcript(0, True, 0.0, 1.0, "guten tag")
+    assert await store.publish_final(SID, "w1:1", final, "0-1", 100, 0, "th") == -1
+    assert await redis.hget(keys.meta(SID), "language_locked") is None
+    assert await store.publish_final(SID, "w2:2", final, "0-1", 100, 0) == 1
+    assert await redis.hget(keys.meta(SID), "language_locked") is None  # none given
+    second = Transcript(1, True, 1.0, 2.0, "wie geht es")
+    assert await store.publish_final(SID, "w2:2", second, "0-1", 200, 0, "de") == 2
+    meta = await store.load_meta(SID)
+    assert meta is not None and meta.language_locked == "de"
+
+
 async def test_final_numbering_cannot_skip(redis: aioredis.Redis) -> None:
     """A final whose result_id is not the next number is rejected (-2)."""
     store = Store(redis)
