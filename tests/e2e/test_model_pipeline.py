@@ -51,8 +51,10 @@ async def stream(
     realtime: bool,
     language: str | None = None,
     ids: list[str] | None = None,
+    repeat: int = 1,
 ) -> tuple[list[Transcript], Closed]:
-    """Stream one fixture; the session's id is appended to `ids` if given."""
+    """Stream one fixture (`repeat` times over, in one session); the session's id is
+    appended to `ids` if given."""
     audio = read_wav(FIXTURES / name)
     finals: list[Transcript] = []
     async with StreamingSession(
@@ -67,7 +69,7 @@ async def stream(
             ids.append(session.session_id)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        for i, frame in enumerate(audio.frames(100)):
+        for i, frame in enumerate(list(audio.frames(100)) * repeat):
             if realtime:
                 await asyncio.sleep(max(0.0, t0 + i * 0.1 - loop.time()))
             await session.send_audio(frame)
@@ -293,3 +295,21 @@ def test_a_detecting_decode_encodes_once_and_decodes_as_if_told(
         finally:
             whisper_base.encode_min_s = kept
         assert [(s.text, s.words) for s in detected] == [(s.text, s.words) for s in told]
+
+
+async def test_an_auto_session_whose_detections_disagree_is_not_fixed_on_a_language(
+    service_factory: ServiceFactory, whisper_base: WhisperEngine, redis: aioredis.Redis
+) -> None:
+    """Base cannot tell the synthetic German of `de1.wav`: streamed three times over in
+    one `auto` session (22 s, six utterances, past language_lock_s), it detected Thai,
+    German, English, Latin, Thai and German (the first at 0.89, the others at 0.38-0.51;
+    no language above a third of the weight). A session whose detections disagree is
+    not fixed on any of them: it keeps detecting."""
+    svc = await service_factory(engine=whisper_base, model="base", slots=2)
+    ids: list[str] = []
+    finals, closed = await stream(
+        svc.url, "de1.wav", realtime=False, language="auto", ids=ids, repeat=3
+    )
+    assert closed.audio_seconds > svc.worker.config.language_lock_s  # type: ignore[union-attr]
+    assert len(finals) >= 4, finals
+    assert await redis.hget(keys.meta(SessionId(ids[0])), "language_locked") is None
