@@ -309,7 +309,9 @@ def prepare(args: argparse.Namespace) -> None:
         (ROOT / p).stat().st_size
         for p in subprocess.run(
             ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
-        ).stdout.decode().split("\0")
+        )
+        .stdout.decode()
+        .split("\0")
         if p and (ROOT / p).is_file()
     )
     limit = args.chunk_mib * MIB

@@ -24,9 +24,7 @@ def normalize(text: str, language: str | None = "en") -> str:
     return str(_normalizer(language in (None, "en", "auto"))(text)).strip()
 
 
-def wer(
-    references: Sequence[str], hypotheses: Sequence[str], language: str | None = "en"
-) -> float:
+def wer(references: Sequence[str], hypotheses: Sequence[str], language: str | None = "en") -> float:
     """Corpus WER over pairs (errors over all reference words), normalized text."""
     import jiwer
 

@@ -76,9 +76,7 @@ def test_audio_bytes_are_stored_as_msgpack_bin() -> None:
     assert body["pcm"] == b"\xff\x00"
 
 
-@pytest.mark.parametrize(
-    "seq", [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40]
-)
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40])
 @pytest.mark.parametrize("size", [0, 1, 255, 256, 3200, 65535, 65536, 70000])
 def test_audio_head_and_tail_frame_the_samples_as_encode_does(seq: int, size: int) -> None:
     pcm = bytes(range(256)) * (size // 256) + bytes(size % 256)
