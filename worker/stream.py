@@ -277,48 +277,36 @@ class SessionTranscriber:
             return None
         if self._pending:
             start, end = self._pending[0]
-            req = DecodeRequest(
-                "final",
-                start,
-                end,
-                self._slice(start, end),
-                self.finals,
-                self._prompt,
-                language=self.language,
-            )
+            req = self._request("final", start, end)
         elif self._early_due():
             assert self._utt_start is not None
-            start = self._open_start()
             end = self._last_speech_end + self._tail  # judged already: <= self._vad_pos
             self._early_at = self._last_speech_end
             self._last_interim_end = self._vad_pos
-            req = DecodeRequest(
-                "final",
-                start,
-                end,
-                self._slice(start, end),
-                self.finals,
-                self._prompt,
-                early=True,
-                language=self.language,
-            )
+            req = self._request("final", self._open_start(), end, early=True)
         elif self._interim_due():
             start = self._open_start()
-            end = self._vad_pos
-            self._last_interim_end = end
-            req = DecodeRequest(
-                "interim",
-                start,
-                end,
-                self._slice(start, end),
-                self.finals,
-                self._prompt,
-                language=self.language,
-            )
+            self._last_interim_end = self._vad_pos
+            req = self._request("interim", start, self._vad_pos)
         else:
             return None
         self._outstanding = req
         return req
+
+    def _request(
+        self, kind: Literal["final", "interim"], start: int, end: int, *, early: bool = False
+    ) -> DecodeRequest:
+        """A decode of [start, end) with the session's next result_id, prompt and language."""
+        return DecodeRequest(
+            kind,
+            start,
+            end,
+            self._slice(start, end),
+            self.finals,
+            self._prompt,
+            early=early,
+            language=self.language,
+        )
 
     def has_work(self) -> bool:
         """Whether the session's task has anything to do now: finals ready to publish,
