@@ -253,7 +253,7 @@ class Config:
         1.0, "Seconds of new speech between two interim results of a session.", WORKER
     )
     interim_busy_target: float = _opt(
-        0.3,
+        0.5,
         "Engine busy fraction (over the last 4 s) up to which interims come every "
         "interim_interval_s; above it they are spaced out, so finals keep the engine. "
         "1 turns the adaptation off.",
@@ -262,8 +262,8 @@ class Config:
     interim_shed_busy: float = _opt(
         0.7,
         "Engine busy fraction from which no interims are decoded at all (finals only). "
-        "With Whisper base on 2 CPU cores 0.3 and 0.7 served 16 real-time sessions where "
-        "0.5 and 0.9 served 12; with tiny.en 35 against 36.",
+        "With Whisper base on 2 CPU cores 0.7 served 15-16 real-time sessions where 0.9 "
+        "served 12 (a running interim holds its thread, and base's take 0.3-0.4 s).",
         WORKER,
     )
     interim_pause_s: float = _opt(
