@@ -29,20 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import model_heading, replace_section
+from bench.offline import samples
 from gateway.server import Gateway
 from shared.client import StreamingSession
 from shared.config import Config
 from shared.embedded import EmbeddedValkey
 from shared.envelope import Transcript
-from shared.protocol import SessionParams
 from shared.scoring import wer, word_errors
 from shared.wavfile import read_wav
-from worker.audio import AudioConverter
 from worker.engine import WhisperEngine
 from worker.service import Worker
 
@@ -58,16 +55,11 @@ def load_manifest(folder: Path) -> list[tuple[str, Path, str]]:
 def offline(engine: WhisperEngine, path: Path, language: str | None = "en") -> str:
     """The whole clip in one call, over a full 30 s window: plain faster-whisper (which
     detects the language over the whole clip when `language` is None)."""
-    audio = read_wav(path)
-    conv = AudioConverter(
-        SessionParams(
-            sample_rate=audio.sample_rate, encoding=audio.encoding, channels=audio.channels
-        )
-    )
-    samples = np.concatenate([conv.convert(audio.data), conv.flush()])
     window, engine.encode_min_s = engine.encode_min_s, 30.0
     try:
-        segments = engine.transcribe(samples, language=language, word_timestamps=False, beam_size=1)
+        segments = engine.transcribe(
+            samples(path), language=language, word_timestamps=False, beam_size=1
+        )
     finally:
         engine.encode_min_s = window
     return " ".join(s.text for s in segments)

@@ -21,28 +21,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import table
+from bench.offline import samples
 from shared.config import Config
-from shared.protocol import SessionParams
-from shared.wavfile import read_wav
-from worker.audio import AudioConverter
 from worker.engine import SAMPLE_RATE, Audio, WhisperEngine, _windowed_model_class
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "audio" / "real"
 
 
 def load(path: Path, seconds: float) -> Audio:
-    wav = read_wav(path)
-    params = SessionParams(
-        sample_rate=wav.sample_rate, encoding=wav.encoding, channels=wav.channels
-    )
-    conv = AudioConverter(params)
-    samples = np.concatenate([conv.convert(wav.data), conv.flush()])
-    return samples[: int(seconds * SAMPLE_RATE)]
+    return samples(path)[: int(seconds * SAMPLE_RATE)]
 
 
 @contextmanager
