@@ -58,6 +58,7 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.dropped = 0
+        self.resubscribe_failures = 0  # attempts to subscribe again that Redis refused
 
     async def start(self) -> None:
         await self._pubsub.subscribe(GATEWAYS_CHANNEL)
@@ -92,16 +93,14 @@ class Relay:
                 log.debug("unsubscribe from %s failed; the connection will be reset", channel)
 
     async def _run(self) -> None:
-        delay = 0.1
         while True:
             try:
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                delay = 0.1
             except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 5.0)
-                await self._resubscribe()
+                log.warning("pub/sub connection lost (%s); reconnecting", exc)
+                # Anything published from now on is only in the results streams.
+                self.reconcile_all()
+                await self._reconnect()
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -146,16 +145,36 @@ class Relay:
                 self._heard.add(queue)
                 self._reconcile(queue)
 
-    async def _resubscribe(self) -> None:
-        try:
+    async def _reconnect(self) -> None:
+        """Subscribe again on a new connection, retrying with backoff until Redis answers.
+
+        Only then does `_run` read again: a pub/sub object whose subscribe failed has no
+        connection, and reading it raises RuntimeError (redis-py), which ended this task
+        for good after any outage longer than one retry."""
+        delay = 0.1
+        attempts = 0
+        while True:
+            await asyncio.sleep(delay * (1 + random.random()))
+            attempts += 1
+            if await self._resubscribe():
+                log.info("pub/sub subscribed again (%d attempt(s))", attempts)
+                return
+            delay = min(delay * 2, 5.0)
+
+    async def _resubscribe(self) -> bool:
+        """A new pub/sub connection subscribed to every channel; False if Redis refused."""
+        with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
             await self._pubsub.subscribe(GATEWAYS_CHANNEL, *self._queues.keys())
         except (RedisError, OSError) as exc:
             log.debug("resubscribe failed: %s", exc)
-        # Subscribed again (or about to retry): what was published meanwhile is only in
-        # the results streams.
+            self.resubscribe_failures += 1
+            return False
+        # Subscribed again: what was published meanwhile is only in the results streams.
         self.reconcile_all()
+        return True
 
     async def close(self) -> None:
         for task in (self._task, self._ticker):

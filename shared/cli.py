@@ -210,7 +210,7 @@ def up(config: Config) -> int:
     valkey: EmbeddedValkey | None = None
     cafile: str | None = None
     if config.redis_url is None:
-        valkey = EmbeddedValkey(state / "valkey")
+        valkey = EmbeddedValkey(state / "valkey", own_session=True)
         valkey.start()
         config = dataclasses.replace(config, redis_url=valkey.url)
         log.info("embedded Valkey on %s", valkey.url)

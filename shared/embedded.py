@@ -27,7 +27,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class EmbeddedValkey:
     """Starts `valkey-server` on loopback; `appendonly` turns on AOF persistence;
-    `unixsocket` also listens on that Unix socket (mode 700), and `url` names it."""
+    `unixsocket` also listens on that Unix socket (mode 700), and `url` names it;
+    `own_session` starts it in a session of its own, so that a terminal's Ctrl-C (SIGINT
+    to the whole foreground process group) leaves it to its owner to stop, after the
+    processes that still need it (`streamscribe up` stops its gateway and worker first)."""
 
     def __init__(
         self,
@@ -37,12 +40,14 @@ class EmbeddedValkey:
         appendonly: bool = False,
         host: str = "127.0.0.1",
         unixsocket: Path | None = None,
+        own_session: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.unixsocket = unixsocket
         self.host = host
         self.port = port or free_port(host)
         self.appendonly = appendonly
+        self.own_session = own_session
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,7 +83,9 @@ class EmbeddedValkey:
             args += ["--unixsocket", str(self.unixsocket), "--unixsocketperm", "700"]
         log_path = self.data_dir / "valkey.log"
         with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen(args, stdout=log_file, stderr=log_file)
+            self.process = subprocess.Popen(
+                args, stdout=log_file, stderr=log_file, start_new_session=self.own_session
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -5,15 +5,18 @@ one gateway-wide timer tells every connection that heard nothing for a whole
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from gateway.relay import RECONCILE, TICK_SLICES, Relay
 from shared import envelope, keys
+from shared.embedded import EmbeddedValkey
 from shared.envelope import Closed, Transcript
 from shared.keys import SessionId
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, open_ws, started
+from tests.integration.test_takeover import until
 
 
 async def test_tick_reaches_only_the_subscribers_that_heard_nothing(
@@ -78,3 +81,44 @@ async def test_results_never_published_still_reach_the_client(
     assert [m["text"] for m in out.finals] == ["only stored"]
     assert out.messages[-1]["type"] == "session.closed"
     assert out.code == 1000
+
+
+async def test_relay_subscribes_again_after_an_outage_longer_than_one_retry(
+    tmp_path: Path,
+) -> None:
+    """Redis goes away for several reconnect attempts and comes back on the same port: the
+    relay keeps trying, subscribes again, tells its subscribers to reconcile, and then
+    delivers published messages again. (A pub/sub object whose subscribe failed has no
+    connection; reading it raised RuntimeError and ended the relay's task for good.)"""
+    server = EmbeddedValkey(tmp_path / "valkey")
+    server.start()
+    redis = aioredis.Redis.from_url(server.url)
+    relay = Relay(redis, reconcile_interval_s=3600)  # no timer ticks in the queue
+    await relay.start()
+    sid = SessionId("c" * 32)
+    queue = await relay.subscribe(sid)
+    again: EmbeddedValkey | None = None
+    try:
+        server.stop()
+
+        async def refused_twice() -> bool:
+            return relay.resubscribe_failures >= 2
+
+        await until(refused_twice, "two refused attempts to subscribe again")
+        again = EmbeddedValkey(tmp_path / "valkey", port=server.port)
+        again.start()
+
+        async def delivered() -> bool:
+            return bool(await redis.publish(keys.events_channel(sid), b"x"))
+
+        await until(delivered, "a publish to reach the relay again")
+        got = [await queue.get()]
+        while got[-1] != b"x":
+            got.append(await queue.get())
+        assert RECONCILE in got[:-1], "subscribers must re-read what they may have missed"
+        assert relay._task is not None and not relay._task.done()
+    finally:
+        await relay.close()  # raises whatever ended the relay's task
+        await redis.aclose()
+        if again is not None:
+            again.stop()
