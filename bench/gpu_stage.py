@@ -116,9 +116,12 @@ MANIFEST = "manifest.json"
 def run_command(
     model: str = "tiny.en", sessions: str = "32 64 128 256", budget_s: int = 360
 ) -> str:
-    """bench/capacity.py on the GPU, batched and not, ending inside one call's 10 minutes."""
+    """What `slots` auto measures on the GPU (a few seconds), then bench/capacity.py on
+    the GPU, batched and not, ending inside one call's 10 minutes."""
     name = "gpu" if model == "tiny.en" else f"gpu-{model}"
     return (
+        f"python3 bench/slots.py --device cuda --model {model} --repeats 3 --batch-decodes 8"
+        f" > $OUT/slots-{name}.txt 2>&1; "
         f"python3 bench/capacity.py --device cuda --model {model} --sessions {sessions}"
         " --duration-s 30 --retries 0"
         " --variant 'alone=--batch-decodes 1' --variant 'batch 8=--batch-decodes 8'"

@@ -229,17 +229,19 @@ def up(config: Config) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        worker = subprocess.Popen(
-            [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
-        children.append(worker)
         gateway = subprocess.Popen(
             [*cmd, "gateway"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
         )
         children.append(gateway)
         url = _wait_line(gateway, "streamscribe gateway: ", 60)
+        # The worker starts once the gateway is up: with slots auto it times its model at
+        # start-up, which another process starting beside it would slow (fewer slots).
         print("loading the model...", flush=True)
-        _wait_line(worker, "streamscribe worker ", 300)
+        worker = subprocess.Popen(
+            [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        children.append(worker)
+        ready = _wait_line(worker, "streamscribe worker ", 300)
         info = {
             "url": url,
             "redis_url": config.redis_url,
@@ -249,6 +251,7 @@ def up(config: Config) -> int:
         }
         (state / "up.json").write_text(json.dumps(info, indent=2))
         print(f"streamscribe is up\n  url:   {url}\n  redis: {config.redis_url}", flush=True)
+        print(f"  worker: {ready.partition('ready, ')[2] or ready}", flush=True)
         if cafile:
             print(f"  dev certificate (trust it or use --insecure): {cafile}", flush=True)
         print("Try: streamscribe transcribe FILE.wav   (Ctrl-C stops everything)", flush=True)

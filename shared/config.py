@@ -242,11 +242,26 @@ class Config:
         WORKER,
     )
     slots: int = _opt(
-        8,
+        0,
         "Most sessions one worker transcribes at once; the rest wait in the dispatch queue. "
-        "Set it from a measurement (streamscribe loadtest): on 2 CPU cores with tiny.en, "
-        "32-40 real-time sessions kept the p95 final lag within 2 s (27-30 with "
-        "batch_decodes 1); larger models and slower machines serve fewer.",
+        "0 or `auto`: measured at start-up (1-4 s), auto_slots_factor times the audio "
+        "seconds per second the engine decodes four shipped utterances at (on 2 CPU cores: "
+        "tiny.en 24-27, Whisper base 12-13). A number: exactly that many, for example to "
+        "match an autoscaler's targets.",
+        WORKER,
+        metavar="N|auto",
+    )
+    auto_slots_factor: float = _opt(
+        0.35,
+        "With slots auto: sessions per audio second per second of the start-up measurement. "
+        "On 2 CPU cores the most real-time sessions served within a 2 s p95 final lag were "
+        "0.47 of it for tiny.en and 0.39 for base; 0.35 stays below both.",
+        WORKER,
+    )
+    auto_slots_max: int = _opt(
+        512,
+        "With slots auto: the most slots the measurement may give (the null engine and "
+        "fast GPUs measure far more than one worker's reads and memory should carry).",
         WORKER,
     )
     interim_interval_s: float = _opt(
@@ -402,7 +417,8 @@ class Config:
             "reconcile_interval_s",
             "drain_timeout_s",
             "beam_size",
-            "slots",
+            "auto_slots_factor",
+            "auto_slots_max",
             "interim_interval_s",
             "min_silence_s",
             "max_utterance_s",
@@ -444,6 +460,8 @@ class Config:
             )
         if not 0 < self.vad_threshold < 1:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
+        if self.slots < 0:
+            raise ConfigError(f"{_where('slots')} must be a positive number or 0 / auto")
         if self.decode_threads < 1:
             raise ConfigError(f"{_where('decode_threads')} must be >= 1")
         if not _valid_language(self.language):
@@ -572,6 +590,8 @@ def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
         if f.name in LIST_FIELDS:
             items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
             return tuple(k.strip() for k in items if k.strip())
+        if f.name == "slots" and str(raw).strip().lower() == "auto":
+            return 0
         if kind == "int":
             return int(raw)
         if kind == "float":

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ from shared.errors import EnvelopeError
 from shared.keys import SessionId, WorkerId
 from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store, connect
 from worker.audio import AudioConverter
+from worker.calibration import Calibration, auto_slots, calibrate
 from worker.engine import Engine, load_engine, make_vad
 from worker.maintenance import Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
@@ -132,6 +134,9 @@ class Worker:
         self.early_decodes = 0  # early finals decoded (see worker/stream.py)
         self.early_finals = 0  # of those, the ones that became their utterance's final
         self.options = StreamOptions.from_config(config)
+        # Sessions this worker serves at once: `slots`, or measured by `start` (slots 0).
+        self.slots = config.slots
+        self.calibration: Calibration | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -176,6 +181,8 @@ class Worker:
                 getattr(self.engine, "workers", self.config.decode_threads),
             ),
         )
+        if self.slots == 0:
+            await self._calibrate_slots()
         self.scheduler.start()
         await self.store.ensure_group()
         await self._heartbeat_once()
@@ -194,8 +201,56 @@ class Worker:
             "worker %s ready: engine %s, %d slots",
             self.worker_id,
             self.engine.name,
-            self.config.slots,
+            self.slots,
         )
+
+    def slots_text(self) -> str:
+        """How many sessions this worker serves at once, and where the number comes from."""
+        if self.calibration is None:
+            return f"{self.slots} slots"
+        return (
+            f"{self.slots} slots (measured at start-up: {self.calibration.rate:.1f} audio s/s "
+            f"x auto_slots_factor {self.config.auto_slots_factor:g}; --slots N sets a number)"
+        )
+
+    async def _calibrate_slots(self) -> None:
+        """`slots` auto: time the engine on the shipped utterances (worker/calibration.py)."""
+        assert self.engine is not None and self.scheduler is not None
+        cfg = self.config
+        found = await asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                calibrate,
+                self.engine,
+                threads=self.scheduler.concurrency,
+                batch=self.scheduler.batch,
+                beam_size=cfg.beam_size,
+            ),
+        )
+        self.calibration = found
+        self.slots = auto_slots(found.rate, cfg.auto_slots_factor, cfg.auto_slots_max)
+        log.info(
+            "worker %s: slots auto: %.1f s of speech decoded at %.1f audio s/s "
+            "(%d at once, batches of %d; rounds %s s) -> %d slots (auto_slots_factor %g%s)",
+            self.worker_id,
+            found.round_audio_s,
+            found.rate,
+            found.threads,
+            found.batch,
+            "/".join(f"{t:.2f}" for t in found.rounds_s),
+            self.slots,
+            cfg.auto_slots_factor,
+            f", capped at auto_slots_max {cfg.auto_slots_max}"
+            if self.slots == cfg.auto_slots_max
+            else "",
+        )
+        if found.words == 0:
+            log.warning(
+                "worker %s: the calibration heard no words in its speech clips: the model "
+                "may be broken, and %d slots measured on it may be too many",
+                self.worker_id,
+                self.slots,
+            )
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -256,7 +311,7 @@ class Worker:
         """Claim new sessions, the `high` lane strictly before `normal`, never more than
         the free slots."""
         while not self._closing.is_set():
-            free = self.config.slots - len(self.owned)
+            free = self.slots - len(self.owned)
             if free <= 0:
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -269,7 +324,7 @@ class Worker:
                 continue
             for lane, entry_id, fields in taken:
                 try:
-                    if len(self.owned) < self.config.slots:
+                    if len(self.owned) < self.slots:
                         await self._take(lane, entry_id, fields)
                     else:  # two lanes answered one blocking read: let another worker take it
                         await self.store.hand_back(
@@ -343,7 +398,7 @@ class Worker:
             try:
                 now = loop.time()
                 for entry_id, (lane, fields, retry_at) in list(self._contested.items()):
-                    if retry_at <= now and self.config.slots > len(self.owned):
+                    if retry_at <= now and self.slots > len(self.owned):
                         del self._contested[entry_id]
                         await self._take_over(lane, entry_id, fields, retry=True)
                 for lane in keys.DISPATCH_LANES:
@@ -352,7 +407,7 @@ class Worker:
                 await self._redis_trouble("takeover", exc)
 
     async def _autoclaim(self, lane: str) -> None:
-        free = self.config.slots - len(self.owned)
+        free = self.slots - len(self.owned)
         if free <= 0:
             return
         cursor = self._takeover_cursor.get(lane, b"0-0")
@@ -760,7 +815,8 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         info = {
             "model": self.config.model if self.config.engine == "whisper" else "null",
-            "slots": self.config.slots,
+            "slots": self.slots,
+            "slots_auto_rate": round(self.calibration.rate, 1) if self.calibration else "",
             "owned": len(self.owned),
             "queued_decodes": self.scheduler.queued if self.scheduler else 0,
             **(self._decode_stats() if self.scheduler else {}),
@@ -828,5 +884,5 @@ def _before(entry_id: str) -> bytes:
 async def run_worker(config: Config) -> None:
     worker = Worker(config)
     await worker.start()
-    print(f"streamscribe worker {worker.worker_id}: ready", flush=True)
+    print(f"streamscribe worker {worker.worker_id}: ready, {worker.slots_text()}", flush=True)
     await worker.serve_forever()

@@ -143,6 +143,7 @@ async def test_other_rates_channels_and_float_are_resampled(
 def test_newcomer_up_then_transcribe(tmp_path: Path, model: list[str]) -> None:
     """`streamscribe up` (embedded Valkey, dev certificate, gateway, worker) then
     `streamscribe transcribe FILE.wav` prints the right words; Ctrl-C stops everything.
+    The worker measured its slots at start-up and `up` prints them.
     With `--model base` the worker first joins Whisper base from its two packages under
     the state folder, and serves it: `transcribe --language de` then prints German, where
     tiny.en refuses it."""
@@ -163,10 +164,17 @@ def test_newcomer_up_then_transcribe(tmp_path: Path, model: list[str]) -> None:
         assert up.stdout is not None
         for line in up.stdout:
             lines.append(line)
-            if line.startswith("streamscribe is up"):
+            if line.startswith("Try: "):  # the last line `up` prints once it is up
                 break
         else:
             raise AssertionError("".join(lines))
+        # slots auto (the default): the worker measured the model and says what it found.
+        measured = re.search(
+            r"^  worker: (\d+) slots \(measured at start-up: ([\d.]+) audio s/s",
+            "".join(lines),
+            re.M,
+        )
+        assert measured and int(measured[1]) >= 1 and float(measured[2]) > 0, "".join(lines)
         out = subprocess.run(
             [
                 sys.executable,
