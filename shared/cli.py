@@ -240,7 +240,7 @@ def up(config: Config) -> int:
         worker = subprocess.Popen(
             [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
         )
-        children.append(worker)
+        children.insert(0, worker)  # stopped last (the list is stopped in reverse)
         ready = _wait_line(worker, "streamscribe worker ", 300)
         info = {
             "url": url,

@@ -217,6 +217,9 @@ def test_newcomer_up_then_transcribe(tmp_path: Path, model: list[str]) -> None:
     # The embedded Valkey outlives the gateway and worker that still need it to drain.
     assert "Traceback" not in rest and "redis unavailable" not in rest, rest
     assert "stopped" in rest, rest
+    # The gateway drains first, then the worker stops and hands its sessions back.
+    worker_stops = re.search(r"worker \S+ stopping", rest)
+    assert worker_stops and rest.index("gateway draining") < worker_stops.start(), rest
     assert "wss://127.0.0.1:" in "".join(lines)
     assert not (tmp_path / "up.json").exists()
     joined = sorted(p.parent.name for p in (tmp_path / "models").glob("*/model.bin"))
