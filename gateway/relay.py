@@ -59,9 +59,12 @@ class Relay:
         self._ticker: asyncio.Task[None] | None = None
         self.dropped = 0
         self.resubscribe_failures = 0  # attempts to subscribe again that Redis refused
+        self.reconnects = 0  # times the pub/sub connection was lost
+        self.subscribed = False  # False until started, and while reconnecting
 
     async def start(self) -> None:
         await self._pubsub.subscribe(GATEWAYS_CHANNEL)
+        self.subscribed = True
         self._task = asyncio.create_task(self._run(), name="relay")
         self._ticker = asyncio.create_task(self._tick_loop(), name="relay-reconcile")
 
@@ -98,6 +101,8 @@ class Relay:
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost (%s); reconnecting", exc)
+                self.subscribed = False
+                self.reconnects += 1
                 # Anything published from now on is only in the results streams.
                 self.reconcile_all()
                 await self._reconnect()
@@ -173,6 +178,7 @@ class Relay:
             self.resubscribe_failures += 1
             return False
         # Subscribed again: what was published meanwhile is only in the results streams.
+        self.subscribed = True
         self.reconcile_all()
         return True
 

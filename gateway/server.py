@@ -162,6 +162,8 @@ class Gateway:
                 "connections_open", len(self._server.connections) if self._server else 0
             )
             self.metrics.set("relay_dropped_messages", self.relay.dropped)
+            self.metrics.set("relay_subscribed", int(self.relay.subscribed))
+            self.metrics.set("relay_reconnects", self.relay.reconnects)
             self.metrics.set("ingest_pipelines", self.batcher.pipelines)
             self.metrics.set("ingest_calls", self.batcher.calls)
             self.metrics.set("results_pipelines", self.results.pipelines)

@@ -105,6 +105,7 @@ async def test_relay_subscribes_again_after_an_outage_longer_than_one_retry(
             return relay.resubscribe_failures >= 2
 
         await until(refused_twice, "two refused attempts to subscribe again")
+        assert not relay.subscribed and relay.reconnects == 1
         again = EmbeddedValkey(tmp_path / "valkey", port=server.port)
         again.start()
 
@@ -117,6 +118,7 @@ async def test_relay_subscribes_again_after_an_outage_longer_than_one_retry(
             got.append(await queue.get())
         assert RECONCILE in got[:-1], "subscribers must re-read what they may have missed"
         assert relay._task is not None and not relay._task.done()
+        assert relay.subscribed and relay.reconnects == 1
     finally:
         await relay.close()  # raises whatever ended the relay's task
         await redis.aclose()

@@ -80,6 +80,8 @@ async def test_metrics_count_sessions_and_errors(service_factory: ServiceFactory
     assert status == 200
     assert "streamscribe_gateway_sessions_started_total 1" in body
     assert 'streamscribe_gateway_errors_total{code="protocol_violation"} 1' in body
+    assert "streamscribe_gateway_relay_subscribed 1" in body
+    assert "streamscribe_gateway_relay_reconnects 0" in body
 
 
 async def test_every_metric_the_gateway_exposes_is_documented(
