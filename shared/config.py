@@ -264,6 +264,32 @@ class Config:
         "fast GPUs measure far more than one worker's reads and memory should carry).",
         WORKER,
     )
+    claim_max_final_wait_s: float = _opt(
+        1.0,
+        "A worker takes no new session while finals wait longer than this for its engine "
+        "(the longest wait of the finals started in the last 4 s, or of one still "
+        "waiting), even with free slots: under overload interims are shed first, then new "
+        "admissions, so the sessions it has keep real-time finals. New sessions wait in "
+        "the queue for another worker or for this one to catch up; sessions taken over "
+        "from a dead worker are not held back. Seconds; 0: off, with claim_probe_busy "
+        "(slots alone decide).",
+        WORKER,
+    )
+    claim_probe_busy: float = _opt(
+        0.7,
+        "Share of the engine's capacity that finals use (over the last 4 s) from which a "
+        "worker takes new sessions one at a time, at most one per claim_probe_s: a "
+        "session's cost shows only seconds after it is taken, when its first utterances "
+        "end. In (0, 1].",
+        WORKER,
+    )
+    claim_probe_s: float = _opt(
+        10.0,
+        "Near capacity (claim_probe_busy), the least time between two new sessions a "
+        "worker takes, seconds (0: no spacing); a session that ended meanwhile may be "
+        "replaced at once.",
+        WORKER,
+    )
     interim_interval_s: float = _opt(
         1.0, "Seconds of new speech between two interim results of a session.", WORKER
     )
@@ -460,6 +486,12 @@ class Config:
             )
         if not 0 < self.vad_threshold < 1:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
+        if not (0 <= self.claim_max_final_wait_s < math.inf):
+            raise ConfigError(f"{_where('claim_max_final_wait_s')} must be >= 0 (0: off)")
+        if not 0 < self.claim_probe_busy <= 1:
+            raise ConfigError(f"{_where('claim_probe_busy')} must be above 0 and at most 1")
+        if not (0 <= self.claim_probe_s < math.inf):
+            raise ConfigError(f"{_where('claim_probe_s')} must be >= 0 (0: no spacing)")
         if self.slots < 0:
             raise ConfigError(f"{_where('slots')} must be a positive number or 0 / auto")
         if self.decode_threads < 1:

@@ -228,6 +228,7 @@ async def collect_workers(p: Probe) -> WorkersInfo:
                 pending=pending.get(wid, 0),
                 max_uncommitted_s=behind.get(wid),
                 engine_busy=_float(info.get("engine_busy")),
+                claiming=info.get("claiming"),
             )
         )
     known = {row.worker_id for row in rows}

@@ -90,6 +90,9 @@ class WorkerRow:
     max_uncommitted_s: float | None  # largest received-minus-committed audio of its sessions
     #: Share of its engine's decode capacity used over the last 4 s (heartbeat `engine_busy`).
     engine_busy: float | None = None
+    #: Whether it takes new sessions (heartbeat `claiming`): open, probing (one at a time)
+    #: or closed (its finals wait too long for the engine).
+    claiming: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,12 +147,13 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
                 str(row.pending),
                 _cell(row.queued_decodes),
                 _cell(busy),
+                _cell(row.claiming),
                 _cell(uncommitted),
                 row.model or "-",
             ]
         )
     header = ["WORKER", "STATE", "HEARTBEAT", "SLOTS", "OWNED", "PENDING", "QUEUED", "BUSY"]
-    lines += _table([*header, "BEHIND", "MODEL"], rows)
+    lines += _table([*header, "NEW", "BEHIND", "MODEL"], rows)
     lines.append(
         "  PENDING: sessions it holds (XPENDING, every lane). QUEUED: decodes waiting in its "
         "scheduler."
@@ -161,6 +162,11 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
         "  BUSY: share of its engine's decode capacity used over the last 4 s (interims thin "
         f"out above {_DEFAULTS.interim_busy_target:.0%} and stop at "
         f"{_DEFAULTS.interim_shed_busy:.0%} by default; near 100% its finals wait)."
+    )
+    lines.append(
+        "  NEW: whether it takes new sessions: open; probing, one at a time (its finals use "
+        f"{_DEFAULTS.claim_probe_busy:.0%} of the engine by default); closed, while a final "
+        f"waits over {_DEFAULTS.claim_max_final_wait_s:g} s by default."
     )
     lines.append(
         "  BEHIND: largest received-minus-committed audio of its sessions (includes the open "

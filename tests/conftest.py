@@ -66,6 +66,9 @@ def make_config(redis_url: str, **overrides: Any) -> Config:
         "takeover_interval_s": 0.25,
         # A fixed number: the tests' engines are not measured (slots auto has its own tests).
         "slots": 8,
+        # No claim gate: on a slow machine the model's decodes could hold back a test's
+        # sessions for seconds (the gate has its own tests, test_claim_gate.py).
+        "claim_max_final_wait_s": 0.0,
     }
     base.update(overrides)
     return Config(**base)

@@ -39,7 +39,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
@@ -218,6 +218,9 @@ class DecodeQueue(Generic[T]):
         self.policy = policy
         self.clock = clock
         self.load = LoadMeter(load_window_s, concurrency)
+        # The same for finals alone: the work the engine must do (interims fill what is
+        # left), and so the measure of how close the worker is to its capacity.
+        self.final_load = LoadMeter(load_window_s, concurrency)
         self.counters = QueueCounters()
         self._heap: list[Job[T]] = []
         self._order = itertools.count()
@@ -225,6 +228,8 @@ class DecodeQueue(Generic[T]):
         # interim request sets it to one interval before that request, so the first
         # interim is due at once unless the engine is busy.
         self._last_interim: dict[str, float] = {}
+        # Finals whose decode started within the last load window: (start, wait in queue).
+        self._final_waits: deque[tuple[float, float]] = deque()
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -318,12 +323,31 @@ class DecodeQueue(Generic[T]):
             job.alone = True
             heapq.heappush(self._heap, job)
 
-    def started(self, job: Job[T]) -> None:
+    def started(self, job: Job[T], others: Sequence[Job[T]] = ()) -> None:
+        """`job` (with `others` in the same engine call) starts decoding."""
         job.started_at = self.load.started(self.clock())
+        if job.kind == "final":
+            self.final_load.started(job.started_at)
+        for j in (job, *others):
+            if j.kind == "final":
+                self._final_waits.append((job.started_at, job.started_at - j.queued_at))
+
+    def final_wait_s(self) -> float:
+        """How long finals wait for the engine now: the longest time in the queue of the
+        finals whose decode started within the last load window, or of a final still
+        waiting, whichever is longer. Seconds; 0 when no final waited."""
+        now = self.clock()
+        waits = self._final_waits
+        while waits and waits[0][0] <= now - self.load.window_s:
+            waits.popleft()
+        queued = (now - job.queued_at for job in self._heap if job.kind == "final")
+        return max([0.0, *(w for _, w in waits), *queued])
 
     def finished(self, job: Job[T], count: int = 1) -> None:
-        self.load.finished(self.clock(), job.started_at)
+        now = self.clock()
+        self.load.finished(now, job.started_at)
         if job.kind == "final":
+            self.final_load.finished(now, job.started_at)
             self.counters.final += count
         else:
             self.counters.interim += count
@@ -401,6 +425,14 @@ class Scheduler:
 
     def busy_fraction(self) -> float:
         return self.queue.load.busy_fraction(self._clock())
+
+    def final_busy_fraction(self) -> float:
+        """The share of the engine's capacity that finals used over the load window."""
+        return self.queue.final_load.busy_fraction(self._clock())
+
+    def final_wait_s(self) -> float:
+        """See `DecodeQueue.final_wait_s`."""
+        return self.queue.final_wait_s()
 
     async def decode(
         self, request: DecodeRequest, language: str | None, session: str = ""
@@ -580,7 +612,7 @@ class Scheduler:
     ) -> R | None:
         """Run one engine call on the engine thread; on failure every waiting job gets it."""
         started = time.monotonic()
-        self.queue.started(job)
+        self.queue.started(job, others or ())
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, call)
         except Exception as exc:  # engine failure: the sessions decide what to do

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from shared.keys import SessionId, WorkerId
 from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store, connect
 from worker.audio import AudioConverter
 from worker.calibration import Calibration, auto_slots, calibrate
+from worker.claimgate import ClaimGate, ClaimPolicy
 from worker.engine import Engine, load_engine, make_vad
 from worker.maintenance import Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 #: Most publishes (interims and finals, of any sessions) in one pipeline.
 PUBLISH_MAX_CALLS = 256
 READ_COUNT = 200  # most entries of one stream per read
+CLAIM_GATE_CHECK_S = 0.1  # how often a worker that stopped claiming looks again
 
 
 class LeaseLost(Exception):
@@ -137,6 +140,12 @@ class Worker:
         # Sessions this worker serves at once: `slots`, or measured by `start` (slots 0).
         self.slots = config.slots
         self.calibration: Calibration | None = None
+        # Whether to take new sessions, from how long finals wait (worker/claimgate.py).
+        self.gate = ClaimGate(
+            ClaimPolicy(
+                config.claim_max_final_wait_s, config.claim_probe_busy, config.claim_probe_s
+            )
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -317,6 +326,12 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), 0.5)
                 continue
+            allowed = self._allowed_claims()
+            if allowed == 0:
+                await self._pause(CLAIM_GATE_CHECK_S)
+                continue
+            if allowed is not None:
+                free = min(free, allowed)
             try:
                 taken = await self._read_lanes(free)
             except (RedisError, OSError) as exc:
@@ -326,12 +341,43 @@ class Worker:
                 try:
                     if len(self.owned) < self.slots:
                         await self._take(lane, entry_id, fields)
+                        self.gate.took(time.monotonic())
                     else:  # two lanes answered one blocking read: let another worker take it
                         await self.store.hand_back(
                             self.worker_id, lane, [entry_id], idle_ms=self._idle_ms * 10
                         )
                 except (RedisError, OSError) as exc:
                     await self._redis_trouble("claim", exc)
+
+    def _allowed_claims(self) -> int | None:
+        """New sessions the gate lets this worker take now (None: as many as slots allow);
+        logs each change of the gate's state."""
+        before = self.gate.state
+        wait = busy = 0.0
+        if self.scheduler is not None:
+            wait, busy = self.scheduler.final_wait_s(), self.scheduler.final_busy_fraction()
+        allowed = self.gate.allowed(time.monotonic(), wait, busy)
+        if self.gate.state != before:
+            # Closing and reopening are news; probing comes and goes with the load.
+            level = logging.DEBUG
+            if "closed" in (before, self.gate.state):
+                level = logging.WARNING if self.gate.state == "closed" else logging.INFO
+            log.log(
+                level,
+                "worker %s: new sessions %s (a final waited %.1f s for the engine, finals "
+                "used %.0f%% of it; %d of %d slots in use)",
+                self.worker_id,
+                {
+                    "open": "taken again",
+                    "probing": f"taken one at a time, one per {self.config.claim_probe_s:g} s",
+                    "closed": "not taken",
+                }[self.gate.state],
+                wait,
+                100 * busy,
+                len(self.owned),
+                self.slots,
+            )
+        return allowed
 
     async def _read_lanes(self, free: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         """New dispatch entries for up to `free` slots, highest lane first.
@@ -616,6 +662,7 @@ class Worker:
                 self.scheduler.forget(s.sid)
             if self.owned.get(s.sid) is s:  # never another claim's state of the session
                 del self.owned[s.sid]
+                self.gate.ended()
             self._slot_freed.set()
 
     async def _session_loop(self, s: Owned) -> None:
@@ -817,6 +864,7 @@ class Worker:
             "model": self.config.model if self.config.engine == "whisper" else "null",
             "slots": self.slots,
             "slots_auto_rate": round(self.calibration.rate, 1) if self.calibration else "",
+            "claiming": self.gate.state,
             "owned": len(self.owned),
             "queued_decodes": self.scheduler.queued if self.scheduler else 0,
             **(self._decode_stats() if self.scheduler else {}),
@@ -830,6 +878,8 @@ class Worker:
         c = self.scheduler.counters
         return {
             "engine_busy": round(self.scheduler.busy_fraction(), 3),
+            "final_wait_s": round(self.scheduler.final_wait_s(), 3),
+            "engine_busy_finals": round(self.scheduler.final_busy_fraction(), 3),
             "engine_busy_s": round(self.scheduler.busy_s, 3),
             "decodes_final": c.final,
             "decodes_interim": c.interim,

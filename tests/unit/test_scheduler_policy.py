@@ -346,6 +346,63 @@ def test_forget_clears_a_sessions_history() -> None:
     assert "s" not in q._last_interim
 
 
+# --- how long finals wait (the worker's claim gate) ----------------------------------------
+
+
+def test_final_wait_is_zero_on_an_idle_engine() -> None:
+    q, clock = make_queue()
+    assert q.final_wait_s() == 0.0
+    job = q.push("final", "a", "f")
+    popped, _ = q.pop()
+    assert popped is job
+    run(q, clock, job, 0.3)  # decoded the moment it came: no wait
+    assert q.final_wait_s() == 0.0
+
+
+def test_final_wait_counts_a_final_still_in_the_queue() -> None:
+    q, clock = make_queue()
+    q.push("final", "a", "f")
+    clock.now += 1.5
+    assert q.final_wait_s() == pytest.approx(1.5)
+
+
+def test_final_wait_remembers_started_finals_for_one_load_window() -> None:
+    """A final that waited 2 s before its decode started counts until the window (4 s)
+    has passed since that start, then no longer."""
+    q, clock = make_queue()
+    job = q.push("final", "a", "f")
+    clock.now += 2.0
+    popped, _ = q.pop()
+    assert popped is job
+    run(q, clock, job, 0.5)
+    assert q.final_wait_s() == pytest.approx(2.0)
+    clock.now += 3.4  # 3.9 s after the decode started
+    assert q.final_wait_s() == pytest.approx(2.0)
+    clock.now += 0.1  # 4.0 s: out of the window
+    assert q.final_wait_s() == 0.0
+
+
+def test_final_wait_counts_every_final_of_a_shared_call_but_no_interim() -> None:
+    """A call that takes several finals (a batch or a pack) counts the longest wait among
+    them, the first one's; an interim never counts, however long it waited."""
+    q, clock = make_queue()
+    old = q.push("final", "a", "f-old")
+    clock.now += 1.0
+    young = q.push("final", "b", "f-young")
+    interim = q.push("interim", "c", "i")
+    clock.now += 0.5
+    popped, _ = q.pop()
+    assert popped is old
+    assert q.take_finals(lambda jobs: True, 1) == [young]  # into the same call
+    q.started(old, [young])
+    assert q.final_wait_s() == pytest.approx(1.5)  # the older final's wait
+    clock.now += 0.2
+    q.finished(old, 2)
+    clock.now += 4.0  # the finals' starts left the window; the interim is still queued
+    assert interim in q._heap
+    assert q.final_wait_s() == 0.0
+
+
 # --- the async shell with a fake engine -----------------------------------------------------
 
 

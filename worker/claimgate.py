@@ -1,0 +1,88 @@
+"""Whether a worker with free slots takes another session now, from what its engine does.
+
+Slots bound how many sessions a worker holds (worker/calibration.py measures them). Under
+overload the issue's order of shedding is interims first (the scheduler does that), then
+new admissions, so that the sessions already admitted keep real-time finals. This gate is
+the second step, with no I/O and an injected time:
+
+- **Probing.** Once finals use `probe_busy` of the engine's capacity over the last load
+  window (4 s), new sessions are taken one at a time, at most one per `probe_s`. A
+  session's cost shows only when its first utterances end, seconds after it was taken:
+  taking every waiting session at once near capacity overshoots before the wait below can
+  react (measured: with 46 sessions arriving over 40 s on a worker that serves about 32,
+  the wait alone held back 0-2 of them, and every session's p95 final lag was 5 s).
+  A session that ended while probing leaves a credit: one waiting session may replace it
+  at once, since a replacement does not add load. Credits are dropped when the gate is
+  open (not needed) or closed (the engine needs the room).
+- **Closed.** While finals wait longer than `max_final_wait_s` for the engine (the longest
+  wait of the finals started within the window, or of one still queued), none at all.
+
+`max_final_wait_s` 0 turns the gate off: slots alone decide. A session taken over from a
+dead worker is not asked: it was admitted already, and its client is waiting for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+State = Literal["open", "probing", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimPolicy:
+    max_final_wait_s: float = 1.0  # finals waiting longer: take no new session (0: off)
+    probe_busy: float = 0.7  # finals' share of the engine from which sessions come singly
+    probe_s: float = 10.0  # then at most one new session per this many seconds
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_final_wait_s < math.inf:
+            raise ValueError("max_final_wait_s must be >= 0 (0: off)")
+        if not 0 < self.probe_busy <= 1:
+            raise ValueError("probe_busy must be in (0, 1]")
+        if not 0 <= self.probe_s < math.inf:
+            raise ValueError("probe_s must be >= 0")
+
+
+class ClaimGate:
+    """The policy's verdicts, remembering when the last session was taken."""
+
+    def __init__(self, policy: ClaimPolicy) -> None:
+        self.policy = policy
+        self.state: State = "open"
+        self._last_take = -math.inf
+        self.credits = 0  # sessions that ended while probing: replaced without spacing
+
+    def allowed(self, now: float, final_wait_s: float, final_busy: float) -> int | None:
+        """How many sessions may be taken now: None for as many as there are free slots,
+        else 0 or 1. Sets `state`."""
+        p = self.policy
+        if p.max_final_wait_s <= 0:
+            self._set("open")
+            return None
+        if final_wait_s > p.max_final_wait_s:
+            self._set("closed")
+            return 0
+        if final_busy >= p.probe_busy:
+            self._set("probing")
+            return max(self.credits, 1 if now - self._last_take >= p.probe_s else 0)
+        self._set("open")
+        return None
+
+    def took(self, now: float) -> None:
+        """A new session was taken at `now` (a replacement, if a credit was left)."""
+        if self.credits:
+            self.credits -= 1
+        else:
+            self._last_take = now
+
+    def ended(self) -> None:
+        """One of the worker's sessions ended."""
+        if self.state == "probing":
+            self.credits += 1
+
+    def _set(self, state: State) -> None:
+        self.state = state
+        if state != "probing":
+            self.credits = 0
