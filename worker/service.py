@@ -141,6 +141,7 @@ class Worker:
         self.slots = config.slots
         self.calibration: Calibration | None = None
         # Whether to take new sessions, from how long finals wait (worker/claimgate.py).
+        self._probing_told = -60.0  # when the gate's probing was last logged at INFO
         self.gate = ClaimGate(
             ClaimPolicy(
                 config.claim_max_final_wait_s, config.claim_probe_busy, config.claim_probe_s
@@ -358,10 +359,14 @@ class Worker:
             wait, busy = self.scheduler.final_wait_s(), self.scheduler.final_busy_fraction()
         allowed = self.gate.allowed(time.monotonic(), wait, busy)
         if self.gate.state != before:
-            # Closing and reopening are news; probing comes and goes with the load.
+            # Closing and reopening are news; probing comes and goes with the load, so it
+            # is told at most once a minute.
             level = logging.DEBUG
+            now = time.monotonic()
             if "closed" in (before, self.gate.state):
                 level = logging.WARNING if self.gate.state == "closed" else logging.INFO
+            elif self.gate.state == "probing" and now - self._probing_told >= 60.0:
+                level, self._probing_told = logging.INFO, now
             log.log(
                 level,
                 "worker %s: new sessions %s (a final waited %.1f s for the engine, finals "
