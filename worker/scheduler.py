@@ -21,6 +21,10 @@ tiny.en's small matrices poorly).
 
 A dropped interim is answered with None; the session asks again after more audio.
 
+For the worker's claim gate (worker/claimgate.py) the queue also measures what finals
+alone ask of the engine: their share of its capacity over the load window (`final_load`)
+and how long they wait for it (`final_wait_s`).
+
 Finals of several sessions are packed into one Whisper window when they wait together
 (`PackPolicy`, see worker/packing.py): the encoder runs once for all of them, so a busy
 engine serves k finals for little more than the price of one. At light load a final

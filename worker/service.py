@@ -140,8 +140,8 @@ class Worker:
         # Sessions this worker serves at once: `slots`, or measured by `start` (slots 0).
         self.slots = config.slots
         self.calibration: Calibration | None = None
-        # Whether to take new sessions, from how long finals wait (worker/claimgate.py).
         self._probing_told = -60.0  # when the gate's probing was last logged at INFO
+        # Whether to take new sessions, from how long finals wait (worker/claimgate.py).
         self.gate = ClaimGate(
             ClaimPolicy(
                 config.claim_max_final_wait_s, config.claim_probe_busy, config.claim_probe_s
@@ -319,7 +319,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         """Claim new sessions, the `high` lane strictly before `normal`, never more than
-        the free slots."""
+        the free slots, and only as many as the claim gate allows (worker/claimgate.py)."""
         while not self._closing.is_set():
             free = self.slots - len(self.owned)
             if free <= 0:
@@ -341,8 +341,10 @@ class Worker:
             for lane, entry_id, fields in taken:
                 try:
                     if len(self.owned) < self.slots:
+                        held = len(self.owned)
                         await self._take(lane, entry_id, fields)
-                        self.gate.took(time.monotonic())
+                        if len(self.owned) > held:  # a session started (not one gone)
+                            self.gate.took(time.monotonic())
                     else:  # two lanes answered one blocking read: let another worker take it
                         await self.store.hand_back(
                             self.worker_id, lane, [entry_id], idle_ms=self._idle_ms * 10
