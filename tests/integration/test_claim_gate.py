@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
 
 from shared import keys
 from shared.keys import WorkerId
-from tests.conftest import ServiceFactory
+from tests.conftest import Service, ServiceFactory
 from tests.helpers import fixture, open_ws, started
 from tests.integration.test_admission import epoch, finish, next_of, occupy
 from tests.integration.test_takeover import until
@@ -43,28 +44,43 @@ class HeldEngine(NullEngine):
         return super().transcribe_batch(audios, **kw)
 
 
-async def test_no_new_session_while_finals_wait_then_claimed_after_catching_up(
-    service_factory: ServiceFactory, redis: aioredis.Redis
-) -> None:
-    engine = HeldEngine()
-    svc = await service_factory(
+async def held_worker(
+    service_factory: ServiceFactory, engine: HeldEngine, **gate: float
+) -> Service:
+    """A gateway and a worker with one engine thread, no batching and four slots, so that
+    a held final keeps every other final waiting; `gate` sets the claim gate."""
+    return await service_factory(
         engine=engine,
         slots=4,
         decode_threads=1,
         batch_decodes=1,
         vad="energy",
-        claim_max_final_wait_s=0.3,
-        claim_probe_busy=1.0,  # the wait alone closes it here
         queue_update_s=0.1,
+        **gate,
+    )
+
+
+async def two_speaking(url: str, redis: aioredis.Redis) -> list[tuple[ClientConnection, str]]:
+    """Two claimed sessions that have each sent two sentences with a pause between."""
+    running = [await occupy(url, redis) for _ in range(2)]
+    for ws, _ in running:
+        for frame in fixture("s2.wav").frames(100):
+            await ws.send(frame)
+    return running
+
+
+async def test_no_new_session_while_finals_wait_then_claimed_after_catching_up(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    engine = HeldEngine()
+    # The wait alone closes it here (no finals' share reaches 1.0 before the wait 0.3 s).
+    svc = await held_worker(
+        service_factory, engine, claim_max_final_wait_s=0.3, claim_probe_busy=1.0
     )
     worker = svc.worker
     assert worker is not None and worker.scheduler is not None
     try:
-        running = [await occupy(svc.url, redis) for _ in range(2)]
-        speech = fixture("s2.wav").frames(100)  # two sentences with a pause between
-        for ws, _ in running:
-            for frame in speech:
-                await ws.send(frame)
+        running = await two_speaking(svc.url, redis)
 
         async def gate_closed() -> bool:
             return worker.gate.state == "closed"
@@ -101,24 +117,17 @@ async def test_near_capacity_new_sessions_come_one_per_probe_interval(
     last `claim_probe_s` holds the next one back (here the two taken first, an hour's
     spacing, and a threshold any running final passes); once finals stop, it is taken."""
     engine = HeldEngine()
-    svc = await service_factory(
-        engine=engine,
-        slots=4,
-        decode_threads=1,
-        batch_decodes=1,
-        vad="energy",
+    svc = await held_worker(
+        service_factory,
+        engine,
         claim_max_final_wait_s=3600.0,  # never closed: probing alone
         claim_probe_busy=0.01,
         claim_probe_s=3600.0,
-        queue_update_s=0.1,
     )
     worker = svc.worker
     assert worker is not None
     try:
-        running = [await occupy(svc.url, redis) for _ in range(2)]
-        for ws, _ in running:
-            for frame in fixture("s2.wav").frames(100):
-                await ws.send(frame)
+        running = await two_speaking(svc.url, redis)
 
         async def probing() -> bool:
             return worker.gate.state == "probing"
