@@ -278,16 +278,19 @@ class Config:
     claim_probe_busy: float = _opt(
         0.7,
         "Share of the engine's capacity that finals use (over the last 4 s) from which a "
-        "worker takes new sessions one at a time, at most one per claim_probe_s: a "
+        "worker takes new sessions one at a time, spaced by claim_probe_ramp_s: a "
         "session's cost shows only seconds after it is taken, when its first utterances "
         "end. In (0, 1].",
         WORKER,
     )
-    claim_probe_s: float = _opt(
-        10.0,
-        "Near capacity (claim_probe_busy), the least time between two new sessions a "
-        "worker takes, seconds (0: no spacing); a session that ended meanwhile may be "
-        "replaced at once.",
+    claim_probe_ramp_s: float = _opt(
+        300.0,
+        "Near capacity (claim_probe_busy), the time in which a worker may take new "
+        "sessions worth its whole engine: two new sessions are at least one session's "
+        "share of the engine (the finals' share over the sessions held) times this apart, "
+        "so the spacing follows what a session costs on this model and hardware (300: "
+        "about 10 s per tiny.en session on 2 CPU cores). Seconds (0: no spacing); a "
+        "session that ended meanwhile may be replaced at once.",
         WORKER,
     )
     interim_interval_s: float = _opt(
@@ -490,8 +493,8 @@ class Config:
             raise ConfigError(f"{_where('claim_max_final_wait_s')} must be >= 0 (0: off)")
         if not 0 < self.claim_probe_busy <= 1:
             raise ConfigError(f"{_where('claim_probe_busy')} must be above 0 and at most 1")
-        if not (0 <= self.claim_probe_s < math.inf):
-            raise ConfigError(f"{_where('claim_probe_s')} must be >= 0 (0: no spacing)")
+        if not (0 <= self.claim_probe_ramp_s < math.inf):
+            raise ConfigError(f"{_where('claim_probe_ramp_s')} must be >= 0 (0: no spacing)")
         if self.slots < 0:
             raise ConfigError(f"{_where('slots')} must be a positive number or 0 / auto")
         if self.decode_threads < 1:

@@ -229,6 +229,7 @@ async def collect_workers(p: Probe) -> WorkersInfo:
                 max_uncommitted_s=behind.get(wid),
                 engine_busy=_float(info.get("engine_busy")),
                 claiming=info.get("claiming"),
+                claim_spacing_s=_float(info.get("claim_spacing_s")),
             )
         )
     known = {row.worker_id for row in rows}

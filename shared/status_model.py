@@ -93,6 +93,8 @@ class WorkerRow:
     #: Whether it takes new sessions (heartbeat `claiming`): open, probing (one at a time)
     #: or closed (its finals wait too long for the engine).
     claiming: str | None = None
+    #: While probing: the least time between two new sessions (heartbeat `claim_spacing_s`).
+    claim_spacing_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from shared.status_model import (
     SectionError,
     ServerInfo,
     SessionInfo,
+    WorkerRow,
     WorkersInfo,
 )
 
@@ -118,6 +119,13 @@ def render_dispatch(info: DispatchInfo, _now_ms: int) -> list[str]:
     return lines
 
 
+def _claiming(row: WorkerRow) -> str | None:
+    """The NEW cell: the gate's state, with the spacing while probing."""
+    if row.claiming == "probing" and row.claim_spacing_s is not None:
+        return f"probing/{row.claim_spacing_s:.0f}s"
+    return row.claiming
+
+
 def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
     gone = [row for row in info.rows if not row.alive]
     orphaned = sum(row.pending for row in gone)
@@ -147,7 +155,7 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
                 str(row.pending),
                 _cell(row.queued_decodes),
                 _cell(busy),
-                _cell(row.claiming),
+                _cell(_claiming(row)),
                 _cell(uncommitted),
                 row.model or "-",
             ]
@@ -164,9 +172,9 @@ def render_workers(info: WorkersInfo, _now_ms: int) -> list[str]:
         f"{_DEFAULTS.interim_shed_busy:.0%} by default; near 100% its finals wait)."
     )
     lines.append(
-        "  NEW: whether it takes new sessions: open; probing, one at a time (its finals use "
-        f"{_DEFAULTS.claim_probe_busy:.0%} of the engine by default); closed, while a final "
-        f"waits over {_DEFAULTS.claim_max_final_wait_s:g} s by default."
+        "  NEW: whether it takes new sessions: open; probing/S, one at a time, S seconds apart "
+        f"(its finals use {_DEFAULTS.claim_probe_busy:.0%} of the engine by default); closed, "
+        f"while a final waits over {_DEFAULTS.claim_max_final_wait_s:g} s by default."
     )
     lines.append(
         "  BEHIND: largest received-minus-committed audio of its sessions (includes the open "

@@ -6,11 +6,16 @@ new admissions, so that the sessions already admitted keep real-time finals. Thi
 the second step, with no I/O and an injected time:
 
 - **Probing.** Once finals use `probe_busy` of the engine's capacity over the last load
-  window (4 s), new sessions are taken one at a time, at most one per `probe_s`. A
-  session's cost shows only when its first utterances end, seconds after it was taken:
-  taking every waiting session at once near capacity overshoots before the wait below can
-  react (measured: with 46 sessions arriving over 40 s on a worker that serves about 32,
-  the wait alone held back 0-2 of them, and every session's p95 final lag was 5 s).
+  window (4 s), new sessions are taken one at a time, spaced by what one session costs:
+  the spacing is one session's share of the engine (the finals' share over the sessions
+  held) times `probe_ramp_s`, so that probing adds new sessions worth at most the whole
+  engine per `probe_ramp_s`, whatever the model and hardware (300 s: about 10 s per
+  tiny.en session and 20 s per base session on 2 CPU cores, a fraction of a second on a
+  GPU that holds hundreds). A session's cost shows only when its first utterances end,
+  seconds after it was taken: taking every waiting session at once near capacity
+  overshoots before the wait below can react (measured: with 46 sessions arriving over
+  40 s on a worker that serves about 32, the wait alone held back 0-2 of them, and every
+  session's p95 final lag was 5 s).
   A session that ended while probing leaves a credit: one waiting session may replace it
   at once, since a replacement does not add load. Credits are dropped when the gate is
   open (not needed) or closed (the engine needs the room).
@@ -34,15 +39,22 @@ State = Literal["open", "probing", "closed"]
 class ClaimPolicy:
     max_final_wait_s: float = 1.0  # finals waiting longer: take no new session (0: off)
     probe_busy: float = 0.7  # finals' share of the engine from which sessions come singly
-    probe_s: float = 10.0  # then at most one new session per this many seconds
+    # Then sessions worth at most the whole engine per this many seconds (0: no spacing).
+    probe_ramp_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_final_wait_s < math.inf:
             raise ValueError("max_final_wait_s must be >= 0 (0: off)")
         if not 0 < self.probe_busy <= 1:
             raise ValueError("probe_busy must be in (0, 1]")
-        if not 0 <= self.probe_s < math.inf:
-            raise ValueError("probe_s must be >= 0")
+        if not 0 <= self.probe_ramp_s < math.inf:
+            raise ValueError("probe_ramp_s must be >= 0")
+
+    def spacing_s(self, final_busy: float, sessions: int) -> float:
+        """Least time between two new sessions while probing: one session's share of the
+        engine (`final_busy` over the `sessions` held; all of it with none) times
+        `probe_ramp_s`."""
+        return self.probe_ramp_s * final_busy / max(1, sessions)
 
 
 class ClaimGate:
@@ -53,10 +65,13 @@ class ClaimGate:
         self.state: State = "open"
         self._last_take = -math.inf
         self.credits = 0  # sessions that ended while probing: replaced without spacing
+        self.spacing_s = 0.0  # the probing spacing at the last verdict (0 unless probing)
 
-    def allowed(self, now: float, final_wait_s: float, final_busy: float) -> int | None:
-        """How many sessions may be taken now: None for as many as there are free slots,
-        else 0 or 1. Sets `state`."""
+    def allowed(
+        self, now: float, final_wait_s: float, final_busy: float, sessions: int
+    ) -> int | None:
+        """How many sessions may be taken now by a worker that holds `sessions`: None for
+        as many as there are free slots, else 0, 1 or the credits. Sets `state`."""
         p = self.policy
         if p.max_final_wait_s <= 0:
             self._set("open")
@@ -66,7 +81,8 @@ class ClaimGate:
             return 0
         if final_busy >= p.probe_busy:
             self._set("probing")
-            return max(self.credits, 1 if now - self._last_take >= p.probe_s else 0)
+            self.spacing_s = p.spacing_s(final_busy, sessions)
+            return max(self.credits, 1 if now - self._last_take >= self.spacing_s else 0)
         self._set("open")
         return None
 
@@ -86,3 +102,4 @@ class ClaimGate:
         self.state = state
         if state != "probing":
             self.credits = 0
+            self.spacing_s = 0.0

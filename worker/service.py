@@ -144,7 +144,9 @@ class Worker:
         # Whether to take new sessions, from how long finals wait (worker/claimgate.py).
         self.gate = ClaimGate(
             ClaimPolicy(
-                config.claim_max_final_wait_s, config.claim_probe_busy, config.claim_probe_s
+                config.claim_max_final_wait_s,
+                config.claim_probe_busy,
+                config.claim_probe_ramp_s,
             )
         )
 
@@ -359,7 +361,7 @@ class Worker:
         wait = busy = 0.0
         if self.scheduler is not None:
             wait, busy = self.scheduler.final_wait_s(), self.scheduler.final_busy_fraction()
-        allowed = self.gate.allowed(time.monotonic(), wait, busy)
+        allowed = self.gate.allowed(time.monotonic(), wait, busy, len(self.owned))
         if self.gate.state != before:
             # Closing and reopening are news; probing comes and goes with the load, so it
             # is told at most once a minute.
@@ -376,7 +378,7 @@ class Worker:
                 self.worker_id,
                 {
                     "open": "taken again",
-                    "probing": f"taken one at a time, one per {self.config.claim_probe_s:g} s",
+                    "probing": f"taken one at a time, one per {self.gate.spacing_s:.1f} s",
                     "closed": "not taken",
                 }[self.gate.state],
                 wait,
@@ -872,6 +874,7 @@ class Worker:
             "slots": self.slots,
             "slots_auto_rate": round(self.calibration.rate, 1) if self.calibration else "",
             "claiming": self.gate.state,
+            "claim_spacing_s": round(self.gate.spacing_s, 2),
             "owned": len(self.owned),
             "queued_decodes": self.scheduler.queued if self.scheduler else 0,
             **(self._decode_stats() if self.scheduler else {}),

@@ -114,15 +114,16 @@ async def test_near_capacity_new_sessions_come_one_per_probe_interval(
     service_factory: ServiceFactory, redis: aioredis.Redis
 ) -> None:
     """Finals using more than `claim_probe_busy` of the engine: a session taken within the
-    last `claim_probe_s` holds the next one back (here the two taken first, an hour's
-    spacing, and a threshold any running final passes); once finals stop, it is taken."""
+    probing spacing holds the next one back (here the two taken first, a spacing of at
+    least an hour: a ramp of 10^6 s x a share of the engine of at least 1% / 2 sessions,
+    and a threshold any running final passes); once finals stop, it is taken."""
     engine = HeldEngine()
     svc = await held_worker(
         service_factory,
         engine,
         claim_max_final_wait_s=3600.0,  # never closed: probing alone
         claim_probe_busy=0.01,
-        claim_probe_s=3600.0,
+        claim_probe_ramp_s=1e6,
     )
     worker = svc.worker
     assert worker is not None
@@ -141,6 +142,7 @@ async def test_near_capacity_new_sessions_come_one_per_probe_interval(
         await worker._heartbeat_once()
         info = await redis.hgetall(keys.worker_info(WorkerId(worker.worker_id)))
         assert info[b"claiming"] == b"probing" and float(info[b"engine_busy_finals"]) > 0
+        assert float(info[b"claim_spacing_s"]) >= 3600
     finally:
         engine.go.set()
     for ws, _ in running:

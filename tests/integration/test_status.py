@@ -144,6 +144,7 @@ async def test_status_numbers_match_redis(
     )
     assert live.engine_busy == float(info[b"engine_busy"])
     assert live.claiming == info[b"claiming"].decode() == "open"
+    assert live.claim_spacing_s == float(info[b"claim_spacing_s"]) == 0.0  # not probing
     assert live.pending == 1 and gone.pending == 1
     assert not gone.alive and gone.heartbeat_age_ms is None and gone.engine_busy is None
     meta = await redis.hgetall(keys.meta(sid))

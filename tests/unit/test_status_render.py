@@ -69,7 +69,7 @@ DISPATCH = DispatchInfo((HIGH, NORMAL))
 WORKERS = WorkersInfo(
     alive_s=15.0,
     rows=(
-        WorkerRow("w-alive", 400, True, 8, 8, 2, "tiny.en", 101, 8, 3.3, 0.914, "probing"),
+        WorkerRow("w-alive", 400, True, 8, 8, 2, "tiny.en", 101, 8, 3.3, 0.914, "probing", 9.6),
         WorkerRow("w-dead", None, False, None, None, None, "", None, 3, None),
     ),
     pending_scanned=11,
@@ -178,13 +178,14 @@ def test_fleet_screen_answers_the_operator_questions() -> None:
     assert "1 alive (heartbeat within 15 s), 1 not alive holding 3 session(s) awaiting" in text
     alive = next(line for line in lines if line.strip().startswith("w-alive"))
     assert alive.split() == [
-        *("w-alive", "alive", "0.4", "s", "ago", "8", "8", "8", "2", "91%", "probing", "3.3", "s"),
+        *("w-alive", "alive", "0.4", "s", "ago", "8", "8", "8", "2", "91%", "probing/10s"),
+        *("3.3", "s"),
         "tiny.en",
     ]
     dead = next(line for line in lines if line.strip().startswith("w-dead"))
     assert dead.split() == ["w-dead", "GONE", "none", "-", "-", "3", "-", "-", "-", "-", "-"]
     assert "BUSY: share of its engine's decode capacity used over the last 4 s" in text
-    assert "NEW: whether it takes new sessions: open; probing, one at a time" in text
+    assert "NEW: whether it takes new sessions: open; probing/S, one at a time" in text
     assert "gateways  1 alive (heartbeat within 15 s), 1 dead holding 3 session(s)" in text
     assert next(line for line in lines if "gw-a" in line).split() == [
         *("gw-a", "alive", "1.0", "s", "ago", "5")
