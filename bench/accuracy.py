@@ -89,7 +89,7 @@ async def measure(
     concurrency: int,
     settings: dict[str, Any],
     model: str = "tiny.en",
-) -> dict[str, object]:
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         valkey = EmbeddedValkey(Path(tmp))
         valkey.start()
@@ -180,13 +180,13 @@ def main() -> None:
         clips = [c for c in load_manifest(folder) if c[1].exists()]
         print(f"measuring {len(clips)} clips from {folder} ...", flush=True)
         r = asyncio.run(measure(clips, args.concurrency, settings, args.model))
-        diff = float(r["service_wer"]) - float(r["offline_wer"])  # type: ignore[arg-type]
+        diff = float(r["service_wer"]) - float(r["offline_wer"])
         lines.append(
-            f"| {folder.name} | {r['clips']} | {float(r['audio_s']):.1f} | "  # type: ignore[arg-type]
+            f"| {folder.name} | {r['clips']} | {float(r['audio_s']):.1f} | "
             f"{float(r['offline_wer']):.3f} | {float(r['service_wer']):.3f} | {diff:+.3f} |"
-        )  # type: ignore[arg-type]
+        )
         differ = []
-        for cid, (o, n), (s, _) in r["per_clip"]:  # type: ignore[attr-defined]
+        for cid, (o, n), (s, _) in r["per_clip"]:
             print(f"  {cid:40s} {n:4d} words, errors: offline {o:3d} service {s:3d}")
             if o != s:
                 differ.append(f"`{cid}` {o} → {s} of {n}")

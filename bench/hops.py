@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,7 +69,7 @@ def worker_child(args: argparse.Namespace) -> None:
     read_audio = Store.read_audio
 
     async def timed_read_audio(
-        self: Store, streams: Any, count: int, block_ms: int
+        self: Store, streams: Sequence[tuple[bytes, bytes]], count: int, block_ms: int | None
     ) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
         reply = await read_audio(self, streams, count, block_ms)
         now_ms = time.time() * 1000

@@ -77,11 +77,11 @@ class ModeResult:
 
 def utterances(clip: ClipRef, cfg: Config) -> list[Utterance]:
     audio = read_wav(clip.path)
-    samples = np.frombuffer(audio.data, np.int16).astype(np.float32) / 32768
+    samples = np.frombuffer(audio.data, np.int16).astype(np.float32) / np.float32(32768)
     options = StreamOptions.from_config(cfg, interim_results=False)
     t = SessionTranscriber(options, StreamingVad())
     t.close(samples)
-    out = []
+    out: list[Utterance] = []
     while (req := t.next_request()) is not None:
         out.append(Utterance(clip.id, len(out), req.audio))
         t.complete(req, [])
