@@ -10,7 +10,7 @@ the second step, with no I/O and an injected time:
   the spacing is one session's share of the engine (the finals' share over the sessions
   held) times `probe_ramp_s`, so that probing adds new sessions worth at most the whole
   engine per `probe_ramp_s`, whatever the model and hardware (300 s: about 10 s per
-  tiny.en session and 20 s per base session on 2 CPU cores, a fraction of a second on a
+  tiny.en session and 15-22 s per base session on 2 CPU cores, a fraction of a second on a
   GPU that holds hundreds). A session's cost shows only when its first utterances end,
   seconds after it was taken: taking every waiting session at once near capacity
   overshoots before the wait below can react (measured: with 46 sessions arriving over
