@@ -514,6 +514,22 @@ def _counts(items: Mapping[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in items.items()) if items else "none"
 
 
+def _interims_line(r: LoadReport) -> list[str]:
+    """How many interims came, per second of audio, and how many completed sessions had
+    none (time to first interim counts only the sessions that had one)."""
+    if not r.run.interim_results or not r.per_session:
+        return []
+    done = [s for s in r.per_session if s.status == "completed"]
+    received = sum(s.interims_received for s in r.per_session)
+    audio_s = sum(s.audio_s_sent for s in r.per_session)
+    rate = f"{received / audio_s:.2f}" if audio_s else "-"
+    none = sum(s.interims_received == 0 for s in done)
+    return [
+        f"interims: {received} received, {rate} per second of audio sent; "
+        f"{none} of {len(done)} completed session(s) had none"
+    ]
+
+
 def render_table(report: LoadReport) -> str:
     """The human-readable summary printed at the end of a run."""
     r = report
@@ -545,6 +561,7 @@ def render_table(report: LoadReport) -> str:
         f"{r.audio_s_reported:.1f} processed (session.closed)",
         f"frames: {r.frames_sent} sent, {r.frames_acked} acknowledged",
         f"finals: {r.finals_received} received, {r.finals_reported} reported in session.closed",
+        *_interims_line(r),
         f"errors by close code: {_counts(r.errors_by_close_code)}",
         f"error messages: {_counts(r.error_messages)}",
     ]

@@ -327,6 +327,34 @@ def test_wer_without_references_or_scorer_says_why() -> None:
     assert report.wer is None and "jiwer" in report.wer_note
 
 
+def test_interims_line_counts_the_sessions_that_had_none() -> None:
+    """Time to first interim leaves out sessions that never had one; the interims line says
+    how many completed sessions that was. Not shown with interim results off."""
+    run = LoadRecorder()
+    talky, quiet, gone = (run.session(f"{i}.wav") for i in range(3))
+    for rec in (talky, quiet, gone):
+        rec.connecting(0.0)
+        rec.started(0.01, "sid")
+        streamed(rec, 10)  # 1 s of audio each
+        rec.ack(1.05, 9)
+    talky.transcript(0.5, 0, False, 0.4, "hel")
+    talky.transcript(0.8, 0, False, 0.7, "hello")
+    gone.transcript(0.5, 0, False, 0.4, "x")
+    for rec in (talky, quiet):
+        rec.transcript(1.1, 0, True, 1.0, "hello")
+        complete(rec, 1.2, finals=1, audio_s=1.0)
+    gone.connection_closed(1.2, 1011, "worker failed")
+    report = run.report(RUN, 2.0)
+    line = next(x for x in report.render_table().splitlines() if x.startswith("interims:"))
+    assert line == (
+        "interims: 3 received, 1.00 per second of audio sent; 1 of 2 completed session(s) "
+        "had none"
+    )
+    assert report.metrics["first_interim_s"].count == 2  # talky and gone; quiet not
+    off = run.report(dataclasses.replace(RUN, interim_results=False), 2.0)
+    assert "interims:" not in off.render_table()
+
+
 def test_json_round_trip() -> None:
     """A report written as JSON reads back into an equal report, per-session details
     included; a report of another version is refused."""
@@ -356,6 +384,7 @@ def test_table_contents() -> None:
     assert "audio seconds: 1.2 sent, 1.2 acknowledged, 1.2 processed" in table
     assert "frames: 12 sent, 12 acknowledged" in table
     assert "finals: 3 received, 3 reported in session.closed" in table
+    assert "interims: 0 received, 0.00 per second of audio sent; 3 of 3 completed" in table
     assert "errors by close code: no connection: 1" in table
     assert "connection failures: OSError: boom: 1" in table
     assert "WER: 16.7% over 2 completed session(s), 6 reference words" in table
