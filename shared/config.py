@@ -246,7 +246,7 @@ class Config:
         "Most sessions one worker transcribes at once; the rest wait in the dispatch queue. "
         "0 or `auto`: measured at start-up (1-4 s), auto_slots_factor times the audio "
         "seconds per second the engine decodes four shipped utterances at (on 2 CPU cores: "
-        "tiny.en 23-28, Whisper base 12-13). A number: exactly that many, for example to "
+        "tiny.en 22-28, Whisper base 12-13). A number: exactly that many, for example to "
         "match an autoscaler's targets.",
         WORKER,
         metavar="N|auto",
