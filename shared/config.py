@@ -293,6 +293,15 @@ class Config:
         "session that ended meanwhile may be replaced at once.",
         WORKER,
     )
+    catchup_pace: float = _opt(
+        2.0,
+        "A session a worker takes after it waited in the queue (its client's audio stored "
+        "meanwhile) is read at most this many times real time until it has caught up, so "
+        "that its stored utterances do not take the engine in one burst from the sessions "
+        "already served. Sessions taken over from a dead worker are read at full speed. "
+        "0: every session at full speed.",
+        WORKER,
+    )
     interim_interval_s: float = _opt(
         1.0, "Seconds of new speech between two interim results of a session.", WORKER
     )
@@ -493,6 +502,8 @@ class Config:
             raise ConfigError(f"{_where('claim_max_final_wait_s')} must be >= 0 (0: off)")
         if not 0 < self.claim_probe_busy <= 1:
             raise ConfigError(f"{_where('claim_probe_busy')} must be above 0 and at most 1")
+        if not (self.catchup_pace == 0 or 1 <= self.catchup_pace < math.inf):
+            raise ConfigError(f"{_where('catchup_pace')} must be 0 (off) or at least 1")
         if not (0 <= self.claim_probe_ramp_s < math.inf):
             raise ConfigError(f"{_where('claim_probe_ramp_s')} must be >= 0 (0: no spacing)")
         if self.slots < 0:

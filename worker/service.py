@@ -47,7 +47,7 @@ from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store,
 from worker.audio import AudioConverter
 from worker.calibration import Calibration, auto_slots, calibrate
 from worker.claimgate import ClaimGate, ClaimPolicy
-from worker.engine import Engine, load_engine, make_vad
+from worker.engine import SAMPLE_RATE, Engine, load_engine, make_vad
 from worker.maintenance import Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 #: Most publishes (interims and finals, of any sessions) in one pipeline.
 PUBLISH_MAX_CALLS = 256
 READ_COUNT = 200  # most entries of one stream per read
+CATCHUP_AHEAD_S = 2.0  # a paced session may read this far ahead of catchup_pace
+CATCHUP_READ_COUNT = 10  # most entries of a paced session's stream per read
+CATCHUP_POLL_S = 0.05  # how often a worker with only paced sessions reads
 CLAIM_GATE_CHECK_S = 0.1  # how often a worker that stopped claiming looks again
 
 
@@ -101,6 +104,9 @@ class Owned:
     fed_noted: bool = False  # a FED note is in the inbox, not yet taken
     wake: bool = False  # set by the VAD thread: the task has work after the last feed
     audio_key: bytes = b""  # keys.audio(sid), encoded once
+    # Taken with stored audio to catch up on: (loop time when taken, samples fed then);
+    # read at most `catchup_pace` times real time until it has (see `catchup_allows`).
+    paced: tuple[float, int] | None = None
 
     def __post_init__(self) -> None:
         self.audio_key = keys.audio(self.sid).encode()
@@ -510,6 +516,16 @@ class Worker:
             converter=AudioConverter(meta.params),
             last_id=last_id,
         )
+        pace = self.config.catchup_pace
+        if pace and claim.epoch == 1 and meta.audio_seconds > CATCHUP_AHEAD_S:
+            owned.paced = (asyncio.get_running_loop().time(), transcriber.total_samples)
+            log.info(
+                "session %s has %.1f s of stored audio: read at most %gx real time until "
+                "it has caught up",
+                sid,
+                meta.audio_seconds,
+                pace,
+            )
         self.owned[sid] = owned
         owned.task = asyncio.create_task(self._session_main(owned), name=f"session-{sid}")
         self._session_added.set()
@@ -540,7 +556,9 @@ class Worker:
         started, spacing = -1.0, 0.0
         while not self._closing.is_set():
             targets = {s.audio_key: s for s in self.owned.values() if s.close_reason is None}
-            streams = [(key, owned.last_id) for key, owned in targets.items()]
+            streams = [(key, o.last_id) for key, o in targets.items() if o.paced is None]
+            if await self._read_paced(loop, targets):
+                continue  # pacing: the next pass reads their next part
             if not streams:
                 self._session_added.clear()
                 with contextlib.suppress(TimeoutError):
@@ -564,6 +582,46 @@ class Worker:
                     await self._redis_trouble("read", exc)
                     break  # a new pass, from the sessions owned then
                 await self._feed_reply(loop, reply, targets)
+
+    async def _read_paced(
+        self, loop: asyncio.AbstractEventLoop, targets: dict[bytes, Owned]
+    ) -> bool:
+        """Read the next part of every paced session that `catchup_allows` now, at most
+        `CATCHUP_READ_COUNT` entries each; one that had fewer has caught up and is read
+        with the others from then on. True when paced sessions were held back and no
+        other session is there to read: the caller waits a little before the next pass."""
+        paced = [o for o in targets.values() if o.paced is not None]
+        if not paced:
+            return False
+        now = loop.time()
+        due = [
+            o
+            for o in paced
+            if o.paced is not None
+            and catchup_allows(
+                (o.transcriber.total_samples - o.paced[1]) / SAMPLE_RATE,
+                now - o.paced[0],
+                self.config.catchup_pace,
+            )
+        ]
+        if due:
+            try:
+                reply = await self.store.read_audio(
+                    [(o.audio_key, o.last_id) for o in due], CATCHUP_READ_COUNT, None
+                )
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("read", exc)
+                return True
+            got = {_str(key): len(entries) for key, entries in reply}
+            await self._feed_reply(loop, reply, targets)
+            for o in due:
+                if got.get(_str(o.audio_key), 0) < CATCHUP_READ_COUNT:
+                    o.paced = None  # at the live edge
+                    log.info("session %s has caught up", o.sid)
+        if len(paced) < len(targets):
+            return False
+        await self._pause(CATCHUP_POLL_S)
+        return True
 
     async def _feed_reply(
         self,
@@ -917,6 +975,13 @@ class Worker:
                 return
         log.warning("%s: redis unavailable (%s); retrying", where, exc)
         await self._pause(0.5)
+
+
+def catchup_allows(fed_s: float, elapsed_s: float, pace: float) -> bool:
+    """Whether a session taken with stored audio may read more: `fed_s` seconds of its
+    audio fed since it was taken `elapsed_s` ago, against `pace` times real time and
+    `CATCHUP_AHEAD_S` ahead."""
+    return fed_s < CATCHUP_AHEAD_S + pace * elapsed_s
 
 
 def read_spacing_s(streams: int, interval_ms: int, streams_per_s: int) -> float:

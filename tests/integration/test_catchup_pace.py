@@ -1,0 +1,108 @@
+"""A session taken after waiting in the queue, its audio stored meanwhile, is read at most
+`catchup_pace` times real time until it has caught up (worker/service.py,
+`catchup_allows`), and still gets every final. Real Valkey, gateway and WebSockets; the
+null engine with the energy VAD, so finals come as fast as the audio is read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
+
+from tests.conftest import ServiceFactory
+from tests.helpers import drain, fixture, open_ws, started
+from tests.integration.test_admission import epoch, finish, next_of, occupy
+from tests.integration.test_takeover import until
+from worker.engine import SAMPLE_RATE
+from worker.service import CATCHUP_AHEAD_S, CATCHUP_READ_COUNT, catchup_allows
+
+FRAME_MS = 100
+SPEECH = ("s1.wav", "s2.wav", "s3.wav", "s4.wav")  # 26 s, 11 utterances
+
+
+@pytest.mark.parametrize(
+    ("fed_s", "elapsed_s", "pace", "allowed"),
+    [
+        (0.0, 0.0, 2.0, True),
+        (1.99, 0.0, 2.0, True),  # the head start
+        (2.0, 0.0, 2.0, False),
+        (11.99, 5.0, 2.0, True),
+        (12.0, 5.0, 2.0, False),
+        (6.99, 5.0, 1.0, True),  # real time, plus the head start
+        (7.0, 5.0, 1.0, False),
+    ],
+)
+def test_catchup_allows_pace_times_real_time_plus_a_head_start(
+    fed_s: float, elapsed_s: float, pace: float, allowed: bool
+) -> None:
+    assert CATCHUP_AHEAD_S == 2.0
+    assert catchup_allows(fed_s, elapsed_s, pace) is allowed
+
+
+async def queued_with_stored_speech(
+    url: str, redis: aioredis.Redis
+) -> tuple[ClientConnection, str, ClientConnection, float]:
+    """A session holding the only slot, and a second one that waited behind it while 26 s
+    of speech was stored for it; returns both and the stored seconds."""
+    running, _ = await occupy(url, redis)
+    ws = await open_ws(url)
+    sid = (await started(ws))["session_id"]
+    assert (await next_of(ws, "queued"))["position"] == 1
+    frames = [f for name in SPEECH for f in fixture(name).frames(FRAME_MS)]
+    for frame in frames:
+        await ws.send(frame)
+    stored = sum(len(f) for f in frames) / (2 * SAMPLE_RATE)  # 16-bit mono
+    return running, sid, ws, stored
+
+
+async def test_a_session_taken_with_stored_audio_is_read_at_the_pace_and_catches_up(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    pace = 4.0  # quick; the bound below still stays far under the 26 s stored
+    svc = await service_factory(slots=1, queue_update_s=0.1, vad="energy", catchup_pace=pace)
+    worker = svc.worker
+    assert worker is not None
+    running, sid, ws, stored = await queued_with_stored_speech(svc.url, redis)
+    assert stored > 20
+    assert (await finish(running)).code == 1000
+    await until(lambda: epoch(redis, sid), "the waiting session to be taken")
+    owned = next(o for o in worker.owned.values() if o.sid == sid)
+    assert owned.paced is not None
+    taken_at, base = owned.paced
+    loop = asyncio.get_running_loop()
+    while True:  # its first final
+        msg = json.loads(await ws.recv())
+        if msg["type"] == "transcript" and msg["is_final"]:
+            break
+    elapsed = loop.time() - taken_at
+    fed_s = (owned.transcriber.total_samples - base) / SAMPLE_RATE
+    # Read at most `pace` x real time ahead of the head start, give or take one read.
+    bound = CATCHUP_AHEAD_S + pace * elapsed + CATCHUP_READ_COUNT * FRAME_MS / 1000
+    assert fed_s <= bound < stored, (fed_s, bound)
+    await ws.send(json.dumps({"type": "close_stream"}))
+    out = await drain(ws)
+    assert out.code == 1000
+    closed = out.of_type("session.closed")[0]
+    assert closed["audio_seconds"] == pytest.approx(stored, abs=0.001)
+    assert len(out.finals) + 1 == closed["final_results"]  # the first was read above
+    assert owned.paced is None  # caught up before the end
+
+
+async def test_catchup_pace_zero_reads_stored_audio_at_full_speed(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    svc = await service_factory(slots=1, queue_update_s=0.1, vad="energy", catchup_pace=0.0)
+    worker = svc.worker
+    assert worker is not None
+    running, sid, ws, stored = await queued_with_stored_speech(svc.url, redis)
+    assert (await finish(running)).code == 1000
+    await until(lambda: epoch(redis, sid), "the waiting session to be taken")
+    owned = next(o for o in worker.owned.values() if o.sid == sid)
+    assert owned.paced is None
+    await ws.send(json.dumps({"type": "close_stream"}))
+    out = await drain(ws)
+    assert out.code == 1000
+    assert out.of_type("session.closed")[0]["audio_seconds"] == pytest.approx(stored, abs=0.001)
