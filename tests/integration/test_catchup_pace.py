@@ -12,6 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 
+from shared.config import Config
+from shared.errors import ConfigError
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, fixture, open_ws, started
 from tests.integration.test_admission import epoch, finish, next_of, occupy
@@ -40,6 +42,16 @@ def test_catchup_allows_pace_times_real_time_plus_a_head_start(
 ) -> None:
     assert CATCHUP_AHEAD_S == 2.0
     assert catchup_allows(fed_s, elapsed_s, pace) is allowed
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0.0, True), (1.0, True), (2.5, True), (0.99, False)])
+def test_catchup_pace_is_off_or_at_least_real_time(value: float, ok: bool) -> None:
+    """Below real time a session would never catch up on a live stream."""
+    if ok:
+        assert Config(catchup_pace=value).catchup_pace == value
+    else:
+        with pytest.raises(ConfigError, match="catchup-pace"):
+            Config(catchup_pace=value)
 
 
 async def queued_with_stored_speech(
