@@ -24,6 +24,7 @@ import dataclasses
 import enum
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 PUBLISH_MAX_CALLS = 256
 READ_COUNT = 200  # most entries of one stream per read
 CATCHUP_AHEAD_S = 2.0  # a paced session may read this far ahead of catchup_pace
-CATCHUP_READ_COUNT = 10  # most entries of a paced session's stream per read
 CATCHUP_POLL_S = 0.05  # how often a worker with only paced sessions reads
 CLAIM_GATE_CHECK_S = 0.1  # how often a worker that stopped claiming looks again
 
@@ -84,6 +84,15 @@ FED = Fed.FED
 
 
 @dataclass
+class Catchup:
+    """Where a paced session's catch-up started, and how long its entries are."""
+
+    taken_at: float  # loop time when the worker took it
+    base_samples: int  # its samples fed by then
+    entry_s: float = 0.1  # audio per stream entry, as last read (the client's frames)
+
+
+@dataclass
 class Owned:
     sid: SessionId
     token: str
@@ -104,9 +113,9 @@ class Owned:
     fed_noted: bool = False  # a FED note is in the inbox, not yet taken
     wake: bool = False  # set by the VAD thread: the task has work after the last feed
     audio_key: bytes = b""  # keys.audio(sid), encoded once
-    # Taken with stored audio to catch up on: (loop time when taken, samples fed then);
-    # read at most `catchup_pace` times real time until it has (see `catchup_allows`).
-    paced: tuple[float, int] | None = None
+    # Taken with stored audio to catch up on: read at most `catchup_pace` times real time
+    # until it has (`Worker._read_paced`); None once it has, or when it had none.
+    paced: Catchup | None = None
 
     def __post_init__(self) -> None:
         self.audio_key = keys.audio(self.sid).encode()
@@ -518,7 +527,7 @@ class Worker:
         )
         pace = self.config.catchup_pace
         if pace and claim.epoch == 1 and meta.audio_seconds > CATCHUP_AHEAD_S:
-            owned.paced = (asyncio.get_running_loop().time(), transcriber.total_samples)
+            owned.paced = Catchup(asyncio.get_running_loop().time(), transcriber.total_samples)
             log.info(
                 "session %s has %.1f s of stored audio: read at most %gx real time until "
                 "it has caught up",
@@ -586,38 +595,37 @@ class Worker:
     async def _read_paced(
         self, loop: asyncio.AbstractEventLoop, targets: dict[bytes, Owned]
     ) -> bool:
-        """Read the next part of every paced session that `catchup_allows` now, at most
-        `CATCHUP_READ_COUNT` entries each; one that had fewer has caught up and is read
-        with the others from then on. True when paced sessions were held back and no
-        other session is there to read: the caller waits a little before the next pass."""
+        """Read the next part of every paced session: as many entries as `catchup_budget_s`
+        allows now (one at least, when it allows any). One whose read brought fewer than
+        asked is at the live edge: read with the others from then on. True when every
+        session is paced: the caller pauses briefly before the next pass."""
         paced = [o for o in targets.values() if o.paced is not None]
         if not paced:
             return False
         now = loop.time()
-        due = [
-            o
-            for o in paced
-            if o.paced is not None
-            and catchup_allows(
-                (o.transcriber.total_samples - o.paced[1]) / SAMPLE_RATE,
-                now - o.paced[0],
-                self.config.catchup_pace,
+        asks: list[tuple[Owned, Catchup, int, int]] = []  # (session, catch-up, count, fed)
+        for o in paced:
+            c = o.paced
+            assert c is not None
+            fed = o.transcriber.total_samples
+            budget = catchup_budget_s(
+                (fed - c.base_samples) / SAMPLE_RATE, now - c.taken_at, self.config.catchup_pace
             )
-        ]
-        if due:
+            if budget > 0:
+                asks.append((o, c, min(READ_COUNT, math.ceil(budget / c.entry_s)), fed))
+        for o, c, count, fed in asks:  # one XREAD each: COUNT is per command
             try:
-                reply = await self.store.read_audio(
-                    [(o.audio_key, o.last_id) for o in due], CATCHUP_READ_COUNT, None
-                )
+                reply = await self.store.read_audio([(o.audio_key, o.last_id)], count, None)
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("read", exc)
                 return True
-            got = {_str(key): len(entries) for key, entries in reply}
+            got = sum(len(entries) for _key, entries in reply)
             await self._feed_reply(loop, reply, targets)
-            for o in due:
-                if got.get(_str(o.audio_key), 0) < CATCHUP_READ_COUNT:
-                    o.paced = None  # at the live edge
-                    log.info("session %s has caught up", o.sid)
+            if got and o.transcriber.total_samples > fed:
+                c.entry_s = (o.transcriber.total_samples - fed) / SAMPLE_RATE / got
+            if got < count and o.paced is c:
+                o.paced = None  # at the live edge
+                log.info("session %s has caught up", o.sid)
         if len(paced) < len(targets):
             return False
         await self._pause(CATCHUP_POLL_S)
@@ -977,11 +985,11 @@ class Worker:
         await self._pause(0.5)
 
 
-def catchup_allows(fed_s: float, elapsed_s: float, pace: float) -> bool:
-    """Whether a session taken with stored audio may read more: `fed_s` seconds of its
-    audio fed since it was taken `elapsed_s` ago, against `pace` times real time and
-    `CATCHUP_AHEAD_S` ahead."""
-    return fed_s < CATCHUP_AHEAD_S + pace * elapsed_s
+def catchup_budget_s(fed_s: float, elapsed_s: float, pace: float) -> float:
+    """How much more audio a session taken with stored audio may read now, seconds (0 or
+    less: none): `pace` times the `elapsed_s` since it was taken, plus `CATCHUP_AHEAD_S`
+    ahead, less the `fed_s` of its audio fed since."""
+    return CATCHUP_AHEAD_S + pace * elapsed_s - fed_s
 
 
 def read_spacing_s(streams: int, interval_ms: int, streams_per_s: int) -> float:

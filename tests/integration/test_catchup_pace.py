@@ -1,6 +1,6 @@
 """A session taken after waiting in the queue, its audio stored meanwhile, is read at most
 `catchup_pace` times real time until it has caught up (worker/service.py,
-`catchup_allows`), and still gets every final. Real Valkey, gateway and WebSockets; the
+`catchup_budget_s`), and still gets every final. Real Valkey, gateway and WebSockets; the
 null engine with the energy VAD, so finals come as fast as the audio is read."""
 
 from __future__ import annotations
@@ -19,29 +19,27 @@ from tests.helpers import drain, fixture, open_ws, started
 from tests.integration.test_admission import epoch, finish, next_of, occupy
 from tests.integration.test_takeover import until
 from worker.engine import SAMPLE_RATE
-from worker.service import CATCHUP_AHEAD_S, CATCHUP_READ_COUNT, catchup_allows
+from worker.service import CATCHUP_AHEAD_S, catchup_budget_s
 
 FRAME_MS = 100
 SPEECH = ("s1.wav", "s2.wav", "s3.wav", "s4.wav")  # 26 s, 11 utterances
 
 
 @pytest.mark.parametrize(
-    ("fed_s", "elapsed_s", "pace", "allowed"),
+    ("fed_s", "elapsed_s", "pace", "budget"),
     [
-        (0.0, 0.0, 2.0, True),
-        (1.99, 0.0, 2.0, True),  # the head start
-        (2.0, 0.0, 2.0, False),
-        (11.99, 5.0, 2.0, True),
-        (12.0, 5.0, 2.0, False),
-        (6.99, 5.0, 1.0, True),  # real time, plus the head start
-        (7.0, 5.0, 1.0, False),
+        (0.0, 0.0, 2.0, 2.0),  # the head start
+        (2.0, 0.0, 2.0, 0.0),  # used up
+        (1.0, 5.0, 2.0, 11.0),
+        (12.5, 5.0, 2.0, -0.5),  # ahead: nothing until real time has passed
+        (6.0, 5.0, 1.0, 1.0),  # real time, plus the head start
     ],
 )
-def test_catchup_allows_pace_times_real_time_plus_a_head_start(
-    fed_s: float, elapsed_s: float, pace: float, allowed: bool
+def test_catchup_budget_is_pace_times_real_time_plus_a_head_start(
+    fed_s: float, elapsed_s: float, pace: float, budget: float
 ) -> None:
     assert CATCHUP_AHEAD_S == 2.0
-    assert catchup_allows(fed_s, elapsed_s, pace) is allowed
+    assert catchup_budget_s(fed_s, elapsed_s, pace) == pytest.approx(budget)
 
 
 @pytest.mark.parametrize(("value", "ok"), [(0.0, True), (1.0, True), (2.5, True), (0.99, False)])
@@ -83,7 +81,7 @@ async def test_a_session_taken_with_stored_audio_is_read_at_the_pace_and_catches
     await until(lambda: epoch(redis, sid), "the waiting session to be taken")
     owned = next(o for o in worker.owned.values() if o.sid == sid)
     assert owned.paced is not None
-    taken_at, base = owned.paced
+    taken_at, base = owned.paced.taken_at, owned.paced.base_samples
     loop = asyncio.get_running_loop()
     while True:  # its first final
         msg = json.loads(await ws.recv())
@@ -91,8 +89,8 @@ async def test_a_session_taken_with_stored_audio_is_read_at_the_pace_and_catches
             break
     elapsed = loop.time() - taken_at
     fed_s = (owned.transcriber.total_samples - base) / SAMPLE_RATE
-    # Read at most `pace` x real time ahead of the head start, give or take one read.
-    bound = CATCHUP_AHEAD_S + pace * elapsed + CATCHUP_READ_COUNT * FRAME_MS / 1000
+    # Read at most `pace` x real time ahead of the head start, give or take one frame.
+    bound = CATCHUP_AHEAD_S + pace * elapsed + FRAME_MS / 1000
     assert fed_s <= bound < stored, (fed_s, bound)
     await ws.send(json.dumps({"type": "close_stream"}))
     out = await drain(ws)
