@@ -597,8 +597,9 @@ class Worker:
     ) -> bool:
         """Read the next part of every paced session: as many entries as `catchup_budget_s`
         allows now (one at least, when it allows any). One whose read brought fewer than
-        asked is at the live edge: read with the others from then on. True when every
-        session is paced: the caller pauses briefly before the next pass."""
+        asked is at the live edge: read with the others from then on; one whose read
+        reached its close has nothing more to read. True when every session is paced:
+        the caller pauses briefly before the next pass."""
         paced = [o for o in targets.values() if o.paced is not None]
         if not paced:
             return False
@@ -623,9 +624,10 @@ class Worker:
             await self._feed_reply(loop, reply, targets)
             if got and o.transcriber.total_samples > fed:
                 c.entry_s = (o.transcriber.total_samples - fed) / SAMPLE_RATE / got
-            if got < count and o.paced is c:
-                o.paced = None  # at the live edge
-                log.info("session %s has caught up", o.sid)
+            if o.paced is c and (got < count or o.close_reason is not None):
+                o.paced = None  # at the live edge, or at the end of its stream
+                if o.close_reason is None:
+                    log.info("session %s has caught up", o.sid)
         if len(paced) < len(targets):
             return False
         await self._pause(CATCHUP_POLL_S)
