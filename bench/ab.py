@@ -10,7 +10,8 @@ B, ... each `--repeats` times, so a slow spell hits them alike. Each run is
 `streamscribe loadtest` at pace 1.0 on the capacity clips, as in bench/capacity.py
 (`--slots` is set so that every session can be served at once); each line printed is one run:
 sessions completed, final lag p50 / p95 / max, the sessions told `queued` and the p95
-final lag of those never queued, interims per session-second, and the cores
+final lag of those never queued, interims per session-second, the wait for text p50 /
+p95 (the longest an utterance went with nothing of it on screen, docs/loadtest.md), and the cores
 that processes other than ours used meanwhile (the rest of the machine's busy time, steal
 included, less every `up`'s and the load generator's own CPU): a run with a high figure
 there was disturbed and says little about its variant.
@@ -104,6 +105,7 @@ def main() -> None:
                 foreign = max(0.0, (system_busy_s() - sys0 - ours) / wall)
                 lag = report["metrics"]["final_lag_s"]
                 served = report["metrics"].get("final_lag_unqueued_s", lag)
+                wait = report["metrics"].get("text_wait_s", {})
                 result = {
                     "variant": variant.name,
                     "repeat": rep + 1,
@@ -112,6 +114,7 @@ def main() -> None:
                     "queued_sessions": int(report.get("queued_sessions", 0)),
                     "final_lag_unqueued_p95_s": served.get("p95"),
                     "interims_per_session_s": interims_per_session_s(report),
+                    "text_wait_s": {k: wait.get(k) for k in ("p50", "p95")},
                     "other_cores": foreign,
                 }
                 results.append(result)
@@ -123,6 +126,7 @@ def main() -> None:
                     str(result["queued_sessions"]),
                     _seconds(served.get("p95")),
                     f"{result['interims_per_session_s']:.3f}",
+                    f"{_seconds(wait.get('p50'))} / {_seconds(wait.get('p95'))}",
                     f"{foreign:.2f}",
                 ]
                 rows.append(row)
@@ -139,6 +143,7 @@ def main() -> None:
                 "queued sessions",
                 "never queued: p95 s",
                 "interims / session-s",
+                "wait for text p50 / p95 s",
                 "other processes' cores",
             ],
             rows,

@@ -108,11 +108,17 @@ def final_receive_times(out: list[tuple[int, int, float]]) -> Iterator[None]:
     original = SessionRecorder.transcript
 
     def transcript(
-        self: SessionRecorder, t: float, result_id: int, is_final: bool, end: float, text: str
+        self: SessionRecorder,
+        t: float,
+        result_id: int,
+        is_final: bool,
+        start: float,
+        end: float,
+        text: str,
     ) -> None:
         if is_final:
             out.append((self.index, result_id, time.time()))
-        original(self, t, result_id, is_final, end, text)
+        original(self, t, result_id, is_final, start, end, text)
 
     setattr(SessionRecorder, "transcript", transcript)  # noqa: B010 - a bench-only probe
     try:

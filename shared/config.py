@@ -319,6 +319,18 @@ class Config:
         "served 12 (a running interim holds its thread, and base's take 0.3-0.4 s).",
         WORKER,
     )
+    interim_floor_s: float = _opt(
+        0.0,
+        "Seconds of an utterance's audio with no text of it on the client's screen after "
+        "which its interim is decoded even when the load would shed it, while the engine "
+        "is under interim_floor_busy. 0 turns this off.",
+        WORKER,
+    )
+    interim_floor_busy: float = _opt(
+        0.9,
+        "Engine busy fraction under which interim_floor_s applies; above it finals alone.",
+        WORKER,
+    )
     interim_pause_s: float = _opt(
         0.2,
         "No interim while the open utterance has been silent this long, seconds (its final "
@@ -496,6 +508,10 @@ class Config:
             raise ConfigError(
                 f"need 0 < {_where('interim_busy_target')} <= {_where('interim_shed_busy')} <= 1"
             )
+        if not (self.interim_floor_s >= 0 and math.isfinite(self.interim_floor_s)):
+            raise ConfigError(f"{_where('interim_floor_s')} must be >= 0")
+        if not 0 < self.interim_floor_busy <= 1:
+            raise ConfigError(f"{_where('interim_floor_busy')} must be in (0, 1]")
         if not 0 < self.vad_threshold < 1:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
         if not (0 <= self.claim_max_final_wait_s < math.inf):

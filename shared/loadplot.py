@@ -86,13 +86,15 @@ def write_plot(recorder: LoadRecorder, report: LoadReport, path: str) -> None:
     _cdf(cdf, recorder.final_lag, "final lag")
     _cdf(cdf, recorder.ack_latency, "ack latency")
     _cdf(cdf, recorder.completion, "session completion")
+    _cdf(cdf, recorder.text_wait, "wait for text")
     hist.set_title("distribution")
     hist.set_xlabel("ms (log)")
     hist.set_ylabel("samples")
     cdf.set_title("cumulative distribution")
     cdf.set_xlabel("ms (log)")
     cdf.set_ylabel("fraction of samples")
-    if any(len(s) for s in (recorder.final_lag, recorder.ack_latency, recorder.completion)):
+    curves = (recorder.final_lag, recorder.ack_latency, recorder.completion, recorder.text_wait)
+    if any(len(s) for s in curves):
         cdf.set_xscale("log")
         cdf.legend()
     cdf.grid(alpha=0.3)

@@ -9,6 +9,9 @@ Metrics (see docs/loadtest.md for the exact definitions):
 - connect: connection opened -> `session.started` received (TCP + TLS + WebSocket + session).
 - first interim: the session's first audio frame sent -> its first interim transcript received.
 - final lag: the frame that holds a final's `end` time sent -> that final received.
+- wait for text: per final, the longest stretch with nothing of its utterance on screen:
+  from the frame that holds its `start` sent, through each interim of it received, to the
+  final received.
 - ack latency: a frame sent -> the first `ack` whose seq covers it (acks are cumulative).
 - completion: `close_stream` sent -> `session.closed` received.
 - send delay: how late the generator sent each frame against its real-time schedule
@@ -21,10 +24,11 @@ maximum.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +43,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("first_interim_s", "time to first interim"),
     ("final_lag_s", "final lag"),
     ("final_lag_unqueued_s", "final lag, never queued"),
+    ("text_wait_s", "wait for text"),
     ("ack_latency_s", "ack latency"),
     ("completion_s", "session completion"),
     ("send_delay_s", "send delay (generator)"),
@@ -143,6 +148,7 @@ class SessionRecorder:
         self._close_stream_t: float | None = None
         self._finals: list[str] = []
         self.interims = 0
+        self._interim_t: list[float] = []  # when the open utterance's interims came
         self.closed: tuple[str, float, int] | None = None  # reason, audio_seconds, finals
         self.errors: list[str] = []
 
@@ -187,24 +193,39 @@ class SessionRecorder:
             self._run.ack_latency.add(t, t - self._send_t[i])
         self._acked = max(self._acked, upto)
 
-    def transcript(self, t: float, result_id: int, is_final: bool, end: float, text: str) -> None:
+    def transcript(
+        self, t: float, result_id: int, is_final: bool, start: float, end: float, text: str
+    ) -> None:
         if not is_final:
             self.interims += 1
             if not self._first_interim_seen and self._send_t:
                 self._first_interim_seen = True
                 self._run.first_interim.add(t, t - self._send_t[0])
+            if result_id == len(self._finals):
+                self._interim_t.append(t)
             return
         self._run.finals += 1
         if result_id != len(self._finals):
             self.anomaly("result_id_out_of_order")
         self._finals.append(text)
-        if self._send_t:
-            frame = bisect_left(self._audio_end, end - END_TOLERANCE_S)
-            frame = min(frame, len(self._send_t) - 1)
-            lag = t - self._send_t[frame]
-            self._run.final_lag.add(t, lag)
-            if self.index not in self._run.queued_sessions:
-                self._run.final_lag_unqueued.add(t, lag)
+        interims, self._interim_t = self._interim_t, []
+        if not self._send_t:
+            return
+        lag = t - self._send_t[self._frame_at(end)]
+        self._run.final_lag.add(t, lag)
+        if self.index not in self._run.queued_sessions:
+            self._run.final_lag_unqueued.add(t, lag)
+        first = self._frame_at(start, starts=True)
+        self._run.text_wait.add(t, text_wait(self._send_t[first], interims, t))
+
+    def _frame_at(self, audio_s: float, *, starts: bool = False) -> int:
+        """The frame that holds the audio ending at `audio_s` or, with `starts`, the audio
+        starting there (the last frame, past the end)."""
+        if starts:
+            frame = bisect_right(self._audio_end, audio_s + END_TOLERANCE_S)
+        else:
+            frame = bisect_left(self._audio_end, audio_s - END_TOLERANCE_S)
+        return min(frame, len(self._send_t) - 1)
 
     def queued(self, t: float, position: int) -> None:
         self._run.queued_sessions.add(self.index)
@@ -294,6 +315,14 @@ class SessionRecorder:
 
     def audio_s_acked(self) -> float:
         return self._audio_end[self._acked - 1] if self._acked else 0.0
+
+
+def text_wait(spoken_t: float, interims: Iterable[float], final_t: float) -> float:
+    """The longest stretch with nothing of an utterance on screen: from `spoken_t` (its
+    first audio sent) through each interim of it received to its final received."""
+    marks = sorted(x for x in interims if spoken_t < x < final_t)
+    edges = [spoken_t, *marks, final_t]
+    return max(0.0, *(b - a for a, b in itertools.pairwise(edges)))
 
 
 # --- the whole run ---------------------------------------------------------------------
@@ -392,6 +421,7 @@ class LoadRecorder:
         #: The finals of sessions never told `queued` (served at once; `queued` always
         #: comes before a session's first final).
         self.final_lag_unqueued = Series()
+        self.text_wait = Series()
         self.ack_latency = Series()
         self.completion = Series()
         self.send_delay = Series()
@@ -420,6 +450,7 @@ class LoadRecorder:
             "first_interim_s": self.first_interim,
             "final_lag_s": self.final_lag,
             "final_lag_unqueued_s": self.final_lag_unqueued,
+            "text_wait_s": self.text_wait,
             "ack_latency_s": self.ack_latency,
             "completion_s": self.completion,
             "send_delay_s": self.send_delay,

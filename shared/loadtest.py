@@ -428,7 +428,7 @@ class SessionHandler:
                 stream.waiting = False
                 run.pacer.schedule(time.monotonic(), stream)
         elif isinstance(msg, Transcript):
-            rec.transcript(t, msg.result_id, msg.is_final, msg.end, msg.text)
+            rec.transcript(t, msg.result_id, msg.is_final, msg.start, msg.end, msg.text)
         elif isinstance(msg, SessionStarted) and stream is None:
             rec.started(t, msg.session_id)
             copies = run.options.copies(self.clip)

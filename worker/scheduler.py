@@ -18,6 +18,10 @@ tiny.en's small matrices poorly).
   interim is decoded at all. So interims use only engine time that finals leave idle, and
   the engine keeps idle headroom, which is what lets a new final start at once instead of
   waiting behind an interim. Finals are never dropped or delayed by this policy.
+- The interim floor: an interim the load would shed still runs when its utterance has gone
+  `floor_s` seconds of audio with no text of it on the client's screen, as long as the
+  engine is under `floor_busy`; so a long utterance under load is not silent until its
+  final. Short utterances, whose finals come first, cost nothing more.
 
 A dropped interim is answered with None; the session asks again after more audio.
 
@@ -41,6 +45,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -48,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
+from shared.config import Config
 from worker.engine import SAMPLE_RATE, Engine, Segment
 from worker.packing import MIN_GUARD_S, layout, pack_audio, packed_samples, split
 from worker.stream import DecodeRequest
@@ -70,10 +76,31 @@ class InterimPolicy:
     stale_s: float = 1.0  # an interim that waited longer is dropped
     busy_target: float = 0.5  # busy fraction up to which interims run at full rate
     shed_busy: float = 0.9  # busy fraction from which no interim runs
+    # A session whose open utterance has gone this many seconds of audio without any
+    # text on the client's screen gets its interim despite the load, while the engine is
+    # under floor_busy. 0: off.
+    floor_s: float = 0.0
+    floor_busy: float = 0.9
+
+    @classmethod
+    def from_config(cls, config: Config) -> InterimPolicy:
+        """The worker's policy: its interim settings (the stale limit is one interval)."""
+        return cls(
+            interval_s=config.interim_interval_s,
+            stale_s=config.interim_interval_s,
+            busy_target=config.interim_busy_target,
+            shed_busy=config.interim_shed_busy,
+            floor_s=config.interim_floor_s,
+            floor_busy=config.interim_floor_busy,
+        )
 
     def __post_init__(self) -> None:
         if not (self.interval_s > 0 and self.stale_s > 0):
             raise ValueError("interval_s and stale_s must be positive")
+        if not (self.floor_s >= 0 and math.isfinite(self.floor_s)):
+            raise ValueError(f"floor_s must be >= 0, got {self.floor_s}")
+        if not 0 < self.floor_busy <= 1:
+            raise ValueError(f"need 0 < floor_busy <= 1, got {self.floor_busy}")
         if not 0 < self.busy_target <= self.shed_busy <= 1:
             raise ValueError(
                 f"need 0 < busy_target <= shed_busy <= 1, got "
@@ -91,6 +118,11 @@ class InterimPolicy:
         if busy >= self.shed_busy:
             return None
         return self.interval_s * (1 - self.busy_target) / (1 - busy)
+
+    def floor_due(self, unseen_s: float, busy: float) -> bool:
+        """Whether an interim the load would shed runs anyway: its utterance has gone
+        `unseen_s` seconds of audio without text on screen, and the engine has room."""
+        return 0 < self.floor_s <= unseen_s and busy < self.floor_busy
 
 
 class LoadMeter:
@@ -192,6 +224,7 @@ class Job(Generic[T]):
     payload: T = field(compare=False)
     alone: bool = field(default=False, compare=False)  # never packed (a pack's retry)
     started_at: float = field(default=0.0, compare=False)  # when its decode began
+    unseen_s: float = field(default=0.0, compare=False)  # an interim's audio not yet shown
 
 
 @dataclass
@@ -200,6 +233,7 @@ class QueueCounters:
     interim: int = 0
     interim_stale: int = 0  # dropped: waited longer than stale_s
     interim_shed: int = 0  # dropped: the session had one too recently for the current load
+    interim_floor: int = 0  # decoded despite the load: its utterance had no text for floor_s
     packs: int = 0  # engine calls that decoded several sessions' finals at once
     packed_finals: int = 0  # finals decoded in those calls
     packed_interims: int = 0  # interims decoded in calls with other sessions' interims
@@ -242,11 +276,14 @@ class DecodeQueue(Generic[T]):
     def finals_waiting(self) -> int:
         return sum(1 for job in self._heap if job.kind == "final")
 
-    def push(self, kind: Kind, session: str, payload: T) -> Job[T]:
+    def push(self, kind: Kind, session: str, payload: T, *, unseen_s: float = 0.0) -> Job[T]:
+        """Queue a decode. `unseen_s`, for an interim: seconds of its utterance's audio
+        since the client last saw text of it (see `InterimPolicy.floor_s`)."""
         now = self.clock()
         if kind == "interim":
             self._last_interim.setdefault(session, now - self.policy.interval_s)
         job = Job(0 if kind == "final" else 1, next(self._order), kind, session, now, payload)
+        job.unseen_s = unseen_s
         heapq.heappush(self._heap, job)
         return job
 
@@ -272,12 +309,16 @@ class DecodeQueue(Generic[T]):
             self.counters.interim_stale += 1
             dropped.append(job)
             return False
-        spacing = self.policy.spacing_s(self.load.busy_fraction(now))
+        busy = self.load.busy_fraction(now)
+        spacing = self.policy.spacing_s(busy)
         last = self._last_interim.get(job.session, job.queued_at - self.policy.interval_s)
         # At or under the target the session's own pace (one request per interval of
         # new audio) is the spacing; only above it are requests thinned out. Spacing
         # is measured between request times, which do not jitter with queueing.
         if spacing is None or (spacing > self.policy.interval_s and job.queued_at - last < spacing):
+            if self.policy.floor_due(job.unseen_s, busy):
+                self.counters.interim_floor += 1
+                return True
             self.counters.interim_shed += 1
             dropped.append(job)
             return False
@@ -443,7 +484,9 @@ class Scheduler:
     ) -> list[Segment] | None:
         """Segments of the request's audio; None when an interim was dropped."""
         future: _Future = asyncio.get_running_loop().create_future()
-        self.queue.push(request.kind, session, _Work(request, language, future))
+        self.queue.push(
+            request.kind, session, _Work(request, language, future), unseen_s=request.unseen_s
+        )
         self._wake.set()
         return await future
 

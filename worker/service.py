@@ -189,12 +189,7 @@ class Worker:
         self.scheduler = Scheduler(
             self.engine,
             beam_size=self.config.beam_size,
-            policy=InterimPolicy(
-                interval_s=self.config.interim_interval_s,
-                stale_s=self.config.interim_interval_s,
-                busy_target=self.config.interim_busy_target,
-                shed_busy=self.config.interim_shed_busy,
-            ),
+            policy=InterimPolicy.from_config(self.config),
             pack=PackPolicy(
                 max_items=self.config.pack_finals,
                 window_s=self.config.pack_window_s,
@@ -963,6 +958,7 @@ class Worker:
             "decodes_interim": c.interim,
             "interims_dropped_stale": c.interim_stale,
             "interims_dropped_load": c.interim_shed,
+            "interims_floor": c.interim_floor,
             "packs": c.packs,
             "packed_finals": c.packed_finals,
             "packed_interims": c.packed_interims,

@@ -96,6 +96,8 @@ class DecodeRequest:
     prompt: str = ""  # text of the session's previous final (decoder context)
     early: bool = False  # a final asked for before its utterance is known to have ended
     language: str | None = "en"  # None: the decode detects it
+    # An interim's: seconds of its utterance's audio since the client last saw text of it
+    unseen_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class SessionTranscriber:
         self._last_speech_end = 0
         self._utt_probs: deque[tuple[int, float]] = deque()
         self._last_interim_end = 0
+        self._shown_end = 0  # end sample of the last interim of this session sent out
         self._pending: deque[tuple[int, int]] = deque()  # ended utterances to finalize
         self._outstanding: DecodeRequest | None = None
         self._prompt = ""
@@ -287,14 +290,21 @@ class SessionTranscriber:
         elif self._interim_due():
             start = self._open_start()
             self._last_interim_end = self._vad_pos
-            req = self._request("interim", start, self._vad_pos)
+            unseen = (self._vad_pos - max(start, self._shown_end)) / SAMPLE_RATE
+            req = self._request("interim", start, self._vad_pos, unseen_s=unseen)
         else:
             return None
         self._outstanding = req
         return req
 
     def _request(
-        self, kind: Literal["final", "interim"], start: int, end: int, *, early: bool = False
+        self,
+        kind: Literal["final", "interim"],
+        start: int,
+        end: int,
+        *,
+        early: bool = False,
+        unseen_s: float = 0.0,
     ) -> DecodeRequest:
         """A decode of [start, end) with the session's next result_id, prompt and language."""
         return DecodeRequest(
@@ -306,6 +316,7 @@ class SessionTranscriber:
             self._prompt,
             early=early,
             language=self.language,
+            unseen_s=unseen_s,
         )
 
     def has_work(self) -> bool:
@@ -359,6 +370,7 @@ class SessionTranscriber:
         if not text or self._utt_start is None or req.result_id != self.finals:
             return []
         offset = req.start / SAMPLE_RATE
+        self._shown_end = max(self._shown_end, req.end)
         return [Interim(_transcript(req.result_id, False, offset, req, segments, text))]
 
     def _finish(self, req: DecodeRequest, segments: list[Segment]) -> Final:

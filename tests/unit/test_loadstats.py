@@ -15,6 +15,7 @@ from shared.loadstats import (
     RunInfo,
     SessionRecorder,
     percentile,
+    text_wait,
 )
 from shared.scoring import wer, word_errors
 
@@ -85,10 +86,10 @@ def test_final_lag_is_measured_from_the_frame_holding_the_final_end() -> None:
     rec.connecting(0.0)
     rec.started(0.0, "s")
     streamed(rec, 10)  # frame k sent at (k+1)/10 s
-    rec.transcript(1.5, 0, True, 0.35, "one")  # frame 3 (0.3..0.4) sent at 0.4 -> 1.1
-    rec.transcript(1.6, 1, True, 0.6, "two")  # boundary: frame 5 (0.5..0.6) sent at 0.6 -> 1.0
-    rec.transcript(1.7, 2, True, 0.7004, "three")  # rounded: frame 6 sent at 0.7 -> 1.0
-    rec.transcript(2.0, 3, True, 1.25, "four")  # past the last frame: frame 9 at 1.0 -> 1.0
+    rec.transcript(1.5, 0, True, 0.0, 0.35, "one")  # frame 3 (0.3..0.4) sent at 0.4 -> 1.1
+    rec.transcript(1.6, 1, True, 0.0, 0.6, "two")  # boundary: frame 5 (0.5..0.6) sent at 0.6 -> 1.0
+    rec.transcript(1.7, 2, True, 0.0, 0.7004, "three")  # rounded: frame 6 sent at 0.7 -> 1.0
+    rec.transcript(2.0, 3, True, 0.0, 1.25, "four")  # past the last frame: frame 9 at 1.0 -> 1.0
     assert list(run.final_lag.values) == pytest.approx([1.1, 1.0, 1.0, 1.0])
     assert list(run.final_lag.times) == [1.5, 1.6, 1.7, 2.0]
     assert rec.text == "one two three four"
@@ -105,9 +106,9 @@ def test_final_lag_of_sessions_never_queued_is_also_kept_apart() -> None:
         rec.started(0.0, f"s{i}")
         streamed(rec, 10)
     waited.queued(0.3, 1)
-    served.transcript(1.1, 0, True, 0.5, "one")  # frame 4 sent at 0.5 -> 0.6
-    waited.transcript(5.0, 0, True, 0.5, "one")  # -> 4.5, after waiting in the queue
-    served.transcript(1.4, 1, True, 1.0, "two")  # frame 9 sent at 1.0 -> 0.4
+    served.transcript(1.1, 0, True, 0.0, 0.5, "one")  # frame 4 sent at 0.5 -> 0.6
+    waited.transcript(5.0, 0, True, 0.0, 0.5, "one")  # -> 4.5, after waiting in the queue
+    served.transcript(1.4, 1, True, 0.0, 1.0, "two")  # frame 9 sent at 1.0 -> 0.4
     assert list(run.final_lag.values) == pytest.approx([0.6, 4.5, 0.4])
     assert list(run.final_lag_unqueued.values) == pytest.approx([0.6, 0.4])
     for rec in (served, waited):
@@ -128,9 +129,35 @@ def test_final_lag_of_sessions_never_queued_is_also_kept_apart() -> None:
     rec.connecting(0.0)
     rec.started(0.0, "s")
     streamed(rec, 10)
-    rec.transcript(1.1, 0, True, 0.5, "one")
+    rec.transcript(1.1, 0, True, 0.0, 0.5, "one")
     complete(rec, 2.0, 1, 1.0)
     assert "never queued" not in alone.report(RUN, 3.0).render_table()
+
+
+def test_wait_for_text_is_the_longest_stretch_without_output_in_an_utterance() -> None:
+    """Per final: from the frame holding its `start` sent, through its own interims
+    received, to the final received, the longest gap. Interims of another result id and
+    those of an utterance that never gets a final add nothing."""
+    run = LoadRecorder()
+    rec = run.session("a.wav")
+    rec.connecting(0.0)
+    rec.started(0.0, "s")
+    streamed(rec, 80)  # frame k sent at (k+1)/10 s, 8 s of audio
+    # utterance 0 spans 0.25..3.0 s of audio: its first frame (0.2..0.3) went at 0.3
+    rec.transcript(1.5, 0, False, 0.25, 1.0, "one")  # gap 1.2
+    rec.transcript(4.5, 0, False, 0.25, 2.8, "one two")  # gap 3.0
+    rec.transcript(4.9, 0, True, 0.25, 3.0, "one two three")  # gap 0.4
+    # utterance 1: 4.0..5.0 s, no interims: sent at 4.1, final at 6.0 -> 1.9
+    rec.transcript(5.0, 3, False, 4.0, 4.5, "stray")  # not this utterance's id
+    rec.transcript(6.0, 1, True, 4.0, 5.0, "four")
+    # an interim of an utterance whose final never comes is not a sample
+    rec.transcript(7.0, 2, False, 6.0, 6.5, "five")
+    assert list(run.text_wait.values) == pytest.approx([3.0, 1.9])
+    assert text_wait(1.0, [], 2.5) == pytest.approx(1.5)
+    assert text_wait(1.0, [3.0, 0.5, 1.5], 2.0) == pytest.approx(0.5)  # outside ones ignored
+    complete(rec, 8.5, finals=2, audio_s=8.0)
+    row = next(x for x in run.report(RUN, 9.5).render_table().splitlines() if "wait for" in x)
+    assert row.split()[-5:] == ["2", "1900.0", "3000.0", "3000.0", "3000.0"]
 
 
 def test_ack_latency_with_cumulative_acks() -> None:
@@ -170,10 +197,10 @@ def test_first_interim_connect_completion_and_send_delay() -> None:
     rec.started(1.25, "sid")
     rec.frame_sent(2.0, 0.1, due_t=1.5)
     rec.frame_sent(2.1, 0.2, due_t=2.5)  # early: 0
-    rec.transcript(3.0, 0, False, 0.1, "hel")
-    rec.transcript(3.5, 0, False, 0.2, "hello")
+    rec.transcript(3.0, 0, False, 0.0, 0.1, "hel")
+    rec.transcript(3.5, 0, False, 0.0, 0.2, "hello")
     rec.ack(3.6, 1)
-    rec.transcript(3.7, 0, True, 0.2, "hello")
+    rec.transcript(3.7, 0, True, 0.0, 0.2, "hello")
     complete(rec, 4.0, finals=1, audio_s=0.2)
     assert list(run.connect.values) == [0.25]
     assert list(run.first_interim.values) == [1.0]
@@ -193,7 +220,7 @@ def test_errors_by_close_code_and_session_outcomes() -> None:
     ok.started(0.1, "a")
     streamed(ok, 3)
     ok.ack(0.5, 2)
-    ok.transcript(0.6, 0, True, 0.3, "x")
+    ok.transcript(0.6, 0, True, 0.0, 0.3, "x")
     complete(ok, 1.0, finals=1, audio_s=0.3)
     refused.error_message(0.1, "unauthorized")
     refused.connection_closed(0.1, 4401, "invalid API key")
@@ -204,7 +231,7 @@ def test_errors_by_close_code_and_session_outcomes() -> None:
     gap.started(0.1, "c")
     streamed(gap, 2)
     gap.ack(0.3, 1)
-    gap.transcript(0.4, 0, True, 0.1, "a")
+    gap.transcript(0.4, 0, True, 0.0, 0.1, "a")
     complete(gap, 0.5, finals=2, audio_s=0.2)  # reported 2 finals, received 1
     assert (run.live, run.completed, run.failed) == (0, 1, 4)
     report = run.report(RUN, 9.0)
@@ -228,8 +255,8 @@ def test_result_ids_out_of_order_are_flagged() -> None:
     rec.started(0.0, "s")
     streamed(rec, 2)
     rec.ack(0.3, 1)
-    rec.transcript(0.4, 0, True, 0.1, "a")
-    rec.transcript(0.5, 2, True, 0.2, "c")
+    rec.transcript(0.4, 0, True, 0.0, 0.1, "a")
+    rec.transcript(0.5, 2, True, 0.0, 0.2, "c")
     complete(rec, 1.0, finals=2, audio_s=0.2)
     assert rec.status == "failed"
     assert rec.anomalies == ["result_id_out_of_order"]
@@ -251,7 +278,7 @@ def scored_run() -> LoadRecorder:
         rec.started(0.01, f"sid{i}")
         streamed(rec, 4)
         rec.ack(0.5, 3)
-        rec.transcript(0.6, 0, True, 0.4, hyp)
+        rec.transcript(0.6, 0, True, 0.0, 0.4, hyp)
         complete(rec, 1.0, finals=1, audio_s=0.4)
     failed = run.session("x.wav", "never scored")
     failed.connect_failed(0.1, "OSError: boom")
@@ -337,11 +364,11 @@ def test_interims_line_counts_the_sessions_that_had_none() -> None:
         rec.started(0.01, "sid")
         streamed(rec, 10)  # 1 s of audio each
         rec.ack(1.05, 9)
-    talky.transcript(0.5, 0, False, 0.4, "hel")
-    talky.transcript(0.8, 0, False, 0.7, "hello")
-    gone.transcript(0.5, 0, False, 0.4, "x")
+    talky.transcript(0.5, 0, False, 0.0, 0.4, "hel")
+    talky.transcript(0.8, 0, False, 0.0, 0.7, "hello")
+    gone.transcript(0.5, 0, False, 0.0, 0.4, "x")
     for rec in (talky, quiet):
-        rec.transcript(1.1, 0, True, 1.0, "hello")
+        rec.transcript(1.1, 0, True, 0.0, 1.0, "hello")
         complete(rec, 1.2, finals=1, audio_s=1.0)
     gone.connection_closed(1.2, 1011, "worker failed")
     report = run.report(RUN, 2.0)

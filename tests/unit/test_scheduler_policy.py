@@ -250,6 +250,88 @@ def test_no_interims_when_saturated_but_finals_go_on() -> None:
     assert job is None and [d.payload for d in dropped] == ["interim"]
 
 
+def busy_pair(policy: InterimPolicy, fraction: float) -> tuple[DecodeQueue[str], FakeClock]:
+    """A queue with two decode threads, both busy `fraction` of each second for the whole
+    4 s load window (finals of another session), and now idle."""
+    clock = FakeClock()
+    q: DecodeQueue[str] = DecodeQueue(policy, clock, load_window_s=4.0, concurrency=2)
+    for _ in range(4):
+        q.push("final", "other", "f1")
+        q.push("final", "other", "f2")
+        jobs = [q.pop()[0], q.pop()[0]]
+        for job in jobs:
+            assert job is not None
+            q.started(job)
+        clock.now += fraction
+        for job in jobs:
+            assert job is not None
+            q.finished(job)
+        clock.now += 1 - fraction
+    return q, clock
+
+
+FLOOR = InterimPolicy(busy_target=0.5, shed_busy=0.7, floor_s=3.0, floor_busy=0.9)
+
+
+def test_the_worker_policy_follows_its_config() -> None:
+    """Every interim setting reaches the policy; the floor is off by default."""
+    assert InterimPolicy.from_config(Config()).floor_s == 0
+    policy = InterimPolicy.from_config(
+        Config(
+            interim_interval_s=2.0,
+            interim_busy_target=0.4,
+            interim_shed_busy=0.6,
+            interim_floor_s=3.0,
+            interim_floor_busy=0.8,
+        )
+    )
+    assert policy == InterimPolicy(
+        interval_s=2.0, stale_s=2.0, busy_target=0.4, shed_busy=0.6, floor_s=3.0, floor_busy=0.8
+    )
+
+
+def test_interim_floor_serves_an_utterance_long_without_text_while_there_is_room() -> None:
+    """Above shed_busy an interim still runs when its utterance has gone floor_s of audio
+    without text on screen and the engine is under floor_busy; with less unseen audio it
+    is shed."""
+    q, clock = busy_pair(FLOOR, 0.8)
+    assert q.load.busy_fraction(clock.now) == pytest.approx(0.8)
+    q.push("interim", "short", "unseen 2.9", unseen_s=2.9)
+    q.push("interim", "long", "unseen 3.0", unseen_s=3.0)
+    job, dropped = q.pop()
+    assert job is not None and job.payload == "unseen 3.0"
+    assert [d.payload for d in dropped] == ["unseen 2.9"]
+    assert (q.counters.interim_floor, q.counters.interim_shed) == (1, 1)
+    assert q.pop() == (None, [])
+
+
+def test_interim_floor_stops_at_floor_busy_and_zero_turns_it_off() -> None:
+    """From floor_busy on finals have the engine alone, however long an utterance went
+    without text; floor_s 0 turns the floor off."""
+    full, _ = busy_pair(FLOOR, 0.95)
+    full.push("interim", "long", "unseen 10", unseen_s=10.0)
+    job, dropped = full.pop()
+    assert job is None and [d.payload for d in dropped] == ["unseen 10"]
+
+    off, _ = busy_pair(InterimPolicy(busy_target=0.5, shed_busy=0.7, floor_s=0.0), 0.8)
+    off.push("interim", "long", "unseen 10", unseen_s=10.0)
+    assert off.pop()[0] is None and off.counters.interim_floor == 0
+
+
+@pytest.mark.parametrize(
+    "floor_s, floor_busy", [(-1.0, 0.9), (float("nan"), 0.9), (3.0, 0.0), (3.0, 1.1)]
+)
+def test_policy_and_config_refuse_a_bad_floor(floor_s: float, floor_busy: float) -> None:
+    """floor_s must be >= 0 and finite, floor_busy in (0, 1]; the config names the flag."""
+    with pytest.raises(ValueError):
+        InterimPolicy(floor_s=floor_s, floor_busy=floor_busy)
+    with pytest.raises(ConfigError) as info:
+        Config(interim_floor_s=floor_s, interim_floor_busy=floor_busy)
+    assert "--interim-floor-" in str(info.value)
+    InterimPolicy(floor_s=0.0, floor_busy=1.0)  # the edges themselves are allowed
+    Config(interim_floor_s=0.0, interim_floor_busy=1.0)
+
+
 def simulate(
     q: DecodeQueue[str],
     clock: FakeClock,

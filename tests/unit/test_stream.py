@@ -219,6 +219,26 @@ def test_interim_after_each_interval_of_new_speech() -> None:
     assert again is not None and again.kind == "interim" and again.end == 74 * W
 
 
+def test_an_interim_says_how_much_of_its_utterance_the_client_has_not_seen() -> None:
+    """`unseen_s`: audio since the utterance's start, or since the end of the last
+    interim that produced text; an interim that produced nothing leaves it growing."""
+    t = transcriber(StreamOptions(early_final_s=0.0))
+    push(t, silence(10), speech(32))
+    first = t.next_request()
+    assert first is not None and first.kind == "interim"
+    assert first.unseen_s == pytest.approx((first.end - first.start) / SAMPLE_RATE)
+    assert t.complete(first, said("")) == []  # no text: nothing shown
+    push(t, speech(32))
+    second = t.next_request()
+    assert second is not None and second.kind == "interim"
+    assert second.unseen_s == pytest.approx((second.end - second.start) / SAMPLE_RATE)
+    assert t.complete(second, said("hel"))  # shown up to second.end
+    push(t, speech(32))
+    third = t.next_request()
+    assert third is not None and third.kind == "interim"
+    assert third.unseen_s == pytest.approx((third.end - second.end) / SAMPLE_RATE)
+
+
 def test_no_interims_when_interim_results_is_false() -> None:
     """With interim_results=False, long open speech asks for no decode at all."""
     t = transcriber(NO_INTERIMS)
