@@ -156,8 +156,12 @@ def test_wait_for_text_is_the_longest_stretch_without_output_in_an_utterance() -
     assert text_wait(1.0, [], 2.5) == pytest.approx(1.5)
     assert text_wait(1.0, [3.0, 0.5, 1.5], 2.0) == pytest.approx(0.5)  # outside ones ignored
     complete(rec, 8.5, finals=2, audio_s=8.0)
-    row = next(x for x in run.report(RUN, 9.5).render_table().splitlines() if "wait for" in x)
+    report = run.report(RUN, 9.5)
+    row = next(x for x in report.render_table().splitlines() if "wait for" in x)
     assert row.split()[-5:] == ["2", "1900.0", "3000.0", "3000.0", "3000.0"]
+    older = json.loads(report.to_json())  # a file written before the metric existed
+    del older["metrics"]["text_wait_s"]
+    assert "wait for text" not in LoadReport.from_dict(older).render_table()
 
 
 def test_ack_latency_with_cumulative_acks() -> None:
