@@ -320,15 +320,25 @@ class Config:
         WORKER,
     )
     interim_floor_s: float = _opt(
-        0.0,
+        3.0,
         "Seconds of an utterance's audio with no text of it on the client's screen after "
         "which its interim is decoded even when the load would shed it, while the engine "
-        "is under interim_floor_busy. 0 turns this off.",
+        "is under interim_floor_busy and its calls are short (interim_floor_max_call_s). "
+        "0 turns this off.",
         WORKER,
     )
     interim_floor_busy: float = _opt(
         0.9,
         "Engine busy fraction under which interim_floor_s applies; above it finals alone.",
+        WORKER,
+    )
+    interim_floor_max_call_s: float = _opt(
+        0.4,
+        "interim_floor_s applies only while the engine's calls (over the last 4 s) take "
+        "at most this long on average, seconds: a running interim holds its thread, and a "
+        "final that comes meanwhile waits for it. On 2 CPU cores at capacity tiny.en's "
+        "calls took 0.23-0.34 s and Whisper base's 0.44-0.69 s, where the floor cost base "
+        "its finals' headroom.",
         WORKER,
     )
     interim_pause_s: float = _opt(
@@ -512,6 +522,8 @@ class Config:
             raise ConfigError(f"{_where('interim_floor_s')} must be >= 0")
         if not 0 < self.interim_floor_busy <= 1:
             raise ConfigError(f"{_where('interim_floor_busy')} must be in (0, 1]")
+        if not self.interim_floor_max_call_s > 0:  # NaN fails too
+            raise ConfigError(f"{_where('interim_floor_max_call_s')} must be positive")
         if not 0 < self.vad_threshold < 1:
             raise ConfigError(f"{_where('vad_threshold')} must be between 0 and 1")
         if not (0 <= self.claim_max_final_wait_s < math.inf):

@@ -20,7 +20,9 @@ tiny.en's small matrices poorly).
   waiting behind an interim. Finals are never dropped or delayed by this policy.
 - The interim floor: an interim the load would shed still runs when its utterance has gone
   `floor_s` seconds of audio with no text of it on the client's screen, as long as the
-  engine is under `floor_busy`; so a long utterance under load is not silent until its
+  engine is under `floor_busy` and its calls are short (`floor_max_call_s` on average over
+  the load window: a slow model's interim would hold a thread long enough to delay the
+  finals that come meanwhile); so a long utterance under load is not silent until its
   final. Short utterances, whose finals come first, cost nothing more.
 
 A dropped interim is answered with None; the session asks again after more audio.
@@ -81,6 +83,9 @@ class InterimPolicy:
     # under floor_busy. 0: off.
     floor_s: float = 0.0
     floor_busy: float = 0.9
+    # ... and while the engine's calls take at most this long on average (seconds): a
+    # running interim holds its thread, and a final that comes meanwhile waits for it.
+    floor_max_call_s: float = 0.4
 
     @classmethod
     def from_config(cls, config: Config) -> InterimPolicy:
@@ -92,6 +97,7 @@ class InterimPolicy:
             shed_busy=config.interim_shed_busy,
             floor_s=config.interim_floor_s,
             floor_busy=config.interim_floor_busy,
+            floor_max_call_s=config.interim_floor_max_call_s,
         )
 
     def __post_init__(self) -> None:
@@ -101,6 +107,8 @@ class InterimPolicy:
             raise ValueError(f"floor_s must be >= 0, got {self.floor_s}")
         if not 0 < self.floor_busy <= 1:
             raise ValueError(f"need 0 < floor_busy <= 1, got {self.floor_busy}")
+        if not self.floor_max_call_s > 0:
+            raise ValueError(f"floor_max_call_s must be positive, got {self.floor_max_call_s}")
         if not 0 < self.busy_target <= self.shed_busy <= 1:
             raise ValueError(
                 f"need 0 < busy_target <= shed_busy <= 1, got "
@@ -119,10 +127,15 @@ class InterimPolicy:
             return None
         return self.interval_s * (1 - self.busy_target) / (1 - busy)
 
-    def floor_due(self, unseen_s: float, busy: float) -> bool:
+    def floor_due(self, unseen_s: float, busy: float, call_s: float | None) -> bool:
         """Whether an interim the load would shed runs anyway: its utterance has gone
-        `unseen_s` seconds of audio without text on screen, and the engine has room."""
-        return 0 < self.floor_s <= unseen_s and busy < self.floor_busy
+        `unseen_s` seconds of audio without text on screen, the engine has room, and its
+        calls (`call_s` on average, None: none lately) are short."""
+        return (
+            0 < self.floor_s <= unseen_s
+            and busy < self.floor_busy
+            and (call_s is None or call_s <= self.floor_max_call_s)
+        )
 
 
 class LoadMeter:
@@ -162,8 +175,8 @@ class LoadMeter:
         self._spans_total += now - started_at
         self._longest = max(self._longest, now - started_at)
 
-    def busy_fraction(self, now: float) -> float:
-        lo = now - self.window_s
+    def _trim(self, lo: float) -> None:
+        """Forget the decodes that ended at or before `lo`."""
         # Spans are appended as decodes finish, so they are in order of their ends (their
         # starts may not be, with several decodes at once): the oldest ends go first.
         spans = self._spans
@@ -172,6 +185,17 @@ class LoadMeter:
             self._spans_total -= end - start
         if not spans:
             self._spans_total = self._longest = 0.0
+
+    def mean_call_s(self, now: float) -> float | None:
+        """How long the engine calls that ended in the window took, on average (a batched
+        call counts once); None when none ended there."""
+        self._trim(now - self.window_s)
+        return self._spans_total / len(self._spans) if self._spans else None
+
+    def busy_fraction(self, now: float) -> float:
+        lo = now - self.window_s
+        self._trim(lo)
+        spans = self._spans
         # Only a span that ends before lo + its length can start before lo; spans are in
         # order of their ends, so the scan stops at the first that ends later than any could.
         busy = self._spans_total
@@ -316,7 +340,7 @@ class DecodeQueue(Generic[T]):
         # new audio) is the spacing; only above it are requests thinned out. Spacing
         # is measured between request times, which do not jitter with queueing.
         if spacing is None or (spacing > self.policy.interval_s and job.queued_at - last < spacing):
-            if self.policy.floor_due(job.unseen_s, busy):
+            if self.policy.floor_due(job.unseen_s, busy, self.load.mean_call_s(now)):
                 self.counters.interim_floor += 1
                 return True
             self.counters.interim_shed += 1
@@ -470,6 +494,10 @@ class Scheduler:
 
     def busy_fraction(self) -> float:
         return self.queue.load.busy_fraction(self._clock())
+
+    def mean_call_s(self) -> float | None:
+        """See `LoadMeter.mean_call_s`."""
+        return self.queue.load.mean_call_s(self._clock())
 
     def final_busy_fraction(self) -> float:
         """The share of the engine's capacity that finals used over the load window."""

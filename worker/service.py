@@ -954,6 +954,7 @@ class Worker:
             "final_wait_s": round(self.scheduler.final_wait_s(), 3),
             "engine_busy_finals": round(self.scheduler.final_busy_fraction(), 3),
             "engine_busy_s": round(self.scheduler.busy_s, 3),
+            "engine_call_s": round(self.scheduler.mean_call_s() or 0.0, 3),
             "decodes_final": c.final,
             "decodes_interim": c.interim,
             "interims_dropped_stale": c.interim_stale,

@@ -147,6 +147,19 @@ def test_load_meter_matches_a_full_recount_over_many_overlapping_decodes() -> No
         assert meter.busy_fraction(now) == pytest.approx(min(1.0, want / 4.0), abs=1e-9)
 
 
+def test_load_meter_mean_call_is_over_the_calls_that_ended_in_the_window() -> None:
+    """The mean duration of the engine calls that ended in the last window; None before
+    any, and again once they have all left the window."""
+    meter = LoadMeter(window_s=4.0, capacity=2)
+    assert meter.mean_call_s(100.0) is None
+    for start, end in ((100.0, 100.2), (100.1, 100.5), (103.0, 103.3)):
+        meter.started(start)
+        meter.finished(end, start)
+    assert meter.mean_call_s(103.5) == pytest.approx(0.3)  # (0.2 + 0.4 + 0.3) / 3
+    assert meter.mean_call_s(104.3) == pytest.approx(0.35)  # the first ended 4.1 s ago
+    assert meter.mean_call_s(107.3) is None
+
+
 def test_load_meter_refuses_two_decodes_at_once() -> None:
     """One engine thread runs one decode: a second start without a finish is a bug."""
     meter = LoadMeter()
@@ -250,23 +263,27 @@ def test_no_interims_when_saturated_but_finals_go_on() -> None:
     assert job is None and [d.payload for d in dropped] == ["interim"]
 
 
-def busy_pair(policy: InterimPolicy, fraction: float) -> tuple[DecodeQueue[str], FakeClock]:
+def busy_pair(
+    policy: InterimPolicy, fraction: float, call_s: float = 0.2
+) -> tuple[DecodeQueue[str], FakeClock]:
     """A queue with two decode threads, both busy `fraction` of each second for the whole
-    4 s load window (finals of another session), and now idle."""
+    4 s load window (finals of another session, in calls of `call_s`), and now idle."""
     clock = FakeClock()
     q: DecodeQueue[str] = DecodeQueue(policy, clock, load_window_s=4.0, concurrency=2)
+    calls = round(fraction / call_s)
     for _ in range(4):
-        q.push("final", "other", "f1")
-        q.push("final", "other", "f2")
-        jobs = [q.pop()[0], q.pop()[0]]
-        for job in jobs:
-            assert job is not None
-            q.started(job)
-        clock.now += fraction
-        for job in jobs:
-            assert job is not None
-            q.finished(job)
-        clock.now += 1 - fraction
+        for _ in range(calls):
+            q.push("final", "other", "f1")
+            q.push("final", "other", "f2")
+            jobs = [q.pop()[0], q.pop()[0]]
+            for job in jobs:
+                assert job is not None
+                q.started(job)
+            clock.now += call_s
+            for job in jobs:
+                assert job is not None
+                q.finished(job)
+        clock.now += 1 - calls * call_s
     return q, clock
 
 
@@ -274,20 +291,48 @@ FLOOR = InterimPolicy(busy_target=0.5, shed_busy=0.7, floor_s=3.0, floor_busy=0.
 
 
 def test_the_worker_policy_follows_its_config() -> None:
-    """Every interim setting reaches the policy; the floor is off by default."""
-    assert InterimPolicy.from_config(Config()).floor_s == 0
+    """Every interim setting reaches the policy; the floor is on by default (3 s, for
+    engines whose calls take at most 0.4 s)."""
+    default = InterimPolicy.from_config(Config())
+    assert (default.floor_s, default.floor_busy, default.floor_max_call_s) == (3.0, 0.9, 0.4)
     policy = InterimPolicy.from_config(
         Config(
             interim_interval_s=2.0,
             interim_busy_target=0.4,
             interim_shed_busy=0.6,
-            interim_floor_s=3.0,
+            interim_floor_s=5.0,
             interim_floor_busy=0.8,
+            interim_floor_max_call_s=0.3,
         )
     )
     assert policy == InterimPolicy(
-        interval_s=2.0, stale_s=2.0, busy_target=0.4, shed_busy=0.6, floor_s=3.0, floor_busy=0.8
+        interval_s=2.0,
+        stale_s=2.0,
+        busy_target=0.4,
+        shed_busy=0.6,
+        floor_s=5.0,
+        floor_busy=0.8,
+        floor_max_call_s=0.3,
     )
+
+
+def test_interim_floor_waits_out_long_engine_calls() -> None:
+    """With the engine's calls longer than floor_max_call_s on average (a slow model) the
+    floor does not run, at the same load where short calls let it; the limit itself is
+    allowed, and a limit that is not positive is refused."""
+    slow, _ = busy_pair(FLOOR, 0.8, call_s=0.8)
+    assert slow.load.mean_call_s(slow.clock()) == pytest.approx(0.8)
+    slow.push("interim", "long", "unseen 10", unseen_s=10.0)
+    assert slow.pop()[0] is None and slow.counters.interim_floor == 0
+    edge, _ = busy_pair(FLOOR, 0.8, call_s=0.4)
+    edge.push("interim", "long", "unseen 10", unseen_s=10.0)
+    assert edge.pop()[0] is not None and edge.counters.interim_floor == 1
+    with pytest.raises(ValueError):
+        InterimPolicy(floor_max_call_s=0.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError) as info:
+            Config(interim_floor_max_call_s=bad)
+        assert "--interim-floor-max-call-s" in str(info.value)
 
 
 def test_interim_floor_serves_an_utterance_long_without_text_while_there_is_room() -> None:
@@ -308,7 +353,7 @@ def test_interim_floor_serves_an_utterance_long_without_text_while_there_is_room
 def test_interim_floor_stops_at_floor_busy_and_zero_turns_it_off() -> None:
     """From floor_busy on finals have the engine alone, however long an utterance went
     without text; floor_s 0 turns the floor off."""
-    full, _ = busy_pair(FLOOR, 0.95)
+    full, _ = busy_pair(FLOOR, 0.95, call_s=0.19)
     full.push("interim", "long", "unseen 10", unseen_s=10.0)
     job, dropped = full.pop()
     assert job is None and [d.payload for d in dropped] == ["unseen 10"]
