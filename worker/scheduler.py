@@ -306,8 +306,8 @@ class DecodeQueue(Generic[T]):
         now = self.clock()
         if kind == "interim":
             self._last_interim.setdefault(session, now - self.policy.interval_s)
-        job = Job(0 if kind == "final" else 1, next(self._order), kind, session, now, payload)
-        job.unseen_s = unseen_s
+        priority = 0 if kind == "final" else 1
+        job = Job(priority, next(self._order), kind, session, now, payload, unseen_s=unseen_s)
         heapq.heappush(self._heap, job)
         return job
 
