@@ -316,6 +316,16 @@ def test_the_worker_policy_follows_its_config() -> None:
     )
 
 
+def test_interim_floor_edges_on_the_policy_itself() -> None:
+    """floor_s is inclusive, floor_busy exclusive, floor_max_call_s inclusive; with no
+    call ended lately (None) the call limit does not hold the floor back."""
+    assert FLOOR.floor_due(3.0, 0.89, 0.4)
+    assert not FLOOR.floor_due(2.99, 0.89, 0.4)
+    assert not FLOOR.floor_due(3.0, 0.9, 0.4)
+    assert not FLOOR.floor_due(3.0, 0.89, 0.41)
+    assert FLOOR.floor_due(3.0, 0.89, None)
+
+
 def test_interim_floor_waits_out_long_engine_calls() -> None:
     """With the engine's calls longer than floor_max_call_s on average (a slow model) the
     floor does not run, at the same load where short calls let it; the limit itself is
