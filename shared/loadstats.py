@@ -17,6 +17,9 @@ Metrics (see docs/loadtest.md for the exact definitions):
 - send delay: how late the generator sent each frame against its real-time schedule
   (paced runs only); large values mean the load generator itself is overloaded.
 
+Each session belongs to a priority lane (`normal` or `high`, the `priority` it asked
+for); the report also gives each lane's sessions, outcomes, queueing and final lag.
+
 Percentiles use the nearest-rank method: the p-th percentile of n sorted samples is the
 sample at 1-based rank ceil(p / 100 * n). It is always an observed value, and p100 is the
 maximum.
@@ -125,16 +128,25 @@ class SessionSummary:
     anomalies: tuple[str, ...]
     wer: float | None
     text: str
+    priority: str = "normal"  # the lane it asked for (reports before lanes: normal)
 
 
 class SessionRecorder:
     """Every event of one session. Times are seconds since the run's origin."""
 
-    def __init__(self, run: LoadRecorder, index: int, audio: str, reference: str | None) -> None:
+    def __init__(
+        self,
+        run: LoadRecorder,
+        index: int,
+        audio: str,
+        reference: str | None,
+        priority: str = "normal",
+    ) -> None:
         self._run = run
         self.index = index
         self.audio = audio
         self.reference = reference
+        self.priority = priority
         self.stage = "pending"  # pending, connecting, streaming, closing, ended
         self.status: str | None = None
         self.session_id: str | None = None
@@ -201,6 +213,7 @@ class SessionRecorder:
             if not self._first_interim_seen and self._send_t:
                 self._first_interim_seen = True
                 self._run.first_interim.add(t, t - self._send_t[0])
+                self._run.lane_series("first_interim", self.priority).add(t, t - self._send_t[0])
             if result_id == len(self._finals):
                 self._interim_t.append(t)
             return
@@ -213,6 +226,7 @@ class SessionRecorder:
             return
         lag = t - self._send_t[self._frame_at(end)]
         self._run.final_lag.add(t, lag)
+        self._run.lane_series("final_lag", self.priority).add(t, lag)
         if self.index not in self._run.queued_sessions:
             self._run.final_lag_unqueued.add(t, lag)
         first = self._frame_at(start, starts=True)
@@ -230,6 +244,8 @@ class SessionRecorder:
     def queued(self, t: float, position: int) -> None:
         self._run.queued_sessions.add(self.index)
         self._run.max_queue_position = max(self._run.max_queue_position, position)
+        lane = self._run.lane_max_position
+        lane[self.priority] = max(lane.get(self.priority, 0), position)
 
     def close_stream_sent(self, t: float) -> None:
         self.stage, self._close_stream_t = "closing", t
@@ -311,6 +327,7 @@ class SessionRecorder:
             anomalies=tuple(self.anomalies),
             wer=None,
             text=self.text,
+            priority=self.priority,
         )
 
     def audio_s_acked(self) -> float:
@@ -341,6 +358,23 @@ class RunInfo:
     frame_ms: int
     interim_results: bool
     language: str | None = None  # the sessions' `language` parameter; None: the service's
+    high_share: float = 0.0  # share of the sessions that asked for priority=high
+
+
+@dataclass(frozen=True, slots=True)
+class LaneReport:
+    """One priority lane's sessions: how they ended, how many waited, how soon they saw
+    text and their finals' lag."""
+
+    sessions: int
+    completed: int
+    failed: int
+    unfinished: int
+    overloaded: int  # refused or cancelled with close code 1013 (no worker in time)
+    queued: int  # told `queued` at least once
+    max_queue_position: int
+    final_lag: Distribution
+    first_interim: Distribution = field(default_factory=Distribution)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +410,8 @@ class LoadReport:
     wer: WerResult | None
     wer_note: str
     per_session: tuple[SessionSummary, ...] = field(default_factory=tuple)
+    #: Per priority lane that had sessions, `high` first (reports before lanes: empty).
+    lanes: dict[str, LaneReport] = field(default_factory=dict)
 
     @property
     def all_completed(self) -> bool:
@@ -399,6 +435,15 @@ class LoadReport:
         body["run"] = RunInfo(**run)
         body["metrics"] = {k: Distribution(**v) for k, v in body["metrics"].items()}
         body["wer"] = WerResult(**body["wer"]) if body["wer"] is not None else None
+        body["lanes"] = {
+            name: LaneReport(
+                **{
+                    **lane,
+                    **{k: Distribution(**lane[k]) for k in ("final_lag", "first_interim")},
+                }
+            )
+            for name, lane in body.get("lanes", {}).items()
+        }
         body["per_session"] = tuple(
             SessionSummary(
                 **{**s, "errors": tuple(s["errors"]), "anomalies": tuple(s["anomalies"])}
@@ -438,11 +483,19 @@ class LoadRecorder:
         self.anomalies_of: dict[int, list[str]] = {}
         self.queued_sessions: set[int] = set()
         self.max_queue_position = 0
+        self.lane_max_position: dict[str, int] = {}
+        self._lane_series: dict[tuple[str, str], Series] = {}
 
-    def session(self, audio: str, reference: str | None = None) -> SessionRecorder:
-        rec = SessionRecorder(self, len(self.sessions), audio, reference)
+    def session(
+        self, audio: str, reference: str | None = None, priority: str = "normal"
+    ) -> SessionRecorder:
+        rec = SessionRecorder(self, len(self.sessions), audio, reference, priority)
         self.sessions.append(rec)
         return rec
+
+    def lane_series(self, metric: str, priority: str) -> Series:
+        """One metric's samples (`final_lag`, `first_interim`) of one priority lane."""
+        return self._lane_series.setdefault((metric, priority), Series())
 
     def series(self) -> dict[str, Series]:
         return {
@@ -507,7 +560,30 @@ class LoadRecorder:
             wer=wer,
             wer_note=note,
             per_session=tuple(summaries),
+            lanes=self._lanes(summaries),
         )
+
+    def _lanes(self, summaries: Sequence[SessionSummary]) -> dict[str, LaneReport]:
+        out: dict[str, LaneReport] = {}
+        for lane in sorted({s.priority for s in summaries}, key=_lane_order):
+            mine = [s for s in summaries if s.priority == lane]
+            out[lane] = LaneReport(
+                sessions=len(mine),
+                completed=sum(s.status == "completed" for s in mine),
+                failed=sum(s.status == "failed" for s in mine),
+                unfinished=sum(s.status == "unfinished" for s in mine),
+                overloaded=sum(s.status == "failed" and s.close_code == 1013 for s in mine),
+                queued=sum(s.index in self.queued_sessions for s in mine),
+                max_queue_position=self.lane_max_position.get(lane, 0),
+                final_lag=Distribution.of(self.lane_series("final_lag", lane).values),
+                first_interim=Distribution.of(self.lane_series("first_interim", lane).values),
+            )
+        return out
+
+
+def _lane_order(lane: str) -> tuple[int, str]:
+    """`high` first, then `normal`, then anything else by name."""
+    return ({"high": 0, "normal": 1}.get(lane, 2), lane)
 
 
 def _with_wer(s: SessionSummary, value: float) -> SessionSummary:
@@ -561,6 +637,25 @@ def _interims_line(r: LoadReport) -> list[str]:
     ]
 
 
+def _lanes_block(r: LoadReport) -> list[str]:
+    """Each priority lane's sessions and final lag, when the run used more than one lane
+    or any lane but `normal`."""
+    if not r.lanes or set(r.lanes) == {"normal"}:
+        return []
+    lines = [
+        f"{'by priority':<12}{'sessions':>9}{'completed':>10}{'failed':>7}{'1013':>6}"
+        f"{'queued':>7}{'first interim p50/p95 (ms)':>28}{'final lag p50/p95 (ms)':>24}"
+    ]
+    for name, lane in r.lanes.items():
+        first = f"{_ms(lane.first_interim.p50)} / {_ms(lane.first_interim.p95)}"
+        lag = f"{_ms(lane.final_lag.p50)} / {_ms(lane.final_lag.p95)}"
+        lines.append(
+            f"{name:<12}{lane.sessions:>9}{lane.completed:>10}{lane.failed:>7}"
+            f"{lane.overloaded:>6}{lane.queued:>7}{first:>28}{lag:>24}"
+        )
+    return lines
+
+
 def render_table(report: LoadReport) -> str:
     """The human-readable summary printed at the end of a run."""
     r = report
@@ -570,7 +665,8 @@ def render_table(report: LoadReport) -> str:
         f"  pace {run.pace:g}x, ramp {run.ramp_s:g} s, "
         + (f"duration {run.duration_s:g} s" if run.duration_s else "each file once")
         + f", {run.frame_ms} ms frames, interim results {'on' if run.interim_results else 'off'}"
-        + (f", language {run.language}" if run.language else ""),
+        + (f", language {run.language}" if run.language else "")
+        + (f", {run.high_share:g} of sessions priority=high" if run.high_share else ""),
         f"  elapsed {r.elapsed_s:.1f} s{' (interrupted)' if r.interrupted else ''}",
         "",
         f"sessions: {r.completed} completed, {r.failed} failed, {r.unfinished} unfinished "
@@ -604,6 +700,7 @@ def render_table(report: LoadReport) -> str:
         lines.append(
             f"queued: {r.queued_sessions} session(s), highest position {r.max_queue_position}"
         )
+    lines += _lanes_block(r)
     if r.wer is not None:
         lines.append(
             f"WER: {r.wer.value * 100:.1f}% over {r.wer.sessions} completed session(s), "

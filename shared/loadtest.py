@@ -138,6 +138,7 @@ class Options:
     frame_ms: int = 100
     interim_results: bool = True
     language: str | None = None
+    high_share: float = 0.0  # share of the sessions that ask for priority=high
     api_key: str | None = None
     insecure: bool = False
     cafile: str | None = None
@@ -163,6 +164,10 @@ class Options:
             (self.open_timeout_s > 0, "--open-timeout-s must be > 0"),
             (0 <= self.tick_ms <= 100, f"--tick-ms must be 0..100, got {self.tick_ms}"),
             (bool(self.audio), "give at least one --audio file"),
+            (
+                0 <= self.high_share <= 1,  # NaN fails too
+                f"--high-share must be 0..1, got {self.high_share}",
+            ),
             (
                 self.language is None or valid_language(self.language),
                 f"--language must be an ISO 639 code such as 'de', or 'auto', "
@@ -199,7 +204,15 @@ class Options:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def session_url(self, clip: Clip) -> str:
+    def priority(self, index: int) -> str:
+        """Session `index`'s lane: `high` for floor(sessions x high_share) of them, spread
+        evenly through the ramp (session i is high where floor(i x share) steps up at
+        i + 1: with 0.25, sessions 3, 7, 11, ...)."""
+        share = self.high_share
+        steps = math.floor((index + 1) * share + 1e-9) > math.floor(index * share + 1e-9)
+        return "high" if steps else "normal"
+
+    def session_url(self, clip: Clip, priority: str = "normal") -> str:
         parts = urlsplit(self.url)
         params: dict[str, Any] = {
             "sample_rate": clip.sample_rate,
@@ -210,6 +223,8 @@ class Options:
             params["interim_results"] = "false"
         if self.language is not None:
             params["language"] = self.language
+        if priority != "normal":
+            params["priority"] = priority
         path = parts.path if parts.path not in ("", "/") else "/v1/listen"
         return urlunsplit(parts._replace(path=path, query=urlencode(params)))
 
@@ -356,7 +371,7 @@ class Run:
             clip = clips[i % len(clips)]
             copies = options.copies(clip)
             ref = " ".join([clip.reference] * copies) if clip.reference else None
-            self.recorder.session(Path(clip.path).name, ref)
+            self.recorder.session(Path(clip.path).name, ref, options.priority(i))
             self.plan.append((clip, options.ramp_s * i / options.sessions))
 
     def clock(self) -> float:
@@ -370,7 +385,7 @@ class Run:
         handler = SessionHandler(self, clip, rec)
         try:
             ws = await connect(
-                self.options.session_url(clip),
+                self.options.session_url(clip, rec.priority),
                 ssl=self.ssl,
                 additional_headers=self.headers,
                 compression=None,
@@ -667,6 +682,7 @@ async def run_load(
         frame_ms=options.frame_ms,
         interim_results=options.interim_results,
         language=options.language,
+        high_share=options.high_share,
     )
     interrupted = stop is not None and stop.is_set()
     report = run.recorder.report(
@@ -728,6 +744,14 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(default: the service's language, en)",
     )
     p.add_argument(
+        "--high-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of the sessions (0..1) opened with priority=high, spread evenly through "
+        "the ramp; the table then shows each priority lane (default 0)",
+    )
+    p.add_argument(
         "--max-unacked-frames",
         type=int,
         default=64,
@@ -787,6 +811,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         frame_ms=args.frame_ms,
         interim_results=not args.no_interim,
         language=args.language,
+        high_share=args.high_share,
         api_key=args.api_key or client_api_key(),
         insecure=args.insecure,
         cafile=cafile,

@@ -170,6 +170,58 @@ async def test_language_reaches_the_gateway(service_factory: ServiceFactory) -> 
     assert report.run.language == "de"
 
 
+async def test_high_share_reaches_the_gateway_per_lane(
+    service_factory: ServiceFactory, redis: Any
+) -> None:
+    """--high-share 0.5 opens every second session with priority=high: the gateway stores
+    that priority with each session, and the report gives each lane its own counts."""
+    from shared import keys
+    from shared.loadtest import prepare, run_load
+
+    svc = await service_factory()
+    args = parse(
+        "--url", svc.url, "--sessions", "4", "--pace", "0", "--audio", S1, "--high-share", "0.5"
+    )  # fmt: skip
+    report, _ = await run_load(*prepare(args))
+    check_consistent(report)
+    assert [s.priority for s in report.per_session] == ["normal", "high"] * 2
+    for s in report.per_session:
+        assert s.session_id is not None
+        stored = await redis.hget(keys.meta(s.session_id), "priority")
+        assert stored is not None and stored.decode() == s.priority
+    assert list(report.lanes) == ["high", "normal"]
+    firsts = sum(lane.first_interim.count for lane in report.lanes.values())
+    assert firsts == report.metrics["first_interim_s"].count
+    for lane in report.lanes.values():
+        assert (lane.sessions, lane.completed, lane.failed, lane.overloaded) == (2, 2, 0, 0)
+        assert lane.final_lag.count == report.finals_received // 2
+    table = report.render_table()
+    assert "0.5 of sessions priority=high" in table
+    assert any(line.split()[:4] == ["high", "2", "2", "0"] for line in table.splitlines())
+
+
+async def test_high_priority_refused_for_a_key_shows_in_its_lane(
+    service_factory: ServiceFactory,
+) -> None:
+    """With API keys, priority=high needs a key listed in high_priority_keys: for any other
+    key the high lane's sessions fail with 4400 and the normal lane's complete."""
+    svc = await service_factory(api_keys=("plain",), high_priority_keys=())
+    code, table, _ = await run_cli(
+        "--url", svc.url, "--api-key", "plain", "--sessions", "4", "--pace", "0",
+        "--audio", S1, "--high-share", "0.5",
+    )  # fmt: skip
+    assert code == 1, table
+    assert "sessions: 2 completed, 2 failed, 0 unfinished (of 4)" in table
+    assert "errors by close code: 4400: 2" in table
+    rows = {
+        row[0]: row[1:6]
+        for row in (line.split() for line in table.splitlines())
+        if row[:1] in (["high"], ["normal"])
+    }
+    assert rows["high"] == ["2", "0", "2", "0", "0"]
+    assert rows["normal"] == ["2", "2", "0", "0", "0"]
+
+
 def test_refused_connection_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     """Against a closed loopback port every session fails and the exit code is 1."""
     url = f"ws://127.0.0.1:{closed_port()}/v1/listen"
@@ -190,7 +242,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         "--url", "--sessions", "--audio", "--pace", "--ramp-s", "--duration-s",
         "--drain-timeout-s", "--frame-ms", "--no-interim", "--max-unacked-frames",
         "--open-timeout-s", "--insecure", "--cafile", "--api-key", "--json", "--plot",
-        "--no-progress", "--state-dir", "--tick-ms", "--language",
+        "--no-progress", "--state-dir", "--tick-ms", "--language", "--high-share",
     ):  # fmt: skip
         assert flag in text, flag
     assert "loadtest" in build_parser().format_help()
@@ -207,6 +259,9 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         (["--url", "http://127.0.0.1:1/v1/listen"], "--url must be ws:// or wss://"),
         (["--json", "/nonexistent-dir/x.json"], "no such directory"),
         (["--language", "German"], "--language must be an ISO 639 code"),
+        (["--high-share", "-0.01"], "--high-share must be 0..1"),
+        (["--high-share", "1.01"], "--high-share must be 0..1"),
+        (["--high-share", "nan"], "--high-share must be 0..1"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -222,6 +277,35 @@ def test_usage_errors_exit_2(
 def test_tick_at_its_edges_is_accepted(tick_ms: float) -> None:
     options = Options(url="ws://127.0.0.1:1/v1/listen", sessions=1, audio=(S1,), tick_ms=tick_ms)
     assert options.tick_ms == tick_ms
+
+
+@pytest.mark.parametrize(
+    ("sessions", "share", "high"),
+    [
+        (8, 0.0, []),
+        (8, 0.25, [3, 7]),
+        (3, 1 / 3, [2]),
+        (10, 0.7, [1, 2, 4, 5, 7, 8, 9]),
+        (4, 1.0, [0, 1, 2, 3]),
+        (5, 0.1, []),  # floor(0.5): no session
+    ],
+)
+def test_high_share_picks_floor_of_sessions_spread_evenly(
+    sessions: int, share: float, high: list[int]
+) -> None:
+    """--high-share F makes floor(N x F) sessions high priority, spread through the ramp;
+    0 and 1 are allowed; only high sessions name a priority in their URL."""
+    options = Options(
+        url="ws://127.0.0.1:1/v1/listen", sessions=sessions, audio=(S1,), high_share=share
+    )
+    lanes = [options.priority(i) for i in range(sessions)]
+    assert [i for i, lane in enumerate(lanes) if lane == "high"] == high
+    assert set(lanes) <= {"high", "normal"}
+    from shared.loadtest import load_clip
+
+    clip = load_clip(S1, 100)
+    assert "priority=high" in options.session_url(clip, "high")
+    assert "priority" not in options.session_url(clip, "normal")
 
 
 def test_unreadable_audio_and_missing_up_exit_2(

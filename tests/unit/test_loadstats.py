@@ -252,6 +252,61 @@ def test_errors_by_close_code_and_session_outcomes() -> None:
     assert report.finals_received == 2 and report.finals_reported == 3
 
 
+def test_each_priority_lane_gets_its_outcomes_queueing_and_final_lag() -> None:
+    """Sessions are counted in the lane they asked for: outcomes, 1013 refusals (at
+    connect or after waiting), sessions told `queued` with the lane's highest position,
+    and the time to first interim and final lag of the lane's own sessions only. The
+    table shows the lanes, high first; a report whose sessions were all normal shows no
+    lane block."""
+    run = LoadRecorder()
+    fast = run.session("a.wav", priority="high")
+    slow, refused, waited = (run.session(f"{i}.wav") for i in range(3))
+    for i, rec in enumerate((fast, slow, waited)):
+        rec.connecting(0.0)
+        rec.started(0.0, f"s{i}")
+        streamed(rec, 10)
+        rec.ack(1.1, 9)
+    fast.transcript(0.8, 0, False, 0.0, 0.5, "on")  # first frame sent at 0.1 -> 0.7
+    fast.transcript(1.2, 0, True, 0.0, 1.0, "one")  # frame 9 sent at 1.0 -> 0.2
+    slow.queued(0.3, 2)
+    slow.transcript(2.5, 0, False, 0.0, 0.5, "on")  # -> 2.4
+    slow.transcript(3.0, 0, True, 0.0, 1.0, "one")  # -> 2.0
+    slow.transcript(3.5, 1, True, 0.0, 0.5, "two")  # frame 4 sent at 0.5 -> 3.0
+    complete(fast, 2.0, finals=1, audio_s=1.0)
+    complete(slow, 4.0, finals=2, audio_s=1.0)
+    refused.connecting(0.1)
+    refused.error_message(0.2, "overloaded")
+    refused.connection_closed(0.2, 1013, "overloaded")
+    waited.queued(0.4, 3)
+    waited.error_message(30.0, "overloaded")
+    waited.connection_closed(30.0, 1013, "overloaded")
+    report = run.report(RUN, 31.0)
+    assert list(report.lanes) == ["high", "normal"]
+    high, normal = report.lanes["high"], report.lanes["normal"]
+    assert (high.sessions, high.completed, high.failed, high.overloaded) == (1, 1, 0, 0)
+    assert (high.queued, high.max_queue_position) == (0, 0)
+    assert high.final_lag.count == 1 and high.final_lag.max == pytest.approx(0.2)
+    assert high.first_interim.count == 1 and high.first_interim.max == pytest.approx(0.7)
+    assert (normal.sessions, normal.completed, normal.failed, normal.overloaded) == (3, 1, 2, 2)
+    assert (normal.queued, normal.max_queue_position, normal.unfinished) == (2, 3, 0)
+    assert normal.final_lag.count == 2 and normal.final_lag.max == pytest.approx(3.0)
+    assert normal.first_interim.count == 1 and normal.first_interim.max == pytest.approx(2.4)
+    lines = report.render_table().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("by priority"))
+    assert lines[at + 1].split() == [
+        "high", "1", "1", "0", "0", "0", "700.0", "/", "700.0", "200.0", "/", "200.0",
+    ]  # fmt: skip
+    assert lines[at + 2].split() == [
+        "normal", "3", "1", "2", "2", "2", "2400.0", "/", "2400.0", "2000.0", "/", "3000.0",
+    ]  # fmt: skip
+    alone = LoadRecorder()
+    rec = alone.session("a.wav")
+    rec.connect_failed(0.1, "OSError: boom")
+    plain = alone.report(RUN, 1.0)
+    assert list(plain.lanes) == ["normal"]
+    assert "by priority" not in plain.render_table()
+
+
 def test_result_ids_out_of_order_are_flagged() -> None:
     """Finals must arrive numbered 0, 1, 2, ...; a gap fails the session."""
     run = LoadRecorder()
@@ -396,8 +451,19 @@ def test_json_round_trip() -> None:
     assert data["per_session"][0]["text"] == "the cat sat town"
     back = LoadReport.from_dict(data)
     assert back == report
+    assert data["lanes"]["normal"]["sessions"] == 4
+    assert back.lanes["normal"].final_lag == report.lanes["normal"].final_lag
     with pytest.raises(ValueError, match="version"):
         LoadReport.from_dict({**data, "version": 99})
+    # A report written before priority lanes: no `lanes`, no per-session `priority`.
+    older = {k: v for k, v in data.items() if k != "lanes"}
+    older["per_session"] = [
+        {k: v for k, v in s.items() if k != "priority"} for s in data["per_session"]
+    ]
+    del older["run"]["high_share"]
+    old = LoadReport.from_dict(older)
+    assert old.lanes == {} and {s.priority for s in old.per_session} == {"normal"}
+    assert "by priority" not in old.render_table()
 
 
 def test_table_contents() -> None:
