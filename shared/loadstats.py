@@ -613,6 +613,14 @@ def _score(
 # --- rendering -------------------------------------------------------------------------
 
 
+def _files(paths: Sequence[str], most: int = 4) -> str:
+    """The files' names, the first few of a long list and how many more."""
+    names = [p.replace("\\", "/").rsplit("/", 1)[-1] for p in paths]
+    if len(names) > most:
+        names = [*names[: most - 1], f"and {len(names) - most + 1} more"]
+    return ", ".join(names)
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
@@ -667,6 +675,7 @@ def render_table(report: LoadReport) -> str:
         + f", {run.frame_ms} ms frames, interim results {'on' if run.interim_results else 'off'}"
         + (f", language {run.language}" if run.language else "")
         + (f", {run.high_share:g} of sessions priority=high" if run.high_share else ""),
+        f"  audio: {_files(run.audio)}",
         f"  elapsed {r.elapsed_s:.1f} s{' (interrupted)' if r.interrupted else ''}",
         "",
         f"sessions: {r.completed} completed, {r.failed} failed, {r.unfinished} unfinished "

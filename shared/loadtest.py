@@ -30,6 +30,7 @@ import time
 import traceback
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -97,6 +98,25 @@ def wire_frame(payload: bytes) -> bytes:
     drawn once per clip frame, not per send; the server only requires a mask (RFC 6455's
     advice on unpredictable keys guards intermediaries, and this is a load generator)."""
     return Frame(Opcode.BINARY, payload).serialize(mask=True, extensions=[])
+
+
+#: What `--audio` defaults to: the four utterances every worker ships to measure its engine
+#: at start-up (worker/calibration_audio: espeak-ng speech, 6.2-7.2 s each, with texts).
+SAMPLE_NAMES = ("c1", "c2", "c3", "c4")
+SAMPLE_NOTE = (
+    "no --audio given: streaming the 4 built-in sample utterances (synthetic speech, "
+    "26 s in all, with reference texts); for figures that hold for your users, give "
+    "recordings of real speech"
+)
+
+
+def sample_audio() -> tuple[str, ...]:
+    """The built-in sample files, as paths (they ship inside the `worker` package)."""
+    folder = resources.files("worker") / "calibration_audio"
+    paths = tuple(str(folder / f"{name}.wav") for name in SAMPLE_NAMES)
+    if not all(Path(p).is_file() for p in paths):
+        raise UsageError("the built-in sample audio is not installed as files: give --audio")
+    return paths
 
 
 def load_clip(path: str, frame_ms: int) -> Clip:
@@ -711,7 +731,11 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--url", help="gateway URL, e.g. wss://host:8765/v1/listen")
     p.add_argument("--sessions", type=int, default=10, help="concurrent sessions (default 10)")
     p.add_argument(
-        "--audio", nargs="+", required=True, metavar="FILE", help="WAV file(s) to stream"
+        "--audio",
+        nargs="+",
+        metavar="FILE",
+        help="WAV file(s) to stream (default: 4 built-in sample utterances, synthetic "
+        "speech; real recordings give figures that hold for real users)",
     )
     p.add_argument(
         "--pace",
@@ -803,7 +827,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
         url=url,
         sessions=args.sessions,
-        audio=tuple(args.audio),
+        audio=tuple(args.audio) if args.audio else sample_audio(),
         pace=args.pace,
         ramp_s=args.ramp_s,
         duration_s=args.duration_s,
@@ -851,6 +875,8 @@ async def loadtest_main(
     except UsageError as exc:
         err.write(f"streamscribe loadtest: error: {exc}\n")
         return 2
+    if not args.audio:
+        err.write(f"streamscribe loadtest: {SAMPLE_NOTE}\n")
     report, recorder = await run_load(
         options,
         clips,

@@ -222,6 +222,20 @@ async def test_high_priority_refused_for_a_key_shows_in_its_lane(
     assert rows["normal"] == ["2", "2", "0", "0", "0"]
 
 
+async def test_without_audio_the_built_in_samples_are_streamed(
+    service_factory: ServiceFactory,
+) -> None:
+    """No --audio: the four sample utterances shipped with the worker are streamed, with
+    their texts as references, and stderr says that they are synthetic speech."""
+    svc = await service_factory()
+    code, table, err = await run_cli("--url", svc.url, "--sessions", "5", "--pace", "0")
+    assert code == 0, table + err
+    assert "built-in sample utterances (synthetic speech" in err
+    assert "  audio: c1.wav, c2.wav, c3.wav, c4.wav\n" in table
+    assert "sessions: 5 completed, 0 failed" in table
+    assert "WER: " in table and "over 5 completed session(s)" in table
+
+
 def test_refused_connection_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     """Against a closed loopback port every session fails and the exit code is 1."""
     url = f"ws://127.0.0.1:{closed_port()}/v1/listen"

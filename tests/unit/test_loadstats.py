@@ -467,10 +467,16 @@ def test_json_round_trip() -> None:
 
 
 def test_table_contents() -> None:
-    """The table shows outcomes, each metric's count and percentiles in ms, audio, frames,
-    finals, errors by close code and WER."""
+    """The table shows the files streamed, outcomes, each metric's count and percentiles
+    in ms, audio, frames, finals, errors by close code and WER."""
     report = scored_run().report(RUN, 2.0, wer_fn=wer)
     table = report.render_table()
+    assert "  audio: a.wav\n" in table
+    many = dataclasses.replace(RUN, audio=tuple(f"/clips/f{i}.wav" for i in range(6)))
+    assert (
+        "  audio: f0.wav, f1.wav, f2.wav, and 3 more\n"
+        in scored_run().report(many, 2.0).render_table()
+    )
     assert "sessions: 3 completed, 1 failed, 0 unfinished (of 4)" in table
     ack = next(line for line in table.splitlines() if line.startswith("ack latency"))
     # 12 samples, three each of 100, 200, 300, 400 ms (frames sent at 0.1..0.4, acked at
