@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from shared import __version__
-from shared.config import COMMON, GATEWAY, WORKER, Config, add_arguments, env_name, load_config
+from shared.config import (
+    COMMON,
+    GATEWAY,
+    UP,
+    WORKER,
+    Config,
+    add_arguments,
+    env_name,
+    load_config,
+)
 from shared.errors import ConfigError
 
 log = logging.getLogger("streamscribe")
@@ -62,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="start everything locally: (embedded Valkey,) a gateway, a worker, a dev certificate",
         description="Start a complete local service in one process tree. Without --redis-url "
         "an embedded Valkey is started; without --certfile a self-signed development "
-        "certificate is made (pass --certfile none for plain ws://). Ctrl-C stops it all.",
+        "certificate is made (pass --certfile none for plain ws://). --workers N starts N "
+        "worker processes. Ctrl-C stops it all.",
     )
-    add_arguments(up, COMMON, GATEWAY, WORKER)
+    add_arguments(up, COMMON, GATEWAY, WORKER, UP)
 
     gw = sub.add_parser(
         "gateway",
@@ -200,8 +210,17 @@ def _wait_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> st
     raise RuntimeError(f"timed out waiting for {prefix.strip()}")
 
 
+def worker_cpu_threads(config: Config, cores: int) -> int:
+    """CPU threads per decode for each of `up`'s workers: `cpu_threads` as set, or with 0
+    (the default) the cores shared out among every decode of every worker (at least 1)."""
+    if config.cpu_threads:
+        return config.cpu_threads
+    return max(1, cores // (config.workers * config.decode_threads))
+
+
 def up(config: Config) -> int:
-    """Start Valkey (if needed), a worker and a gateway as child processes; stop on signal."""
+    """Start Valkey (if needed), a gateway and `workers` workers as child processes; stop
+    on signal."""
     from shared.devcert import ensure_dev_cert
     from shared.embedded import EmbeddedValkey
 
@@ -218,9 +237,14 @@ def up(config: Config) -> int:
         cert, key = ensure_dev_cert(state)
         config = dataclasses.replace(config, certfile=str(cert), keyfile=str(key))
         cafile = str(cert)
+    if config.workers > 1:
+        config = dataclasses.replace(
+            config, cpu_threads=worker_cpu_threads(config, os.cpu_count() or 1)
+        )
     env = _child_env(config)
     cmd = [sys.executable, "-m", "shared.cli"]
     children: list[subprocess.Popen[str]] = []
+    workers: list[subprocess.Popen[str]] = []
     stop = {"flag": False}
 
     def _stop(_signum: int, _frame: Any) -> None:
@@ -234,14 +258,18 @@ def up(config: Config) -> int:
         )
         children.append(gateway)
         url = _wait_line(gateway, "streamscribe gateway: ", 60)
-        # The worker starts once the gateway is up: with slots auto it times its model at
-        # start-up, which another process starting beside it would slow (fewer slots).
+        # Each worker starts once the gateway and the workers before it are up: with slots
+        # auto it times its model at start-up, which another process starting beside it
+        # would slow (fewer slots); and the first joins a model shipped in parts, once.
         print("loading the model...", flush=True)
-        worker = subprocess.Popen(
-            [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
-        children.insert(0, worker)  # stopped last (the list is stopped in reverse)
-        ready = _wait_line(worker, "streamscribe worker ", 300)
+        ready: list[str] = []
+        for _ in range(config.workers):
+            worker = subprocess.Popen(
+                [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+            )
+            workers.append(worker)
+            children.append(worker)
+            ready.append(_wait_line(worker, "streamscribe worker ", 300))
         info = {
             "url": url,
             "redis_url": config.redis_url,
@@ -251,7 +279,9 @@ def up(config: Config) -> int:
         }
         (state / "up.json").write_text(json.dumps(info, indent=2))
         print(f"streamscribe is up\n  url:   {url}\n  redis: {config.redis_url}", flush=True)
-        print(f"  worker: {ready.partition('ready, ')[2] or ready}", flush=True)
+        for i, line in enumerate(ready):
+            name = "worker" if len(ready) == 1 else f"worker {i + 1} of {len(ready)}"
+            print(f"  {name}: {line.partition('ready, ')[2] or line}", flush=True)
         if cafile:
             print(f"  dev certificate (trust it or use --insecure): {cafile}", flush=True)
         print("Try: streamscribe transcribe FILE.wav   (Ctrl-C stops everything)", flush=True)
@@ -266,11 +296,15 @@ def up(config: Config) -> int:
         return 1
     finally:
         print("stopping...", flush=True)
-        for child in reversed(children):  # gateway drains first, then the worker
-            if child.poll() is None:
+        # The gateway drains first, then the workers, all at once.
+        for stage in ([c for c in children if c not in workers], workers):
+            running = [c for c in stage if c.poll() is None]
+            for child in running:
                 child.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + config.drain_timeout_s + 5
+            for child in running:
                 try:
-                    child.wait(config.drain_timeout_s + 5)
+                    child.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     child.kill()
         if valkey is not None:

@@ -29,6 +29,8 @@ ENV_PREFIX = "STREAMSCRIBE_"
 COMMON = "common"
 GATEWAY = "gateway"
 WORKER = "worker"
+UP = "up"  # settings of `streamscribe up` itself: how many processes it starts
+MAX_UP_WORKERS = 64
 
 
 def _opt(default: Any, help: str, *parts: str, metavar: str | None = None) -> Any:
@@ -59,6 +61,16 @@ class Config:
         "`up.json` that `transcribe` reads to find the service.",
         COMMON,
         metavar="DIR",
+    )
+    workers: int = _opt(
+        1,
+        "Worker processes `up` starts (1-64), one after another, each with its own copy of "
+        "the model, all serving the one gateway. More than one pays where one worker's "
+        "Python (VAD, Redis, its event loop: one core's worth, about 400 real-time "
+        "sessions on a 2-core VM) is the limit, not the model: e.g. on a GPU. With "
+        "cpu_threads 0 the cores are shared out among all of them. Each measures its own "
+        "slots (slots auto) while the ones before it are idle.",
+        UP,
     )
     # --- gateway ------------------------------------------------------------------
     host: str = _opt("127.0.0.1", "Address the gateway listens on.", GATEWAY)
@@ -500,6 +512,8 @@ class Config:
             raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
         if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
             raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
+        if not 1 <= self.workers <= MAX_UP_WORKERS:
+            raise ConfigError(f"{_where('workers')} must be 1..{MAX_UP_WORKERS}")
         if not 1 <= self.batch_decodes <= 64:
             raise ConfigError(f"{_where('batch_decodes')} must be 1..64")
         if self.pack_finals < 1:

@@ -256,6 +256,39 @@ def test_cpu_threads_may_be_zero_but_not_negative() -> None:
     assert names_both(config_error(cpu_threads=-1), "cpu_threads")
 
 
+def test_up_workers_at_their_edges() -> None:
+    """workers (how many worker processes `up` starts): 1 and 64 are taken, 0 and 65 not;
+    only `up` offers the flag, and `up --workers 3` reads it."""
+    from shared.cli import build_parser
+
+    assert Config(workers=1).workers == 1 and Config(workers=64).workers == 64
+    for bad in (0, 65):
+        assert names_both(config_error(workers=bad), "workers")
+    parser = build_parser()
+    assert load_config(parser.parse_args(["up", "--workers", "3"])).workers == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--workers", "3"])
+
+
+@pytest.mark.parametrize(
+    ("cpu_threads", "workers", "decode_threads", "cores", "expected"),
+    [
+        (0, 2, 2, 16, 4),  # 16 cores, 4 decodes at once in all
+        (0, 2, 1, 2, 1),
+        (0, 3, 2, 2, 1),  # more decodes than cores: still one thread each
+        (0, 1, 2, 2, 1),
+        (5, 4, 2, 2, 5),  # set by hand: kept
+    ],
+)
+def test_up_shares_the_cores_out_among_its_workers(
+    cpu_threads: int, workers: int, decode_threads: int, cores: int, expected: int
+) -> None:
+    from shared.cli import worker_cpu_threads
+
+    config = Config(cpu_threads=cpu_threads, workers=workers, decode_threads=decode_threads)
+    assert worker_cpu_threads(config, cores) == expected
+
+
 @pytest.mark.parametrize("field", ["prompt_chars", "read_interval_ms"])
 def test_zero_to_a_thousand_options_at_their_edges(field: str) -> None:
     """prompt_chars and read_interval_ms: 0 (off) and 1000 are taken; -1 and 1001 are not."""
