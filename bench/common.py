@@ -273,7 +273,8 @@ class UpService:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
-        self.pids: dict[str, int] = {}
+        self.pids: dict[str, int] = {}  # the first process of each role
+        self.role_pids: dict[str, list[int]] = {}  # every one (`up --workers N`: N workers)
 
     def start(self, timeout_s: float = 300.0) -> None:
         from shared.embedded import free_port
@@ -304,8 +305,10 @@ class UpService:
         for pid in children(self.proc.pid):
             line = cmdline(pid)
             for role in ("gateway", "worker", "valkey"):
-                if role in line and role not in self.pids:
-                    self.pids[role] = pid
+                if role in line:
+                    self.pids.setdefault(role, pid)
+                    self.role_pids.setdefault(role, []).append(pid)
+                    break
 
     @property
     def url(self) -> str:
@@ -321,10 +324,12 @@ class UpService:
         return str(self.info["redis_url"])
 
     def cpu(self) -> dict[str, float]:
-        out = {}
-        for role, pid in self.pids.items():
-            with contextlib.suppress(OSError):
-                out[role] = cpu_s(pid)
+        """CPU seconds so far per role, summed over its processes (several workers)."""
+        out: dict[str, float] = {}
+        for role, pids in self.role_pids.items():
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    out[role] = out.get(role, 0.0) + cpu_s(pid)
         return out
 
     def stop(self, timeout_s: float = 60.0) -> None:
@@ -334,7 +339,8 @@ class UpService:
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            for pid in [*self.pids.values(), self.proc.pid]:  # only what we started
+            started = [p for pids in self.role_pids.values() for p in pids]
+            for pid in [*started, self.proc.pid]:  # only what we started
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self.proc.wait()

@@ -115,7 +115,9 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             "--certfile",
             "none",
             "--slots",
-            str(n + 100),
+            str(-(-n // args.workers) + 100 // args.workers),
+            "--workers",
+            str(args.workers),
             "--max-queue-length",
             str(n * 2 + 100),
             "--log-level",
@@ -132,7 +134,8 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
     try:
         gw = service.pids["gateway"]
         if args.pause_worker:
-            os.kill(service.pids["worker"], signal.SIGSTOP)
+            for pid in service.role_pids["worker"]:
+                os.kill(pid, signal.SIGSTOP)
         busy_before = wait_quiet(args.quiet_wait_s)
         load_before = load_average()
         speed = speed_ms()
@@ -184,8 +187,9 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
     finally:
         if args.pause_worker:
             # Woken, it would start on hundreds of queued sessions: end it instead.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(service.pids["worker"], signal.SIGKILL)
+            for pid in service.role_pids["worker"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         service.stop()
     report: dict[str, Any] = json.loads(json_out.read_text())
     m = report["metrics"]
@@ -285,6 +289,13 @@ def main() -> None:
         "the gateway; silero: what a real worker runs)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (`up --workers`), each with slots for its share of the "
+        "sessions (default 1)",
+    )
+    parser.add_argument(
         "--pause-worker",
         action="store_true",
         help="stop the worker (SIGSTOP) once up: sessions wait in the queue, their audio is "
@@ -355,6 +366,7 @@ def main() -> None:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
     if args.write:
         cmd = "python bench/ingest.py " + " ".join(sys.argv[1:])
+        workers = "one worker" if args.workers == 1 else f"{args.workers} worker processes"
         if args.pause_worker:
             section = (
                 f"{HEADING_PAUSED}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
@@ -376,7 +388,7 @@ def main() -> None:
         section = (
             f"{HEADING}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
             f"`streamscribe up --engine null --vad {args.vad} --certfile none` (one gateway "
-            f"process, one worker with the null engine and the {args.vad} VAD on every "
+            f"process, {workers} with the null engine and the {args.vad} VAD on every "
             f"frame, embedded Valkey) and `streamscribe loadtest` (its own process) on the "
             f"same cores: the load generator and the worker compete with the gateway. "
             f"{args.duration_s:.0f} s of real speech per session "

@@ -65,11 +65,12 @@ class Config:
     workers: int = _opt(
         1,
         "Worker processes `up` starts (1-64), one after another, each with its own copy of "
-        "the model, all serving the one gateway. More than one pays where one worker's "
-        "Python (VAD, Redis, its event loop: one core's worth, about 400 real-time "
-        "sessions on a 2-core VM) is the limit, not the model: e.g. on a GPU. With "
-        "cpu_threads 0 the cores are shared out among all of them. Each measures its own "
-        "slots (slots auto) while the ones before it are idle.",
+        "the model, all serving the one gateway. For where one worker's own Python (VAD, "
+        "Redis, its event loop: one core's worth, about 400 real-time sessions on a 2-core "
+        "VM) rather than the model is the limit, e.g. on a GPU; on 2 CPU cores one worker "
+        "with decode_threads 2 did better. With cpu_threads 0 the cores are shared out "
+        "among all of them. Each measures its own slots (slots auto) while the ones "
+        "before it are idle.",
         UP,
     )
     # --- gateway ------------------------------------------------------------------
