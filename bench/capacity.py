@@ -18,13 +18,15 @@
    worker's decode counters (heartbeat hash) and every process's CPU time, which says
    where the two cores went.
 
-The whole run is bounded by --budget-s: no new load run starts once it is spent.
+The whole run is bounded by --budget-s: no new load run starts once it is spent. Each variant
+gets an equal share of what is left when its sweep starts (what one leaves goes to the next).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -194,6 +196,15 @@ def one_run(
         engine_busy=(stats1.get("engine_busy_s", 0.0) - stats0.get("engine_busy_s", 0.0)) / wall,
         errors=errors,
     )
+
+
+def share_deadline(now: float, deadline: float, variants_left: int) -> float:
+    """When the next of `variants_left` variants must stop starting runs: an equal share
+    of the budget that is left, so that a variant late in the list is not starved by the
+    ones before it (what one leaves unused goes to those after it)."""
+    if variants_left < 1:
+        raise ValueError("no variant left")
+    return now + max(0.0, deadline - now) / variants_left
 
 
 def sweep(
@@ -417,7 +428,8 @@ def main() -> None:
             flush=True,
         )
         for i, v in enumerate(variants):
-            sweep(v, audio, args, tmp / f"up-{i}", deadline)
+            share = share_deadline(time.monotonic(), deadline, len(variants) - i)
+            sweep(v, audio, args, tmp / f"up-{i}", share)
     text = render(variants, offline, args)
     print(text)
     print(f"total {time.monotonic() - started:.0f} s")
@@ -432,7 +444,8 @@ def main() -> None:
             f"{heading}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
             f"Gateway, worker ({engine_text(args.model, args.device)}), embedded Valkey and "
             f"the load generator "
-            f"(`streamscribe loadtest`, its own process) all share the 2 cores. Clips "
+            f"(`streamscribe loadtest`, its own process) all share the {os.cpu_count()} cores. "
+            f"Clips "
             f"{', '.join(args.clips)} looped to {args.duration_s:.0f} s per session, pace 1.0, "
             f"sessions started over {args.ramp_s:.0f} s, TLS with the development "
             f"certificate. A run passes when every session completes without errors and "
