@@ -13,13 +13,14 @@ capacity clips, looped to whole copies) at real time. The waves overlap, so abou
 
 Every --sample-s it records each process's resident memory and CPU, and Valkey's
 `used_memory` and key count. After the last wave it waits --session-ttl-s (the service
-runs with it, so every finished session's keys expire by then) plus the maintenance
-interval, and counts the keys that are left, by kind (a session id in a key name is
-shown as `*`): what a finished session leaves behind after its TTL is a leak.
+runs with it, so every finished session's keys expire by then) plus two maintenance
+ticks (10 s each), and counts the keys that are left, by kind (a session id in a key name
+is shown as `{*}`, another id as `*`): what a finished session leaves behind after its
+TTL is a leak.
 
 It prints a table per wave (sessions, failures, final lag), the samples once a minute,
-and a summary: each process's memory growth between the end of the first quarter of the
-run's load (warm) and its end, per 1,000 sessions served; Valkey's memory before, during
+and a summary: each process's memory growth over the second half of the steady load
+(until the last wave starts), per 1,000 sessions served; Valkey's memory before, during
 (steady: finished sessions' keys expire as fast as new ones come) and after; and the keys
 left once they expired. A bounded run: --minutes at most
 120, and each wave's load generator stops on its own deadline.
