@@ -332,6 +332,15 @@ class UpService:
                     out[role] = out.get(role, 0.0) + cpu_s(pid)
         return out
 
+    def rss_mib(self) -> dict[str, float]:
+        """Resident memory now per role, MiB, summed over its processes."""
+        out: dict[str, float] = {}
+        for role, pids in self.role_pids.items():
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    out[role] = out.get(role, 0.0) + rss_bytes(pid) / (1 << 20)
+        return out
+
     def stop(self, timeout_s: float = 60.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return

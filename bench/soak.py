@@ -29,7 +29,6 @@ left once they expired. A bounded run: --minutes at most
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import sys
@@ -52,7 +51,6 @@ from bench.common import (
     machine,
     pick_clips,
     replace_section,
-    rss_bytes,
     run_loadtest,
     stage_clips,
     table,
@@ -142,13 +140,8 @@ def key_kinds(redis_url: str) -> dict[str, int]:
 
 
 def sample(service: UpService, t: float, started: int) -> Sample:
-    rss: dict[str, float] = {}
-    for role, pids in service.role_pids.items():
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                rss[role] = rss.get(role, 0.0) + rss_bytes(pid) / MIB
     used, keys = redis_info(service.redis_url)
-    return Sample(t, started, rss, service.cpu(), used, keys)
+    return Sample(t, started, service.rss_mib(), service.cpu(), used, keys)
 
 
 def wave_result(index: int, started_t: float, report: Mapping[str, Any]) -> Wave:

@@ -30,7 +30,6 @@ import time
 import traceback
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -100,9 +99,6 @@ def wire_frame(payload: bytes) -> bytes:
     return Frame(Opcode.BINARY, payload).serialize(mask=True, extensions=[])
 
 
-#: What `--audio` defaults to: the four utterances every worker ships to measure its engine
-#: at start-up (worker/calibration_audio: espeak-ng speech, 6.2-7.2 s each, with texts).
-SAMPLE_NAMES = ("c1", "c2", "c3", "c4")
 SAMPLE_NOTE = (
     "no --audio given: streaming the 4 built-in sample utterances (synthetic speech, "
     "26 s in all, with reference texts); for figures that hold for your users, give "
@@ -111,9 +107,11 @@ SAMPLE_NOTE = (
 
 
 def sample_audio() -> tuple[str, ...]:
-    """The built-in sample files, as paths (they ship inside the `worker` package)."""
-    folder = resources.files("worker") / "calibration_audio"
-    paths = tuple(str(folder / f"{name}.wav") for name in SAMPLE_NAMES)
+    """What `--audio` defaults to: the four utterances every worker ships to measure its
+    engine at start-up (worker/samples.py), as paths."""
+    from worker.samples import clip_files
+
+    paths = tuple(str(f) for f in clip_files())
     if not all(Path(p).is_file() for p in paths):
         raise UsageError("the built-in sample audio is not installed as files: give --audio")
     return paths

@@ -39,11 +39,11 @@ import numpy as np
 
 from shared.wavfile import read_wav
 from worker.engine import SAMPLE_RATE, Audio, Engine
+from worker.samples import CLIP_NAMES, clip_files
 
 log = logging.getLogger(__name__)
 
 ROUNDS = 4  # timed rounds after the untimed first one; the fastest counts
-CLIP_NAMES = ("c1", "c2", "c3", "c4")
 
 Clock = Callable[[], float]
 
@@ -73,10 +73,9 @@ def auto_slots(rate: float, factor: float, cap: int) -> int:
 
 def load_clips() -> list[Audio]:
     """The shipped calibration utterances as float32 samples at 16 kHz."""
-    folder = resources.files("worker") / "calibration_audio"
     clips: list[Audio] = []
-    for name in CLIP_NAMES:
-        with resources.as_file(folder / f"{name}.wav") as path:
+    for name, file in zip(CLIP_NAMES, clip_files(), strict=True):
+        with resources.as_file(file) as path:
             wav = read_wav(path)
         if (wav.sample_rate, wav.channels, wav.encoding) != (SAMPLE_RATE, 1, "pcm_s16le"):
             raise ValueError(f"calibration clip {name}.wav must be 16 kHz mono 16-bit PCM")
