@@ -44,6 +44,7 @@ END_TOLERANCE_S = 0.0005
 METRICS: tuple[tuple[str, str], ...] = (
     ("connect_s", "connect"),
     ("first_interim_s", "time to first interim"),
+    ("first_text_s", "time to first text"),
     ("final_lag_s", "final lag"),
     ("final_lag_unqueued_s", "final lag, never queued"),
     ("text_wait_s", "wait for text"),
@@ -157,6 +158,7 @@ class SessionRecorder:
         self._audio_end = array("d")  # per frame: session audio seconds at its last sample
         self._acked = 0  # frames [0, _acked) are acknowledged
         self._first_interim_seen = False
+        self._first_text_seen = False
         self._close_stream_t: float | None = None
         self._finals: list[str] = []
         self.interims = 0
@@ -208,6 +210,10 @@ class SessionRecorder:
     def transcript(
         self, t: float, result_id: int, is_final: bool, start: float, end: float, text: str
     ) -> None:
+        if not self._first_text_seen and self._send_t:
+            self._first_text_seen = True
+            self._run.first_text.add(t, t - self._send_t[0])
+            self._run.lane_series("first_text", self.priority).add(t, t - self._send_t[0])
         if not is_final:
             self.interims += 1
             if not self._first_interim_seen and self._send_t:
@@ -375,6 +381,7 @@ class LaneReport:
     max_queue_position: int
     final_lag: Distribution
     first_interim: Distribution = field(default_factory=Distribution)
+    first_text: Distribution = field(default_factory=Distribution)  # interim or final
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +446,11 @@ class LoadReport:
             name: LaneReport(
                 **{
                     **lane,
-                    **{k: Distribution(**lane[k]) for k in ("final_lag", "first_interim")},
+                    **{
+                        k: Distribution(**lane[k])
+                        for k in ("final_lag", "first_interim", "first_text")
+                        if k in lane  # first_text: not in older reports
+                    },
                 }
             )
             for name, lane in body.get("lanes", {}).items()
@@ -462,6 +473,7 @@ class LoadRecorder:
     def __init__(self) -> None:
         self.connect = Series()
         self.first_interim = Series()
+        self.first_text = Series()
         self.final_lag = Series()
         #: The finals of sessions never told `queued` (served at once; `queued` always
         #: comes before a session's first final).
@@ -494,13 +506,15 @@ class LoadRecorder:
         return rec
 
     def lane_series(self, metric: str, priority: str) -> Series:
-        """One metric's samples (`final_lag`, `first_interim`) of one priority lane."""
+        """One metric's samples (`final_lag`, `first_interim`, `first_text`) of one priority
+        lane."""
         return self._lane_series.setdefault((metric, priority), Series())
 
     def series(self) -> dict[str, Series]:
         return {
             "connect_s": self.connect,
             "first_interim_s": self.first_interim,
+            "first_text_s": self.first_text,
             "final_lag_s": self.final_lag,
             "final_lag_unqueued_s": self.final_lag_unqueued,
             "text_wait_s": self.text_wait,
@@ -577,6 +591,7 @@ class LoadRecorder:
                 max_queue_position=self.lane_max_position.get(lane, 0),
                 final_lag=Distribution.of(self.lane_series("final_lag", lane).values),
                 first_interim=Distribution.of(self.lane_series("first_interim", lane).values),
+                first_text=Distribution.of(self.lane_series("first_text", lane).values),
             )
         return out
 

@@ -213,6 +213,34 @@ def test_first_interim_connect_completion_and_send_delay() -> None:
     assert rec.interims == 2 and rec.status == "completed"
 
 
+def test_time_to_first_text_counts_an_interim_or_a_final_whichever_comes_first() -> None:
+    """Time to first text is the first frame sent -> the session's first transcript of
+    either kind, once per session: a session whose utterances were all final before any
+    interim was due still has one; a session with no text has none. Kept per lane too,
+    and a lane written before the metric existed reads back."""
+    run = LoadRecorder()
+    talky, terse, mute = run.session("a.wav"), run.session("b.wav"), run.session("c.wav")
+    for rec in (talky, terse, mute):
+        streamed(rec, 10)  # first frame sent at 0.1
+    talky.transcript(0.9, 0, False, 0.0, 0.5, "on")  # -> 0.8
+    talky.transcript(1.4, 0, True, 0.0, 1.0, "one")
+    terse.transcript(0.6, 0, True, 0.0, 0.4, "hi")  # a final first -> 0.5
+    terse.transcript(1.2, 1, False, 0.5, 0.9, "th")  # later interims add nothing
+    assert sorted(run.first_text.values) == pytest.approx([0.5, 0.8])
+    assert list(run.first_interim.values) == pytest.approx([0.8, 1.1])
+    report = run.report(RUN, 2.0)
+    assert report.metrics["first_text_s"].count == 2
+    assert report.lanes["normal"].first_text.max == pytest.approx(0.8)
+    row = next(line for line in report.render_table().splitlines() if "first text" in line)
+    assert row.split()[4:6] == ["2", "500.0"]  # count, p50
+    older = json.loads(report.to_json())
+    del older["lanes"]["normal"]["first_text"]
+    del older["metrics"]["first_text_s"]
+    old = LoadReport.from_dict(older)
+    assert old.lanes["normal"].first_text.count == 0
+    assert "first text" not in old.render_table()
+
+
 def test_errors_by_close_code_and_session_outcomes() -> None:
     """Completed needs session.closed, close 1000, no error message and no anomaly; every
     other ending is counted by its close code, or as 'no connection'; sessions still
