@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import socket
+import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -29,6 +30,7 @@ from websockets.http11 import Request, Response
 from gateway.admission import Admission
 from gateway.connection import Connection, GatewayContext, release_session
 from gateway.ingest import IngestBatcher
+from gateway.memory import Trimmed, TrimPolicy, resident_mib, trim
 from gateway.relay import Relay
 from gateway.results import ResultsReader
 from gateway.tls import TLSContext
@@ -71,6 +73,10 @@ class Gateway:
             self.results,
         )
         self._server: Server | None = None
+        self._open = 0  # connections being handled
+        self.heap_trim = TrimPolicy(config.heap_trim_drop)
+        self.heap_trims = 0
+        self.last_trim: Trimmed | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -144,7 +150,38 @@ class Gateway:
         log.info("gateway stopped")
 
     async def _handle(self, ws: ServerConnection) -> None:
-        await Connection(ws, self.ctx).run()
+        self._open += 1
+        self.heap_trim.opened(self._open)
+        try:
+            await Connection(ws, self.ctx).run()
+        finally:
+            self._open -= 1
+
+    def _trim_heap(self) -> None:
+        """After connections fell from a peak, give the memory they freed back to the
+        system (see gateway.memory)."""
+        peak = self.heap_trim.peak
+        if not self.heap_trim.due(self._open):
+            return
+        before = resident_mib()
+        started = time.perf_counter()
+        if not trim():
+            return
+        done = Trimmed(
+            peak, self._open, before, resident_mib(), 1000 * (time.perf_counter() - started)
+        )
+        self.heap_trims += 1
+        self.last_trim = done
+        self.metrics.inc("heap_trims_total")
+        log.info(
+            "connections fell from %d to %d: returned freed memory to the system, "
+            "resident %s -> %s MiB (%.1f ms)",
+            done.peak,
+            done.open_now,
+            "?" if done.rss_before_mib is None else f"{done.rss_before_mib:.0f}",
+            "?" if done.rss_after_mib is None else f"{done.rss_after_mib:.0f}",
+            done.took_ms,
+        )
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
@@ -197,6 +234,7 @@ class Gateway:
                 await self._release_unreleased()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat: redis unavailable (%s)", exc)
+            self._trim_heap()
 
 
 def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:

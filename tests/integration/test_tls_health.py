@@ -113,3 +113,35 @@ async def test_every_metric_the_gateway_exposes_is_documented(
     documented = {row.split("{", 1)[0] for row in rows}  # a row stands for all its labels
     missing = {name for name in names if name.split("{", 1)[0] not in documented}
     assert not missing, f"metrics missing from docs/architecture.md: {sorted(missing)}"
+
+
+async def test_gateway_gives_memory_back_after_connections_fall(
+    service_factory: ServiceFactory, client_ssl: ssl.SSLContext
+) -> None:
+    """With heap_trim_drop 3, four TLS sessions that end are a fall of four from a peak
+    of four: the next heartbeat hands the freed memory back (glibc malloc_trim), counted
+    in /metrics; while they are open, nothing is trimmed."""
+    from gateway.memory import trim_supported
+
+    if not trim_supported():
+        pytest.skip("malloc_trim needs glibc")
+    svc = await service_factory(tls=True, heap_trim_drop=3)
+    sockets = [await open_ws(svc.url, ssl_ctx=client_ssl) for _ in range(4)]
+    for ws in sockets:
+        await started(ws)
+    assert svc.gateway.heap_trim.peak == 4
+    assert svc.gateway.heap_trims == 0
+    for ws in sockets:
+        await ws.close()
+    deadline = asyncio.get_running_loop().time() + 30
+    while svc.gateway.heap_trims == 0:  # the heartbeat (0.5 s here) trims
+        assert asyncio.get_running_loop().time() < deadline, "no trim after the fall"
+        await asyncio.sleep(0.05)
+    assert svc.gateway.heap_trims == 1 and svc.gateway.heap_trim.peak == 0
+    last = svc.gateway.last_trim
+    assert last is not None and (last.peak, last.open_now) == (4, 0)
+    assert last.rss_before_mib is not None and last.rss_after_mib is not None
+    base = svc.url.replace("wss://", "https://").removesuffix("/v1/listen")
+    status, body = await asyncio.to_thread(_get, base + "/metrics", client_ssl)
+    assert status == 200 and "streamscribe_gateway_heap_trims_total 1" in body
+    assert "| `heap_trims_total` |" in ARCHITECTURE.read_text()
