@@ -64,7 +64,7 @@ from bench.common import (
     table,
     today,
 )
-from gateway.memory import trim, trim_supported
+from gateway.memory import MMAP_THRESHOLD_BYTES, fix_mmap_threshold, trim, trim_supported
 from shared.config import Config
 from shared.runtime import tune_gc
 
@@ -72,9 +72,14 @@ MIB = 1 << 20
 HEADING = "## Gateway memory: heap census"
 
 
-def heading(heap_trim_drop: int) -> str:
-    """The section's heading: one with the gateway's trimming, one without."""
-    return HEADING if heap_trim_drop else f"{HEADING} (trimming off)"
+def heading(heap_trim_drop: int, mmap_threshold: int) -> str:
+    """The section's heading: one for the gateway's defaults, one with its trimming off,
+    one with glibc's adaptive mmap threshold."""
+    off = [
+        *([] if heap_trim_drop else ["trimming off"]),
+        *([] if mmap_threshold else ["glibc's adaptive mmap threshold"]),
+    ]
+    return f"{HEADING} ({', '.join(off)})" if off else HEADING
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -120,6 +125,7 @@ class Census:
     failed: int = 0
     final_lag_p95_s: float | None = None
     trims: int = 0  # the gateway's own (heap_trim_drop) so far
+    peak_rss_mib: float = 0.0  # the most resident memory while the round's sessions ran
     #: The round's last trim by the gateway: RSS before and after (MiB), and its time (ms).
     last_trim: tuple[float | None, float | None, float] | None = None
 
@@ -188,6 +194,13 @@ async def wait_idle(gateway: Any, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"gateway not idle after {timeout_s:g} s: {gateway_tables(gateway)}")
 
 
+async def sample_peak(peak: list[int], every_s: float = 0.5) -> None:
+    """Keep the most resident memory seen in `peak[0]` until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)  # the sampling period
+        peak[0] = max(peak[0], rss_bytes(os.getpid()))
+
+
 async def wait_trims(gateway: Any, count: int, timeout_s: float) -> None:
     """Until the gateway has trimmed `count` times (its heartbeat does it; bounded)."""
     deadline = time.monotonic() + timeout_s
@@ -245,6 +258,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         served = 0
         for i in range(args.rounds):
             trims_before = gateway.heap_trims
+            peak = [rss_bytes(os.getpid())]
+            sampling = asyncio.create_task(sample_peak(peak))
             report = await asyncio.to_thread(
                 run_loadtest,
                 gateway.url,
@@ -255,6 +270,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 timeout_s=4 * args.session_s + 300,
             )
             served += args.sessions
+            sampling.cancel()
             await wait_idle(gateway)
             if trim_supported() and 0 < 2 * args.heap_trim_drop <= args.sessions:
                 # The round's fall is one the gateway trims after: census after that.
@@ -265,6 +281,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if censuses and censuses[-1].round != args.warm_rounds:
                 censuses[-1].by_type = {}  # only the warm-up's and the last are compared
             c.trims = gateway.heap_trims
+            c.peak_rss_mib = peak[0] / MIB
             last = gateway.last_trim
             if last is not None and gateway.heap_trims > trims_before:
                 c.last_trim = (last.rss_before_mib, last.rss_after_mib, last.took_ms)
@@ -323,6 +340,7 @@ def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
             c.sessions,
             c.failed,
             fmt(c.final_lag_p95_s, 2),
+            fmt(c.peak_rss_mib),
             fmt(c.rss_mib),
             fmt(c.malloc_in_use_mib),
             fmt(c.malloc_free_mib),
@@ -336,7 +354,8 @@ def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
         for c in censuses
     ]
     header = [
-        "round", "sessions", "failed", "final lag p95 (s)", "RSS MiB", "malloc in use MiB",
+        "round", "sessions", "failed", "final lag p95 (s)", "RSS MiB at peak",
+        "RSS MiB idle", "malloc in use MiB",
         "malloc free MiB", "gateway trims", "its last trim: RSS MiB", "Python blocks",
         "GC objects",
     ]  # fmt: skip
@@ -346,8 +365,13 @@ def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
         if args.heap_trim_drop
         else "The gateway never trims (`heap_trim_drop` 0): what the allocator keeps."
     )
+    trimming += (
+        f" glibc's mmap threshold fixed at {args.mmap_threshold} bytes, as the gateway fixes it."
+        if args.mmap_threshold
+        else " glibc's mmap threshold left to adapt (the gateway fixes it at 128 KiB)."
+    )
     lines = [
-        heading(args.heap_trim_drop),
+        heading(args.heap_trim_drop, args.mmap_threshold),
         "",
         "`python bench/heap.py`: the gateway in the benchmark's own process (uvloop where "
         "installed, as `streamscribe gateway` runs it) with an embedded Valkey and a "
@@ -358,7 +382,7 @@ def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"Machine: {machine()}. Date: {today()}.",
         f"Command: `python bench/heap.py --rounds {args.rounds} --sessions {args.sessions} "
         f"--session-s {args.session_s:g} --warm-rounds {args.warm_rounds} "
-        f"--heap-trim-drop {args.heap_trim_drop}"
+        f"--heap-trim-drop {args.heap_trim_drop} --mmap-threshold {args.mmap_threshold}"
         + (" --tracemalloc" if args.tracemalloc else "")
         + "`",
         "",
@@ -412,6 +436,12 @@ def main() -> None:
         default=Config().heap_trim_drop,
         help="the gateway's heap_trim_drop (0: it never trims)",
     )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=MMAP_THRESHOLD_BYTES,
+        help="glibc mmap threshold the gateway fixes at start, bytes (0: glibc's adaptive default)",
+    )
     parser.add_argument("--tracemalloc", action="store_true", help="trace after the warm-up")
     parser.add_argument("--trace-depth", type=int, default=4, help="frames per traceback")
     parser.add_argument("--clips", nargs="+", default=list(DEFAULT_CLIPS))
@@ -422,10 +452,12 @@ def main() -> None:
         parser.error("--rounds must be 2..200 and --warm-rounds 1..rounds-1")
     if not (1 <= args.sessions <= 2000 and 5 <= args.session_s <= 600):
         parser.error("--sessions must be 1..2000 and --session-s 5..600")
-    if args.heap_trim_drop < 0:
-        parser.error("--heap-trim-drop must be >= 0")
+    if args.heap_trim_drop < 0 or args.mmap_threshold < 0:
+        parser.error("--heap-trim-drop and --mmap-threshold must be >= 0")
     os.chdir(ROOT)
     tune_gc()  # as the service does (shared.cli.run_loop), and on the same event loop
+    if args.mmap_threshold:
+        fix_mmap_threshold(args.mmap_threshold)  # as gateway.server.run_gateway does
     with tempfile.TemporaryDirectory(prefix="ss-heap-") as tmp_name:
         try:
             import uvloop
@@ -436,7 +468,7 @@ def main() -> None:
     text = render(args, result)
     print(text)
     if args.write:
-        replace_section(args.write, heading(args.heap_trim_drop), text)
+        replace_section(args.write, heading(args.heap_trim_drop, args.mmap_threshold), text)
         print(f"wrote {args.write}")
     if args.json:
         out = dict(result, censuses=[asdict(c) for c in result["censuses"]])

@@ -1,17 +1,17 @@
 """Gateway ingest: the most concurrent real-time sessions one gateway process holds.
 
     python bench/ingest.py [--sessions 250 500 1000 1500 2000] [--duration-s 20]
-                           [--budget-s 600] [--write docs/benchmarks.md]
+                           [--budget-s 600] [--tls] [--write docs/benchmarks.md]
 
 For each N a fresh `streamscribe up --engine null --vad energy --certfile none` (plain
-ws keeps the load generator cheap; the null engine takes the model out, the energy VAD
-takes Silero out: at 150-250 sessions Silero alone used 0.7-0.85 of the 2 cores) with
-slots and queue limits above N, then `streamscribe loadtest` in its own process: N
-sessions at pace 1.0, 100 ms frames, real clips looped to --duration-s, started over
-N / --ramp-rate seconds. A run passes with p99 ack latency <= --max-ack-ms, no failed
-session and no errors (sessions the null worker has not closed by the deadline count as
-unfinished, not failed). After the first failure N is bisected. The gateway's CPU time
-and RSS come from /proc while the run lasts:
+ws keeps the load generator cheap, and --tls serves wss:// as deployed; the null engine
+takes the model out, the energy VAD takes Silero out: at 150-250 sessions Silero alone
+used 0.7-0.85 of the 2 cores) with slots and queue limits above N, then `streamscribe
+loadtest` in its own process: N sessions at pace 1.0, 100 ms frames, real clips looped
+to --duration-s, started over N / --ramp-rate seconds. A run passes with p99 ack latency
+<= --max-ack-ms, no failed session and no errors (sessions the null worker has not
+closed by the deadline count as unfinished, not failed). After the first failure N is
+bisected. The gateway's CPU time and RSS come from /proc while the run lasts:
 
 - CPU per session: gateway CPU seconds / session-seconds of audio streamed;
 - memory per connection: (peak gateway RSS during the run - RSS before) / N.
@@ -69,6 +69,7 @@ from bench.common import (
 
 HEADING = "## Gateway ingest: concurrent real-time sessions, null engine"
 HEADING_PAUSED = "## Gateway ingest with the worker paused: the gateway path alone"
+HEADING_TLS = "## Gateway ingest over TLS (wss), null engine"
 
 
 @dataclass
@@ -112,8 +113,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             "null",
             "--vad",
             args.vad,
-            "--certfile",
-            "none",
+            *([] if args.tls else ["--certfile", "none"]),
             "--slots",
             str(-(-n // args.workers) + 100 // args.workers),
             "--workers",
@@ -163,6 +163,7 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
             "--json",
             str(json_out),
             "--no-progress",
+            *(["--cafile", service.cafile] if args.tls and service.cafile else []),
         ]
         usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0, sys0 = time.monotonic(), system_busy_s()
@@ -315,6 +316,12 @@ def main() -> None:
         help="the load generator's sending clock (`streamscribe loadtest --tick-ms`; "
         "default 5; 0: each frame at its own due time)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// with `up`'s development certificate, as deployed (default: plain "
+        "ws://, which keeps the load generator cheap); writes its own section",
+    )
     parser.add_argument("--budget-s", type=float, default=900.0, help="no new run after this")
     parser.add_argument("--quiet-wait-s", type=float, default=120.0)
     parser.add_argument("--retries", type=int, default=2)
@@ -326,6 +333,8 @@ def main() -> None:
         args.drain_timeout_s = 5.0 if args.pause_worker else 30.0
     if min(args.sessions) < 1 or max(args.sessions) > 5000:
         parser.error("--sessions must be 1..5000")
+    if args.tls and args.pause_worker:
+        parser.error("--tls and --pause-worker write different sections; choose one")
     deadline = time.monotonic() + args.budget_s
     runs: list[IngestRun] = []
     with tempfile.TemporaryDirectory(prefix="ss-ingest-") as tmp_name:
@@ -385,13 +394,21 @@ def main() -> None:
             replace_section(args.write, HEADING_PAUSED, section)
             print(f"wrote {args.write}")
             return
+        heading = HEADING_TLS if args.tls else HEADING
+        certfile = "" if args.tls else " --certfile none"
+        tls = (
+            "TLS as deployed: `up`'s development certificate, and the load generator "
+            "does the client side of every handshake and record on the same cores. "
+            if args.tls
+            else ""
+        )
         section = (
-            f"{HEADING}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
-            f"`streamscribe up --engine null --vad {args.vad} --certfile none` (one gateway "
+            f"{heading}\n\nMeasured {today()} on the {machine()}; command `{cmd}`. "
+            f"`streamscribe up --engine null --vad {args.vad}{certfile}` (one gateway "
             f"process, {workers} with the null engine and the {args.vad} VAD on every "
             f"frame, embedded Valkey) and `streamscribe loadtest` (its own process) on the "
             f"same cores: the load generator and the worker compete with the gateway. "
-            f"{args.duration_s:.0f} s of real speech per session "
+            f"{tls}{args.duration_s:.0f} s of real speech per session "
             f"({', '.join(args.clips)}, looped), pace 1.0, 100 ms frames sent on a "
             f"{args.tick_ms:g} ms clock (`--tick-ms`), "
             f"{args.ramp_rate:.0f} sessions started per second, interims on. Each run "
@@ -405,7 +422,7 @@ def main() -> None:
             f"faster; on this VM it has varied by a factor of up to 1.8 within an hour, "
             f"and every process's CPU per frame moves with it).\n\n{text}\n"
         )
-        replace_section(args.write, HEADING, section)
+        replace_section(args.write, heading, section)
         print(f"wrote {args.write}")
 
 

@@ -1,17 +1,27 @@
-"""Give freed heap memory back to the operating system once connections have gone.
+"""Keep the gateway's memory to what its connections use, and give back what they freed.
 
-Each TLS connection's event loop holds a 256 KiB read buffer (uvloop's SSL protocol, and
-the standard loop's) and reads through 256 KiB scratch buffers. glibc's malloc serves
-these from its heap once the first such block has been freed (its mmap threshold adapts
-upwards), and keeps what they free for reuse. After a peak of N connections the gateway
-therefore keeps about N x 256 KiB that it no longer uses: bench/heap.py found 57 MiB free
-but kept, against 10 MiB in use, after 200 TLS sessions had ended, and the same figures
-after 2,000 more. Nothing leaks, but the resident size follows the highest load, never
-the current one, and it creeps up as more of those free pages get touched.
+Where it went: each TLS connection's event loop holds a 256 KiB read buffer (uvloop's SSL
+protocol, and the standard loop's), and for an application protocol that is a plain
+`asyncio.Protocol` every read of decrypted data goes through a 256 KiB block, shrunk to
+what was read. glibc's malloc maps blocks that large on their own at first, but each one
+freed raises its mmap threshold, after which they come from the heap, and the heap keeps
+what they free. A heap census of the idle gateway (bench/heap.py) found nothing alive
+that should not be, but 57 MiB free and kept after 200 TLS sessions (10 MiB in use), and
+the resident size creeping up as those pages were touched again.
 
-`malloc_trim(0)` hands the free pages back. `TrimPolicy` says when: once the open
-connections have fallen by at least `min_drop`, and to half their peak or less since the
-last trim. A steady load therefore never pays for it, and a fall after a peak does.
+What the gateway does about it:
+
+1. Its connection is an `asyncio.BufferedProtocol` (gateway/wsconn.py): decrypted data
+   is read straight into a small buffer of the connection's own, with no block per read.
+2. `fix_mmap_threshold`, at start: the threshold stays at 128 KiB, so each connection's
+   256 KiB SSL buffer is mapped on its own, resident only where written (a few KiB), and
+   unmapped when the connection closes.
+3. `TrimPolicy` and `trim`: once the open connections have fallen by at least
+   `heap_trim_drop` and to half their peak since the last trim or less,
+   `malloc_trim(0)` hands the free heap pages back, whatever kept them. A steady load
+   never pays for it.
+
+2 and 3 need glibc; elsewhere the gateway neither fixes the threshold nor trims.
 """
 
 from __future__ import annotations
@@ -72,6 +82,27 @@ def _malloc_trim() -> Callable[[int], int] | None:
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
     return fn
+
+
+#: glibc's `mallopt` parameter for the size from which a block is mapped on its own.
+_M_MMAP_THRESHOLD = -3
+#: The gateway's: the 256 KiB buffer the event loop's SSL layer keeps per TLS connection
+#: is then always mapped on its own, resident only where written (a few KiB) and
+#: unmapped when the connection closes. glibc's own default starts at 128 KiB but adapts
+#: upwards as such blocks are freed, after which they come from the heap and stay there.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """glibc `mallopt(M_MMAP_THRESHOLD, nbytes)`: blocks of at least `nbytes` are mapped
+    on their own, and the threshold stops adapting. Process-wide; False where the C
+    library is not glibc (nothing changes)."""
+    if _malloc_trim() is None:  # not glibc
+        return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
 def trim_supported() -> bool:

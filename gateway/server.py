@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from gateway.admission import Admission
 from gateway.connection import Connection, GatewayContext, release_session
 from gateway.ingest import IngestBatcher
-from gateway.memory import Trimmed, TrimPolicy, resident_mib, trim
+from gateway.memory import Trimmed, TrimPolicy, fix_mmap_threshold, resident_mib, trim
 from gateway.relay import Relay
 from gateway.results import ResultsReader
 from gateway.tls import TLSContext
@@ -247,6 +247,7 @@ def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
 
 
 async def run_gateway(config: Config) -> None:
+    fix_mmap_threshold()  # process-wide: see gateway.memory
     gateway = Gateway(config)
     await gateway.start()
     print(f"streamscribe gateway: {gateway.url}", flush=True)

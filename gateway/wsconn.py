@@ -24,10 +24,17 @@ websockets as a whole frame, which parses, checks and answers it as it always do
 Framing starts here only if websockets' parser is at a frame boundary when the connection
 opens (`parser_at_boundary`); from then on websockets only ever gets whole frames, so it
 stays at one. A partial frame waits here for the rest of its bytes.
+
+Reading: the connection is an `asyncio.BufferedProtocol`. The transport (for TLS, the
+event loop's SSL layer, decrypting) reads straight into the connection's own small
+buffer (`get_buffer`, `buffer_updated`), which holds the partial frame between reads. As
+a plain `Protocol`, every TLS read went through a 256 KiB scratch block that the SSL
+layer allocates per read and glibc then kept (gateway/memory.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -59,9 +66,15 @@ def too_large_text(limit: int | None, reason: str) -> str:
 
 #: First header byte of a whole binary message: FIN, no reserved bits, opcode 2.
 _FIN_BINARY = 0x82
+#: A connection's read buffer (allocated with it, so kept small): two 100 ms audio frames
+#: (3.2 KB of 16 kHz PCM each); a larger frame grows it while it arrives, and a burst
+#: is read in several turns.
+READ_BUFFER_BYTES = 8 * 1024
+#: The least free space a read is offered (the buffer grows to keep it).
+MIN_READ_BYTES = 2 * 1024
 
 
-class GatewayServerConnection(ServerConnection):
+class GatewayServerConnection(ServerConnection, asyncio.BufferedProtocol):
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
         fail = protocol.fail
@@ -85,39 +98,58 @@ class GatewayServerConnection(ServerConnection):
         self.direct = self.received = 0
         #: Framing here (see the module's doc): None until the connection is open.
         self._framing: bool | None = None
-        self._rest = bytearray()  # the start of a frame whose end has not arrived yet
+        #: Where the transport reads into (see `get_buffer`): the first `_filled` bytes
+        #: are the start of a frame whose end has not arrived yet.
+        self._buf = bytearray(READ_BUFFER_BYTES)
+        self._view = memoryview(self._buf)
+        self._filled = 0
         #: Frames this framing fed to websockets whole (for tests).
         self.slow_frames = 0
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The free part of the read buffer, after the partial frame kept from the last
+        read. A frame larger than the buffer makes it grow (a new buffer: the transport
+        may still hold a view of the old one); it shrinks back once that frame is in."""
+        free = len(self._buf) - self._filled
+        if free < MIN_READ_BYTES:
+            bigger = bytearray(max(2 * len(self._buf), self._filled + MIN_READ_BYTES))
+            bigger[: self._filled] = self._view[: self._filled]
+            self._buf, self._view = bigger, memoryview(bigger)
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        end = self._filled + nbytes
         framing = self._framing
         if framing is None:
             framing = self._framing = framing_state(self.protocol)
         if not framing:
-            super().data_received(data)  # the handshake, or websockets keeps the framing
+            # The handshake, or websockets keeps the framing: it gets the bytes.
+            data = bytes(self._view[:end])
+            self._filled = 0
+            super().data_received(data)
             return
-        rest = self._rest
-        if rest:
-            rest += data
-            buf: bytes | bytearray = rest
-        else:
-            buf = data
-        with memoryview(buf) as view:
-            pos = self._frames(buf, view)
-            tail = bytes(view[pos:]) if buf is not rest and 0 <= pos < len(buf) else b""
+        with self._view[:end] as view:
+            pos = self._frames(view)
         if pos < 0:  # framing stopped: websockets has the rest
-            rest.clear()
-        elif buf is rest:
-            del rest[:pos]  # the view is released: the buffer may shrink
-        elif tail:
-            rest += tail
+            self._filled = 0
+            return
+        tail = end - pos
+        if tail and pos:
+            # Copied out first: the two ranges may overlap. Same length: no resize (the
+            # buffer may be exported).
+            self._buf[:tail] = self._view[pos:end].tobytes()
+        self._filled = tail
+        if len(self._buf) > READ_BUFFER_BYTES and tail <= READ_BUFFER_BYTES // 2:
+            smaller = bytearray(READ_BUFFER_BYTES)  # the large frame is in: shrink back
+            smaller[:tail] = self._view[:tail]
+            self._buf, self._view = smaller, memoryview(smaller)
 
-    def _frames(self, buf: bytes | bytearray, view: memoryview) -> int:
-        """Take or feed every whole frame in `buf`; where the first incomplete one
+    def _frames(self, view: memoryview) -> int:
+        """Take or feed every whole frame in `view`; where the first incomplete one
         starts, or -1 if framing stopped and websockets was given everything."""
         protocol = self.protocol
         limit = frame_limit(protocol)
-        pos, size = 0, len(buf)
+        pos, size = 0, len(view)
         while pos < size:
             bounds = frame_bounds(view, pos)
             if bounds is None:
@@ -134,8 +166,8 @@ class GatewayServerConnection(ServerConnection):
             if (
                 hook is not None
                 and self.queued == 0
-                and buf[pos] == _FIN_BINARY
-                and buf[pos + 1] & 0x80  # masked, as a client's frames must be
+                and view[pos] == _FIN_BINARY
+                and view[pos + 1] & 0x80  # masked, as a client's frames must be
                 and protocol.state is State.OPEN
                 and protocol.current_size is None  # no fragmented message in progress
                 and hook(apply_mask(view[start:end], bytes(view[start - 4 : start])))
@@ -152,9 +184,9 @@ class GatewayServerConnection(ServerConnection):
         return pos
 
     def eof_received(self) -> None:
-        if self._rest:
-            rest = bytes(self._rest)
-            self._rest.clear()
+        if self._filled:
+            rest = bytes(self._view[: self._filled])
+            self._filled = 0
             super().data_received(rest)  # websockets ends it as a truncated frame
         return super().eof_received()
 

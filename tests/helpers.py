@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,14 +103,17 @@ async def await_ack(ws: ClientConnection, seq: int) -> None:
             acked = max(acked, msg["seq"])
 
 
-async def stored_order(redis: aioredis.Redis, sid: str) -> list[object]:
+async def stored_order(
+    redis: aioredis.Redis, sid: str, lengths: Mapping[int, int] | None = None
+) -> list[object]:
     """A session's audio stream as stored: each frame's seq (its samples checked against
-    `indexed_frame`) and each control mark's kind, in stream order."""
+    `indexed_frame`, repeated `lengths[seq]` times where given) and each control mark's
+    kind, in stream order."""
     stored: list[object] = []
     for _, fields in await redis.xrange(keys.audio(sid)):
         item = envelope.decode_entry(fields)
         if isinstance(item, AudioChunk):
-            assert item.pcm == indexed_frame(item.seq)
+            assert item.pcm == indexed_frame(item.seq) * (lengths or {}).get(item.seq, 1)
             stored.append(item.seq)
         else:
             assert isinstance(item, Control)

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
-from gateway.wsconn import GatewayServerConnection
+from gateway.wsconn import READ_BUFFER_BYTES, GatewayServerConnection
 from tests.conftest import ServiceFactory
 from tests.helpers import await_ack, drain, indexed_frame, open_ws, started, stored_order
 
@@ -26,20 +26,22 @@ def raw(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
 
 class Wire:
     """Writes raw client frames in pieces, each piece read by the server before the next
-    is written (the server's `data_received` is watched, not slept on)."""
+    is written (the server's `buffer_updated` is watched, not slept on)."""
 
     def __init__(self, ws: ClientConnection, conn: GatewayServerConnection) -> None:
         self.ws, self.conn = ws, conn
         self.read = asyncio.Event()
         self.partial = 0  # reads after which the server held the start of a frame
-        inner = conn.data_received
+        self.grown = 0  # reads into a buffer grown past its usual size
+        inner = conn.buffer_updated
 
-        def data_received(data: bytes) -> None:
-            inner(data)
-            self.partial += bool(conn._rest)
+        def buffer_updated(nbytes: int) -> None:
+            self.grown += len(conn._buf) > READ_BUFFER_BYTES
+            inner(nbytes)
+            self.partial += bool(conn._filled)
             self.read.set()
 
-        conn.data_received = data_received  # type: ignore[method-assign]
+        conn.buffer_updated = buffer_updated  # type: ignore[method-assign]
 
     async def write(self, data: bytes, sizes: list[int]) -> None:
         pos = 0
@@ -89,14 +91,22 @@ async def test_frames_split_anyhow_are_stored_in_order(
     audio(4)
     out.append(raw(Opcode.TEXT, json.dumps({"type": "keepalive"}).encode()))
     audio(6)
+    # 1.2 s in one message: more than the connection's read buffer holds.
+    out.append(raw(Opcode.BINARY, pcm(seq) * 12))
+    long_one = {seq: 12}
+    sent.append(seq)
+    seq += 1
+    audio(2)
     # Pieces of 1 byte up to several frames, so headers, masks and payloads are all cut.
     await wire.write(b"".join(out), [1, 2, 3, 7, 100, 3205, 9000, 5, 1600, 64000])
     await await_ack(ws, seq - 1)
-    stored = await stored_order(redis, sid)
+    stored = await stored_order(redis, sid, long_one)
     assert stored == sent
     assert conn.direct > 0  # whole binary messages taken here
     assert conn.slow_frames >= 7  # ping, 2 texts, 3 fragments, and frames behind them
     assert wire.partial > 0  # frames did arrive in pieces
+    assert wire.grown > 0  # the large message grew the read buffer while it arrived...
+    assert len(conn._buf) == READ_BUFFER_BYTES  # ...and it shrank back after
     await ws.close()
 
 
