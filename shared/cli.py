@@ -242,7 +242,9 @@ def up(config: Config) -> int:
             config, cpu_threads=worker_cpu_threads(config, os.cpu_count() or 1)
         )
     env = _child_env(config)
-    cmd = [sys.executable, "-m", "shared.cli"]
+    # -P: not the current directory first on sys.path, where a folder of the user's named
+    # `shared` (or `gateway`, `worker`) would shadow this package in the children.
+    cmd = [sys.executable, "-P", "-m", "shared.cli"]
     children: list[subprocess.Popen[str]] = []
     workers: list[subprocess.Popen[str]] = []
     stop = {"flag": False}

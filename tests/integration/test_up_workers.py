@@ -19,8 +19,14 @@ def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -
     `status` sees both alive with their slots; sessions run through them; Ctrl-C stops
     the gateway, then both workers, and `up` exits 0."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Run as a user would: the console script, from a folder that holds a `shared` folder
+    # of its own (which once shadowed this package in the children `up` starts).
+    script = Path(sys.executable).with_name("streamscribe")
+    assert script.exists(), "the package is installed (README's test command)"
+    cwd = tmp_path / "somewhere"
+    (cwd / "shared").mkdir(parents=True)
     argv = [
-        *CLI, "up", "--port", "0", "--state-dir", str(tmp_path), "--workers", "2",
+        str(script), "up", "--port", "0", "--state-dir", str(tmp_path), "--workers", "2",
         "--engine", "null", "--slots", "3", "--certfile", "none",
     ]  # fmt: skip
     up = subprocess.Popen(
@@ -29,6 +35,7 @@ def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        cwd=cwd,
         start_new_session=True,
     )
     lines: list[str] = []
