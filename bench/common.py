@@ -157,6 +157,11 @@ def engine_text(model: str, device: str) -> str:
     return f"{model} int8 CPU" if device == "cpu" else f"{model} on {device}, its own compute type"
 
 
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A figure for a table: `-` when there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

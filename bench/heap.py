@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     DEFAULT_CLIPS,
     ROOT,
+    fmt,
     machine,
     pick_clips,
     replace_section,
@@ -64,7 +65,7 @@ from bench.common import (
     table,
     today,
 )
-from gateway.memory import MMAP_THRESHOLD_BYTES, fix_mmap_threshold, trim, trim_supported
+from gateway.memory import MMAP_THRESHOLD_BYTES, fix_mmap_threshold, glibc, trim, trim_supported
 from shared.config import Config
 from shared.runtime import tune_gc
 
@@ -92,16 +93,9 @@ class _Mallinfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 def mallinfo() -> tuple[float, float] | None:
     """glibc's heap: (MiB in use, MiB free but kept), or None without glibc 2.33+."""
-    libc = _libc()
+    libc = glibc()
     fn = getattr(libc, "mallinfo2", None) if libc is not None else None
     if fn is None:
         return None
@@ -319,10 +313,6 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "rss_after_trim": rss_after_trim,
         "trim_ms": trim_ms,
     }
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def render(args: argparse.Namespace, result: dict[str, Any]) -> str:

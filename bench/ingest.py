@@ -52,6 +52,7 @@ from bench.common import (
     ROOT,
     UpService,
     cpu_s,
+    fmt,
     load_average,
     machine,
     pick_clips,
@@ -231,10 +232,6 @@ def one_run(n: int, args: argparse.Namespace, audio: list[Path], tmp: Path) -> I
         elapsed_s=float(report["elapsed_s"]),
         errors=errors,
     )
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def row(r: IngestRun) -> list[str]:

@@ -30,7 +30,6 @@ import ctypes
 import functools
 import os
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -72,16 +71,14 @@ class TrimPolicy:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (Linux), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
 
 
 #: glibc's `mallopt` parameter for the size from which a block is mapped on its own.
@@ -97,26 +94,24 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     """glibc `mallopt(M_MMAP_THRESHOLD, nbytes)`: blocks of at least `nbytes` are mapped
     on their own, and the threshold stops adapting. Process-wide; False where the C
     library is not glibc (nothing changes)."""
-    if _malloc_trim() is None:  # not glibc
+    libc = glibc()
+    if libc is None:
         return False
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+    return bool(libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(nbytes)))
 
 
 def trim_supported() -> bool:
     """Whether this process's C library can hand free heap memory back (glibc)."""
-    return _malloc_trim() is not None
+    return glibc() is not None
 
 
 def trim() -> bool:
     """glibc `malloc_trim(0)`: return free heap pages to the system. False where the C
     library has no such call (the policy then only counts)."""
-    fn = _malloc_trim()
-    if fn is None:
+    libc = glibc()
+    if libc is None:
         return False
-    fn(0)
+    libc.malloc_trim(ctypes.c_size_t(0))
     return True
 
 
