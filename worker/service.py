@@ -30,10 +30,10 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -61,6 +61,9 @@ READ_COUNT = 200  # most entries of one stream per read
 CATCHUP_AHEAD_S = 2.0  # a paced session may read this far ahead of catchup_pace
 CATCHUP_POLL_S = 0.05  # how often a worker with only paced sessions reads
 CLAIM_GATE_CHECK_S = 0.1  # how often a worker that stopped claiming looks again
+
+
+_S = TypeVar("_S")
 
 
 class LeaseLost(Exception):
@@ -106,6 +109,9 @@ class Owned:
     inbox: asyncio.Queue[Decoded | Fed] = field(default_factory=asyncio.Queue)
     entries: deque[tuple[bytes, int]] = field(default_factory=deque)  # (entry id, base sample)
     close_reason: CloseReason | None = None
+    # Set once `close_session` has ended the session: its lease is gone by design, so a
+    # renewal that raced the close failing means nothing (`Worker._keepalive_loop`).
+    closed: bool = False
     next_seq: int | None = None  # the audio seq expected next (None: from the first read)
     task: asyncio.Task[None] | None = None
     decode_task: asyncio.Task[None] | None = None
@@ -879,6 +885,7 @@ class Worker:
         )
         if not await self.store.close_session(s.sid, s.token, summary, self.config.session_ttl_s):
             raise LeaseLost()
+        s.closed = True
         await self.store.ack_dispatch(s.lane, s.dispatch_id)
         log.info(
             "session %s closed (%s): %.1fs audio, %d finals",
@@ -896,17 +903,17 @@ class Worker:
             await self._pause(interval)
             owned = list(self.owned.values())
             try:
-                held: list[Owned] = []
                 # One round trip for all: renewing one by one took a round trip per
                 # session, hundreds of them in a row with a null engine.
                 renewed = await self.store.renew_many(
                     [(s.sid, s.token) for s in owned], self.config.lease_s
                 )
-                for s, ok in zip(owned, renewed, strict=True):
-                    if ok:
-                        held.append(s)
-                        continue
-                    log.warning("session %s: lease lost to another worker", s.sid)
+                held, lost = split_renewals(owned, renewed, self._still_open)
+                for s in lost:
+                    log.warning(
+                        "session %s: lease lost (it ran out, or another worker holds it)",
+                        s.sid,
+                    )
                     if s.task is not None:
                         s.task.cancel()
                 # Only for leases still held: touching an entry moves it into this
@@ -920,6 +927,11 @@ class Worker:
                         )
             except (RedisError, OSError) as exc:
                 await self._redis_trouble("keepalive", exc)
+
+    def _still_open(self, s: Owned) -> bool:
+        """Whether `s` is still this worker's open session: not closed meanwhile, and
+        not ended and replaced by another claim of the same session."""
+        return not s.closed and self.owned.get(s.sid) is s
 
     async def _heartbeat_loop(self) -> None:
         while not self._closing.is_set():
@@ -982,6 +994,26 @@ class Worker:
                 return
         log.warning("%s: redis unavailable (%s); retrying", where, exc)
         await self._pause(0.5)
+
+
+def split_renewals(
+    owned: Sequence[_S], renewed: Sequence[bool], still_open: Callable[[_S], bool]
+) -> tuple[list[_S], list[_S]]:
+    """Sort one keepalive round's sessions into (held, lost) by their renewals.
+
+    A failed renewal means the lease went to another claim only for a session that is
+    still open once the reply is in: one that closed while the renewals were in flight
+    deleted its own lease (its task may be acknowledging the dispatch entry, and must not
+    be cancelled), and one already replaced is another claim's business. Those are in
+    neither list."""
+    held: list[_S] = []
+    lost: list[_S] = []
+    for s, ok in zip(owned, renewed, strict=True):
+        if ok:
+            held.append(s)
+        elif still_open(s):
+            lost.append(s)
+    return held, lost
 
 
 def catchup_budget_s(fed_s: float, elapsed_s: float, pace: float) -> float:
