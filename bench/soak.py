@@ -144,6 +144,15 @@ def sample(service: UpService, t: float, started: int) -> Sample:
     return Sample(t, started, service.rss_mib(), service.cpu(), used, keys)
 
 
+def progress_line(s: Sample) -> str:
+    """One sample as a progress line: a long soak shows its memory as it goes."""
+    rss = ", ".join(f"{name} {mib:.1f}" for name, mib in sorted(s.rss_mib.items()))
+    return (
+        f"t {s.t:.0f} s, {s.sessions_started} sessions started: RSS MiB {rss}; "
+        f"Valkey used {s.used_memory_mib:.1f} MiB, {s.keys} keys"
+    )
+
+
 def wave_result(index: int, started_t: float, report: Mapping[str, Any]) -> Wave:
     lag = report["metrics"]["final_lag_s"]
     return Wave(
@@ -209,6 +218,7 @@ def main() -> None:
                 while not stop.is_set():
                     now = time.monotonic() - t0
                     samples.append(sample(service, now, started_at[-1][1]))
+                    print(progress_line(samples[-1]), flush=True)
                     stop.wait(args.sample_s)  # the sampling period, not a synchronisation
 
             sampling = threading.Thread(target=sampler, name="soak-sampler", daemon=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.soak import growth_per_1000, key_kind
+from bench.soak import Sample, growth_per_1000, key_kind, progress_line
 
 SID = "0123456789abcdef0123456789abcdef"
 
@@ -42,3 +42,18 @@ def test_growth_is_measured_over_the_second_half() -> None:
     assert grown[1] == pytest.approx(3.0)
     assert growth_per_1000(samples[:3], started) is None
     assert growth_per_1000([(0.0, 1.0)] * 4, [(0.0, 0)]) == (0.0, 0.0)
+
+
+def test_progress_line_shows_each_process_and_valkey() -> None:
+    s = Sample(
+        t=600.4,
+        sessions_started=300,
+        rss_mib={"worker": 353.72, "gateway": 48.06, "valkey": 15.5},
+        cpu_s={},
+        used_memory_mib=2.24,
+        keys=12,
+    )
+    assert progress_line(s) == (
+        "t 600 s, 300 sessions started: RSS MiB gateway 48.1, valkey 15.5, worker 353.7; "
+        "Valkey used 2.2 MiB, 12 keys"
+    )
