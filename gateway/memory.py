@@ -11,8 +11,9 @@ the resident size creeping up as those pages were touched again.
 
 What the gateway does about it:
 
-1. Its connection is an `asyncio.BufferedProtocol` (gateway/wsconn.py): decrypted data
-   is read straight into a small buffer of the connection's own, with no block per read.
+1. Its connection's transport reads through a `BufferedReads` (gateway/wsconn.py):
+   decrypted data goes straight into a small buffer of the connection's own, with no
+   block per read, on uvloop as on the standard loop.
 2. `fix_mmap_threshold`, at start: the threshold stays at 128 KiB, so each connection's
    256 KiB SSL buffer is mapped on its own, resident only where written (a few KiB), and
    unmapped when the connection closes.

@@ -25,11 +25,15 @@ Framing starts here only if websockets' parser is at a frame boundary when the c
 opens (`parser_at_boundary`); from then on websockets only ever gets whole frames, so it
 stays at one. A partial frame waits here for the rest of its bytes.
 
-Reading: the connection is an `asyncio.BufferedProtocol`. The transport (for TLS, the
-event loop's SSL layer, decrypting) reads straight into the connection's own small
-buffer (`get_buffer`, `buffer_updated`), which holds the partial frame between reads. As
-a plain `Protocol`, every TLS read went through a 256 KiB scratch block that the SSL
-layer allocates per read and glibc then kept (gateway/memory.py).
+Reading: the transport (for TLS, the event loop's SSL layer, decrypting) reads straight
+into the connection's own small buffer (`get_buffer`, `buffer_updated`), which holds the
+partial frame between reads. For that the transport's protocol is a `BufferedReads`,
+set in `connection_made`: uvloop, which the gateway runs on, reads into a protocol's
+buffer only when that protocol is not an `asyncio.Protocol`, and websockets' connection
+is one. Read by `data_received` instead, every TLS read went through a 256 KiB block that
+the SSL layer allocates per read (gateway/memory.py), and every frame through
+websockets' parser. A transport that still calls `data_received` has its bytes copied
+into the same buffer, so the framing is the same either way.
 """
 
 from __future__ import annotations
@@ -74,7 +78,45 @@ READ_BUFFER_BYTES = 8 * 1024
 MIN_READ_BYTES = 2 * 1024
 
 
-class GatewayServerConnection(ServerConnection, asyncio.BufferedProtocol):
+class BufferedReads(asyncio.BufferedProtocol):
+    """The transport's protocol for a `GatewayServerConnection`: its reads, end and flow
+    control go to the connection. A `BufferedProtocol` that is not an `asyncio.Protocol`,
+    which uvloop's transports (TCP and SSL) need before they read into `get_buffer`; the
+    standard loop's take either."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: GatewayServerConnection) -> None:
+        self.conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # the connection was told, before it handed the transport over
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+
+    def eof_received(self) -> None:
+        self.conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.conn
+        # The transport keeps its protocol, and the connection its transport: a reference
+        # back would hold every closed connection (its SSL objects, buffers) in a cycle
+        # until the collector's next full pass, which the gateway makes rare (tune_gc).
+        del self.conn
+        conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+
+class GatewayServerConnection(ServerConnection):
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
         fail = protocol.fail
@@ -105,6 +147,23 @@ class GatewayServerConnection(ServerConnection, asyncio.BufferedProtocol):
         self._filled = 0
         #: Frames this framing fed to websockets whole (for tests).
         self.slow_frames = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # From now on the transport reads into `get_buffer` (see the module's doc).
+        with contextlib.suppress(NotImplementedError):
+            transport.set_protocol(BufferedReads(self))
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from a transport that does not read into `get_buffer`: copied into the
+        read buffer, then framed as if read there."""
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            buf = self.get_buffer(len(view) - pos)
+            n = min(len(buf), len(view) - pos)
+            buf[:n] = view[pos : pos + n]
+            pos += n
+            self.buffer_updated(n)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """The free part of the read buffer, after the partial frame kept from the last

@@ -3,6 +3,7 @@ a real TLS certificate; in-process gateways and workers on 127.0.0.1:0."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,23 @@ from worker.engine import Engine, NullEngine
 from worker.service import Worker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loops a test runs on: the standard one, and for a test marked `uvloop`
+    uvloop's too, the loop `streamscribe gateway` and `worker` run on (shared/cli.py).
+    Their transports differ where the gateway depends on them: uvloop reads into a
+    protocol's own buffer only for a protocol that is not an `asyncio.Protocol`."""
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if item.get_closest_marker("uvloop") is not None:
+        try:
+            import uvloop
+        except ImportError:  # not installed where it is not a dependency (Windows)
+            return loops
+        loops["uvloop"] = uvloop.new_event_loop
+    return loops
 
 
 @pytest.fixture(scope="session")
