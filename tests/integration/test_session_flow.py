@@ -6,12 +6,16 @@ import asyncio
 import json
 import ssl
 
+import pytest
 import redis.asyncio as aioredis
 
 from shared import keys
 from shared.keys import SessionId
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, fixture, open_ws, started
+
+# On uvloop too: the loop `streamscribe gateway` and `worker` run on (tests/conftest.py).
+pytestmark = pytest.mark.uvloop
 
 
 async def test_session_started_acks_finals_and_closed(service_factory: ServiceFactory) -> None:
