@@ -37,7 +37,7 @@ from gateway.tls import TLSContext
 from gateway.wsconn import GatewayServerConnection
 from shared.config import Config
 from shared.fleet import Fleet
-from shared.keys import GatewayId
+from shared.keys import GatewayId, client_name
 from shared.metrics import Metrics
 from shared.store import Store, connect
 
@@ -49,7 +49,12 @@ LISTEN_PATH = "/v1/listen"
 class Gateway:
     def __init__(self, config: Config, redis: aioredis.Redis | None = None) -> None:
         self.config = config
-        self.redis = redis if redis is not None else connect(config.require_redis_url())
+        self.gateway_id = GatewayId(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+        self.redis = (
+            redis
+            if redis is not None
+            else connect(config.require_redis_url(), client_name("gateway", self.gateway_id))
+        )
         self.store = Store(self.redis)
         self.relay = Relay(self.redis, config.reconcile_interval_s)
         self.metrics = Metrics("streamscribe_gateway")
@@ -60,7 +65,6 @@ class Gateway:
         self.fleet = Fleet(self.redis)
         self.batcher = IngestBatcher(self.store)
         self.results = ResultsReader(self.store)
-        self.gateway_id = GatewayId(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         self.ctx = GatewayContext(
             config,
             self.store,

@@ -129,6 +129,14 @@ def worker_info(wid: WorkerId) -> str:
     return f"{PREFIX}:worker:{wid}"
 
 
+def client_name(role: str, process_id: str = "") -> str:
+    """The client name (`CLIENT SETNAME`) of every Redis connection a process opens:
+    `ss-gateway:<gateway_id>`, `ss-worker:<worker_id>`, `ss-status`. Redis refuses a name
+    with spaces or characters outside printable ASCII: those become `_`."""
+    name = f"{PREFIX}-{role}:{process_id}" if process_id else f"{PREFIX}-{role}"
+    return "".join(c if "!" <= c <= "~" else "_" for c in name)
+
+
 def parse_session_from_key(key: str) -> SessionId | None:
     """The session ID inside a per-session key, or None."""
     match = re.match(rf"^{PREFIX}:\{{([0-9a-f]{{32}})\}}:", key)

@@ -137,9 +137,10 @@ async def collect(redis: aioredis.Redis, query: Query) -> Report:
 
 
 async def collect_from_url(query: Query) -> Report:
+    from shared.keys import client_name
     from shared.store import connect
 
-    redis = connect(query.url)
+    redis = connect(query.url, client_name("status"))
     try:
         return await collect(redis, query)
     finally:

@@ -35,12 +35,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, name: str | None = None) -> aioredis.Redis:
     """A client with sane timeouts and reconnects; bytes in, bytes out. TCP keepalive
-    for redis:// and rediss:// (a Unix socket has none: redis-py refuses the option)."""
+    for redis:// and rediss:// (a Unix socket has none: redis-py refuses the option).
+    With `name` (`keys.client_name`), every connection of its pool sets it as its client
+    name (`CLIENT SETNAME` on connect), so `CLIENT LIST` tells whose it is."""
     options: dict[str, Any] = {}
     if not url.startswith("unix://"):
         options["socket_keepalive"] = True
+    if name is not None:
+        options["client_name"] = name
     return cast(
         aioredis.Redis,
         aioredis.Redis.from_url(

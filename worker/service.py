@@ -132,13 +132,17 @@ class Worker:
         self, config: Config, redis: aioredis.Redis | None = None, engine: Engine | None = None
     ) -> None:
         self.config = config
-        self.redis = redis if redis is not None else connect(config.require_redis_url())
+        self.worker_id = WorkerId(config.worker_id or f"{socket.gethostname()}-{os.getpid()}")
+        self.redis = (
+            redis
+            if redis is not None
+            else connect(config.require_redis_url(), keys.client_name("worker", self.worker_id))
+        )
         self.store = Store(self.redis)
         # Every session's interims and finals, sent together (one pipeline per batch).
         self.publisher: GroupCommit[ScriptCall, Any] = GroupCommit(
             self.store.publish_many, name="publish", max_calls=PUBLISH_MAX_CALLS
         )
-        self.worker_id = WorkerId(config.worker_id or f"{socket.gethostname()}-{os.getpid()}")
         self.engine = engine
         self.scheduler: Scheduler | None = None
         self.owned: dict[SessionId, Owned] = {}

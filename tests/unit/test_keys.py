@@ -103,3 +103,18 @@ def test_is_session_id_rejects_trailing_newline() -> None:
 def test_worker_info_names_the_worker() -> None:
     """worker_info puts the worker ID in the key."""
     assert keys.worker_info(WorkerId("host-42")) == "ss:worker:host-42"
+
+
+@pytest.mark.parametrize(
+    ("role", "process_id", "name"),
+    [
+        ("gateway", "vm-2049-6b8cfe", "ss-gateway:vm-2049-6b8cfe"),
+        ("worker", "gpu box 1", "ss-worker:gpu_box_1"),  # Redis refuses spaces in names
+        ("worker", "wörker\n", "ss-worker:w_rker_"),
+        ("status", "", "ss-status"),
+    ],
+)
+def test_client_name_is_role_and_id_in_printable_ascii(
+    role: str, process_id: str, name: str
+) -> None:
+    assert keys.client_name(role, process_id) == name
