@@ -1005,11 +1005,11 @@ def split_renewals(
 ) -> tuple[list[_S], list[_S]]:
     """Sort one keepalive round's sessions into (held, lost) by their renewals.
 
-    A failed renewal means the lease went to another claim only for a session that is
-    still open once the reply is in: one that closed while the renewals were in flight
-    deleted its own lease (its task may be acknowledging the dispatch entry, and must not
-    be cancelled), and one already replaced is another claim's business. Those are in
-    neither list."""
+    A failed renewal means the lease is lost (it ran out, or another claim holds it) only
+    for a session that is still open once the reply is in: one that closed while the
+    renewals were in flight deleted its own lease (its task may be acknowledging the
+    dispatch entry, and must not be cancelled), and one already replaced is another
+    claim's business. Those are in neither list."""
     held: list[_S] = []
     lost: list[_S] = []
     for s, ok in zip(owned, renewed, strict=True):
