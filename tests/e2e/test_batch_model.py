@@ -4,7 +4,8 @@ call, each request getting what its own single decode gives.
 Batching stacks separate windows, so unlike packing nothing is split back by time: the
 test asks for the same text and words as `transcribe` on each request alone, with word
 times within 60 ms (faster-whisper's batched pipeline post-processes times a little
-differently: it does not pull a segment's first word back to the segment's start). Then
+differently: it does not pull a segment's first word back to the segment's start, and a
+segment's last word may end up to 200 ms apart in the silence after it). Then
 four sessions stream through the real service at once with batching on and one decode at
 a time, so their finals meet in the queue and are batched, and each gets its own words.
 """
@@ -24,6 +25,10 @@ pytestmark = pytest.mark.model
 # Word alignment works in 20 ms steps; the batched path sizes its alignment from whole
 # seconds of audio and drops the last mel frame, so a time may move by a few steps.
 TIME_TOLERANCE_S = 0.061
+# A segment's last word ends in the silence after it, where nothing anchors the alignment:
+# on a CPU without AVX-512 (session 25) "night." ended at 3.14 s alone and 3.24 s batched,
+# with the sound over at 3.04 s; elsewhere the two had stayed within 60 ms.
+LAST_END_TOLERANCE_S = 0.2
 
 
 @pytest.mark.parametrize("word_timestamps", [True, False], ids=["final", "interim"])
@@ -53,7 +58,9 @@ def test_a_batch_gives_each_request_its_own_single_decode(
             assert 0 <= b.start <= b.end <= duration + TIME_TOLERANCE_S
             for k, (wa, wb) in enumerate(zip(a.words, b.words, strict=True)):
                 assert 0 <= wb.start <= wb.end <= duration + TIME_TOLERANCE_S
-                assert wb.end == pytest.approx(wa.end, abs=TIME_TOLERANCE_S)
+                last = k == len(a.words) - 1
+                end_tolerance = LAST_END_TOLERANCE_S if last else TIME_TOLERANCE_S
+                assert wb.end == pytest.approx(wa.end, abs=end_tolerance)
                 if k == 0:
                     # The single-call path starts a segment's first word at the segment's
                     # start (0.0 after a leading pause); the batched one where it is heard.
