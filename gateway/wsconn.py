@@ -26,20 +26,29 @@ opens (`parser_at_boundary`); from then on websockets only ever gets whole frame
 stays at one. A partial frame waits here for the rest of its bytes.
 
 Reading: the transport (for TLS, the event loop's SSL layer, decrypting) reads straight
-into the connection's own small buffer (`get_buffer`, `buffer_updated`), which holds the
-partial frame between reads. For that the transport's protocol is a `BufferedReads`,
-set in `connection_made`: uvloop, which the gateway runs on, reads into a protocol's
-buffer only when that protocol is not an `asyncio.Protocol`, and websockets' connection
-is one. Read by `data_received` instead, every TLS read went through a 256 KiB block that
-the SSL layer allocates per read (gateway/memory.py), and every frame through
+into a buffer (`get_buffer`, `buffer_updated`). For that the transport's protocol is a
+`BufferedReads`, set in `connection_made`: uvloop, which the gateway runs on, reads into a
+protocol's buffer only when that protocol is not an `asyncio.Protocol`, and websockets'
+connection is one. Read by `data_received` instead, every TLS read went through a 256 KiB
+block that the SSL layer allocates per read (gateway/memory.py), and every frame through
 websockets' parser. A transport that still calls `data_received` has its bytes copied
-into the same buffer, so the framing is the same either way.
+into the same buffers, so the framing is the same either way.
+
+The buffer: a connection that holds no partial frame reads into its thread's
+`ReadScratch`, one buffer that every connection of the event loop borrows for one read
+at a time (the loops call `get_buffer` and `buffer_updated` back to back; a read that
+brings nothing leaves it to the next). Only the start of a frame whose end has not
+arrived is copied into a buffer of the connection's own, which the next reads fill and
+which is dropped once that frame is whole. An idle connection, or one whose frames
+arrive whole, holds no read buffer at all (8 KiB each before session 25).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,12 +79,45 @@ def too_large_text(limit: int | None, reason: str) -> str:
 
 #: First header byte of a whole binary message: FIN, no reserved bits, opcode 2.
 _FIN_BINARY = 0x82
-#: A connection's read buffer (allocated with it, so kept small): two 100 ms audio frames
-#: (3.2 KB of 16 kHz PCM each); a larger frame grows it while it arrives, and a burst
-#: is read in several turns.
+#: The read buffer every connection of one event loop borrows, a read at a time: a
+#: burst of many frames is read in one turn.
+SCRATCH_BYTES = 64 * 1024
+#: A connection's own buffer, held only while a frame is partly read: two 100 ms audio
+#: frames (3.2 KB of 16 kHz PCM each); a larger frame grows it while it arrives.
 READ_BUFFER_BYTES = 8 * 1024
-#: The least free space a read is offered (the buffer grows to keep it).
+#: The least free space a read into a connection's own buffer is offered (it grows to
+#: keep it).
 MIN_READ_BYTES = 2 * 1024
+
+
+class ReadScratch:
+    """The read buffer that the connections of one event loop (one thread) take turns
+    at: lent by `get_buffer` to a connection with no partial frame, given back by the
+    `buffer_updated` that follows. Not lent while a read in it is being framed, so a read
+    that framing sets off (a transport closing reads what it still holds) goes to the
+    connection's own buffer instead of over the bytes being framed."""
+
+    __slots__ = ("busy", "owner", "view")
+
+    def __init__(self, nbytes: int = SCRATCH_BYTES, *, lend: bool = True) -> None:
+        self.view = memoryview(bytearray(nbytes))
+        #: The connection the last `get_buffer` lent it to, until its `buffer_updated`.
+        self.owner: GatewayServerConnection | None = None
+        #: A read in it is being framed, or (`lend` False) it is never lent.
+        self.busy = not lend
+
+
+_threads = threading.local()
+
+
+def thread_scratch() -> ReadScratch:
+    """This thread's `ReadScratch` (one event loop runs per thread). On Windows it is
+    never lent: the proactor loop asks for a buffer when it starts a read and reports
+    the read when it completes, with other connections' reads in between."""
+    scratch: ReadScratch | None = getattr(_threads, "scratch", None)
+    if scratch is None:
+        scratch = _threads.scratch = ReadScratch(lend=sys.platform != "win32")
+    return scratch
 
 
 class BufferedReads(asyncio.BufferedProtocol):
@@ -140,10 +182,12 @@ class GatewayServerConnection(ServerConnection):
         self.direct = self.received = 0
         #: Framing here (see the module's doc): None until the connection is open.
         self._framing: bool | None = None
-        #: Where the transport reads into (see `get_buffer`): the first `_filled` bytes
-        #: are the start of a frame whose end has not arrived yet.
-        self._buf = bytearray(READ_BUFFER_BYTES)
-        self._view = memoryview(self._buf)
+        #: Where reads go (see `get_buffer`): the loop's scratch, or while a frame is
+        #: partly read, the connection's own buffer, whose first `_filled` bytes are
+        #: that frame's start.
+        self._scratch = thread_scratch()
+        self._buf: bytearray | None = None
+        self._view = memoryview(b"")
         self._filled = 0
         #: Frames this framing fed to websockets whole (for tests).
         self.slow_frames = 0
@@ -166,42 +210,79 @@ class GatewayServerConnection(ServerConnection):
             self.buffer_updated(n)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """The free part of the read buffer, after the partial frame kept from the last
-        read. A frame larger than the buffer makes it grow (a new buffer: the transport
-        may still hold a view of the old one); it shrinks back once that frame is in."""
-        free = len(self._buf) - self._filled
-        if free < MIN_READ_BYTES:
+        """Where the next read goes: the loop's scratch if this connection holds no
+        partial frame (and the scratch is not being framed), else the free part of the
+        connection's own buffer, after the partial frame. A frame larger than that buffer
+        makes it grow (a new buffer: the transport may still hold a view of the old
+        one)."""
+        scratch = self._scratch
+        if not self._filled and not scratch.busy:
+            if self._buf is not None:  # kept for a read that never came
+                self._drop_own()
+            scratch.owner = self
+            return scratch.view
+        if scratch.owner is self:
+            scratch.owner = None  # this read goes elsewhere; so does its update
+        if self._buf is None:
+            self._buf = bytearray(READ_BUFFER_BYTES)
+            self._view = memoryview(self._buf)
+        elif len(self._buf) - self._filled < MIN_READ_BYTES:
             bigger = bytearray(max(2 * len(self._buf), self._filled + MIN_READ_BYTES))
             bigger[: self._filled] = self._view[: self._filled]
             self._buf, self._view = bigger, memoryview(bigger)
         return self._view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        end = self._filled + nbytes
+        scratch = self._scratch
+        if scratch.owner is self:  # read into the scratch
+            scratch.owner = None
+            scratch.busy = True
+            try:
+                self._read(scratch.view, nbytes)
+            finally:
+                scratch.busy = False
+        elif self._buf is not None:
+            self._read(self._view, self._filled + nbytes)
+        else:  # only a loop that does not read back to back: the bytes are gone
+            raise RuntimeError("read into the scratch buffer after it was lent to another")
+
+    def _read(self, buf: memoryview, end: int) -> None:
+        """Frame the first `end` bytes of `buf` (the scratch, or the own buffer with the
+        partial frame at its start); keep what starts an incomplete frame in the
+        connection's own buffer."""
         framing = self._framing
         if framing is None:
             framing = self._framing = framing_state(self.protocol)
         if not framing:
             # The handshake, or websockets keeps the framing: it gets the bytes.
-            data = bytes(self._view[:end])
-            self._filled = 0
+            data = bytes(buf[:end])
+            self._drop_own()
             super().data_received(data)
             return
-        with self._view[:end] as view:
+        with buf[:end] as view:
             pos = self._frames(view)
         if pos < 0:  # framing stopped: websockets has the rest
-            self._filled = 0
+            self._drop_own()
             return
         tail = end - pos
-        if tail and pos:
-            # Copied out first: the two ranges may overlap. Same length: no resize (the
-            # buffer may be exported).
-            self._buf[:tail] = self._view[pos:end].tobytes()
-        self._filled = tail
-        if len(self._buf) > READ_BUFFER_BYTES and tail <= READ_BUFFER_BYTES // 2:
-            smaller = bytearray(READ_BUFFER_BYTES)  # the large frame is in: shrink back
-            smaller[:tail] = self._view[:tail]
-            self._buf, self._view = smaller, memoryview(smaller)
+        if not tail:
+            self._drop_own()
+        elif buf is not self._view:  # from the scratch: the frame's start to keep
+            own = bytearray(max(READ_BUFFER_BYTES, tail + MIN_READ_BYTES))
+            own[:tail] = buf[pos:end]
+            self._buf, self._view, self._filled = own, memoryview(own), tail
+        else:
+            if pos:
+                # Copied out first: the two ranges may overlap. Same length: no resize
+                # (the buffer may be exported).
+                self._view[:tail] = buf[pos:end].tobytes()
+            self._filled = tail
+
+    def _drop_own(self) -> None:
+        """No partial frame is held: the connection's own buffer goes."""
+        self._filled = 0
+        self._buf = None
+        self._view = memoryview(b"")
 
     def _frames(self, view: memoryview) -> int:
         """Take or feed every whole frame in `view`; where the first incomplete one
@@ -245,9 +326,15 @@ class GatewayServerConnection(ServerConnection):
     def eof_received(self) -> None:
         if self._filled:
             rest = bytes(self._view[: self._filled])
-            self._filled = 0
+            self._drop_own()
             super().data_received(rest)  # websockets ends it as a truncated frame
         return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._scratch.owner is self:  # a read that failed after `get_buffer`
+            self._scratch.owner = None
+        self._drop_own()
+        super().connection_lost(exc)
 
     def process_event(self, event: Event) -> None:
         if isinstance(event, Frame) and (

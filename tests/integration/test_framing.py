@@ -17,7 +17,12 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
-from gateway.wsconn import READ_BUFFER_BYTES, BufferedReads, GatewayServerConnection
+from gateway.wsconn import (
+    READ_BUFFER_BYTES,
+    BufferedReads,
+    GatewayServerConnection,
+    thread_scratch,
+)
 from tests.conftest import ServiceFactory
 from tests.helpers import await_ack, drain, indexed_frame, open_ws, started, stored_order
 
@@ -44,7 +49,7 @@ class Wire:
         inner = conn.buffer_updated
 
         def buffer_updated(nbytes: int) -> None:
-            self.grown += len(conn._buf) > READ_BUFFER_BYTES
+            self.grown += conn._buf is not None and len(conn._buf) > READ_BUFFER_BYTES
             inner(nbytes)
             self.partial += bool(conn._filled)
             self.read.set()
@@ -113,8 +118,8 @@ async def test_frames_split_anyhow_are_stored_in_order(
     assert conn.direct > 0  # whole binary messages taken here
     assert conn.slow_frames >= 7  # ping, 2 texts, 3 fragments, and frames behind them
     assert wire.partial > 0  # frames did arrive in pieces
-    assert wire.grown > 0  # the large message grew the read buffer while it arrived...
-    assert len(conn._buf) == READ_BUFFER_BYTES  # ...and it shrank back after
+    assert wire.grown > 0  # the large message grew the own buffer while it arrived...
+    assert conn._buf is None and conn._filled == 0  # ...which went once it was whole
     await ws.close()
 
 
@@ -219,3 +224,124 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(
             raise AssertionError(f"the closed connection is still held by {holders}") from None
     finally:
         gc.enable()
+
+
+def connection_of(svc_connections: object, ws: ClientConnection) -> GatewayServerConnection:
+    """The gateway's side of the client connection `ws`."""
+    [conn] = [
+        c
+        for c in svc_connections  # type: ignore[attr-defined]
+        if c.remote_address == ws.local_address
+    ]
+    assert isinstance(conn, GatewayServerConnection)
+    return conn
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_connections_take_turns_at_the_scratch_buffer(
+    service_factory: ServiceFactory,
+    redis: aioredis.Redis,
+    client_ssl: ssl.SSLContext,
+    tls: bool,
+) -> None:
+    """Two connections read into the loop's one scratch buffer in turn, each frame's
+    start that arrived without its end kept in a buffer of the connection's own, which
+    goes once the frame is whole: reads of one between the pieces of the other's frames
+    change nothing of what either stores, and neither holds a buffer when idle."""
+    svc = await service_factory(with_worker=False, tls=tls)
+    ssl_ctx = client_ssl if tls else None
+    ws_a, ws_b = await open_ws(svc.url, ssl_ctx=ssl_ctx), await open_ws(svc.url, ssl_ctx=ssl_ctx)
+    sid_a, sid_b = (await started(ws_a))["session_id"], (await started(ws_b))["session_id"]
+    conns = svc.gateway._server.connections
+    a, b = connection_of(conns, ws_a), connection_of(conns, ws_b)
+    assert a._scratch is b._scratch is thread_scratch()
+    assert a._buf is None and b._buf is None  # nothing held by an idle connection
+    wire_a, wire_b = Wire(ws_a, a), Wire(ws_b, b)
+    # B's frames twice as long as A's, so that bytes of one stored as the other's fail.
+    data_a = b"".join(raw(Opcode.BINARY, pcm(seq)) for seq in range(6))
+    data_b = b"".join(raw(Opcode.BINARY, pcm(seq) * 2) for seq in range(6))
+
+    def pieces(data: bytes) -> list[bytes]:
+        frame = len(data) // 6
+        cuts = itertools.accumulate([frame // 2, frame, frame + 5, 2 * frame, 3])
+        bounds = [0, *cuts, len(data)]
+        return [data[i:j] for i, j in itertools.pairwise(bounds)]
+
+    kept = 0
+    for piece_a, piece_b in zip(pieces(data_a), pieces(data_b), strict=True):
+        await wire_a.write(piece_a, [len(piece_a)])  # one read of A, then one of B
+        kept += a._buf is not None and a._filled > 0
+        await wire_b.write(piece_b, [len(piece_b)])
+        kept += b._buf is not None and b._filled > 0
+    await await_ack(ws_a, 5)
+    await await_ack(ws_b, 5)
+    assert await stored_order(redis, sid_a) == list(range(6))
+    assert await stored_order(redis, sid_b, {seq: 2 for seq in range(6)}) == list(range(6))
+    assert kept > 0  # frames' starts were kept between reads...
+    assert a._buf is None and b._buf is None  # ...and no buffer once they were whole
+    assert a.direct == 6 and b.direct == 6
+    await ws_a.close()
+    await ws_b.close()
+
+
+async def test_a_read_that_brings_nothing_leaves_the_scratch_to_the_next(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """A transport may ask for a buffer and read nothing into it (a TLS record not yet
+    whole decrypts to nothing): the scratch it was lent serves the next connection's read
+    as usual, and its own next read too."""
+    svc = await service_factory(with_worker=False)
+    ws_a, ws_b = await open_ws(svc.url), await open_ws(svc.url)
+    sid_a, sid_b = (await started(ws_a))["session_id"], (await started(ws_b))["session_id"]
+    conns = svc.gateway._server.connections
+    a, b = connection_of(conns, ws_a), connection_of(conns, ws_b)
+    scratch = thread_scratch()
+    assert a.get_buffer(-1) is scratch.view  # lent to A, and no update follows
+    for seq in range(3):
+        await ws_b.send(pcm(seq))
+    await await_ack(ws_b, 2)
+    assert scratch.owner is None  # B borrowed it since, and gave it back
+    for seq in range(3):
+        await ws_a.send(pcm(seq))
+    await await_ack(ws_a, 2)
+    assert await stored_order(redis, sid_a) == [0, 1, 2]
+    assert await stored_order(redis, sid_b) == [0, 1, 2]
+    assert a._buf is None and b._buf is None
+    await ws_a.close()
+    await ws_b.close()
+
+
+async def test_no_read_goes_into_the_scratch_while_it_is_being_framed(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """While a read in the scratch is being framed (a transport that closes then reads
+    what it still holds), a read of any connection goes into that connection's own
+    buffer, not over the bytes being framed."""
+    svc = await service_factory(with_worker=False)
+    ws_a, ws_b = await open_ws(svc.url), await open_ws(svc.url)
+    sid_a = (await started(ws_a))["session_id"]
+    await started(ws_b)
+    conns = svc.gateway._server.connections
+    a, b = connection_of(conns, ws_a), connection_of(conns, ws_b)
+    scratch = thread_scratch()
+    hook = a.on_binary
+    assert hook is not None
+    offered: list[bool] = []
+
+    def take(frame: bytes) -> bool:
+        for conn in (a, b):  # reads that framing sets off, on this and another
+            buf = conn.get_buffer(-1)
+            offered.append(buf.obj is scratch.view.obj)
+            conn.buffer_updated(0)
+        return hook(frame)
+
+    a.on_binary = take
+    for seq in range(4):
+        await ws_a.send(pcm(seq))
+    await await_ack(ws_a, 3)
+    assert await stored_order(redis, sid_a) == [0, 1, 2, 3]
+    assert offered and not any(offered)
+    assert not scratch.busy and scratch.owner is None
+    assert a._buf is None and b._buf is None
+    await ws_a.close()
+    await ws_b.close()
