@@ -15,7 +15,7 @@ import weakref
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, CloseCode, Frame, Opcode
 
 from gateway.wsconn import (
     READ_BUFFER_BYTES,
@@ -345,3 +345,45 @@ async def test_no_read_goes_into_the_scratch_while_it_is_being_framed(
     assert a._buf is None and b._buf is None
     await ws_a.close()
     await ws_b.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_frames_behind_a_close_frame_in_the_same_read_are_dropped_cleanly(
+    service_factory: ServiceFactory,
+    redis: aioredis.Redis,
+    client_ssl: ssl.SSLContext,
+    tls: bool,
+) -> None:
+    """Audio, a close frame and 100 KB more audio, written at once: the close handshake
+    completes, and no frame after the close is stored (those before it may be, in order:
+    unacknowledged, they are the client's to send again after a resume). Over
+    TLS the gateway's close reads what the SSL layer still holds from inside the framing
+    of the scratch (a read that must not go into the scratch)."""
+    svc = await service_factory(with_worker=False, tls=tls)
+    ws = await open_ws(svc.url, ssl_ctx=client_ssl if tls else None)
+    sid = (await started(ws))["session_id"]
+    [conn] = svc.gateway._server.connections
+    assert isinstance(conn, GatewayServerConnection)
+    into_scratch_while_framing: list[bool] = []
+    inner = conn.get_buffer
+
+    def get_buffer(sizehint: int) -> memoryview:
+        busy = conn._scratch.busy
+        buf = inner(sizehint)
+        if busy:
+            into_scratch_while_framing.append(buf.obj is conn._scratch.view.obj)
+        return buf
+
+    conn.get_buffer = get_buffer  # type: ignore[method-assign]
+    before = b"".join(raw(Opcode.BINARY, pcm(seq)) for seq in range(3))
+    close = raw(Opcode.CLOSE, Close(CloseCode.NORMAL_CLOSURE, "bye").serialize())
+    after = b"".join(raw(Opcode.BINARY, pcm(seq)) for seq in range(3, 35))
+    assert len(after) > 100_000
+    ws.transport.write(before + close + after)
+    out = await drain(ws)
+    assert out.code == CloseCode.NORMAL_CLOSURE
+    stored = await stored_order(redis, sid)
+    assert stored == [0, 1, 2][: len(stored)]
+    # The standard loop's SSL layer reads from inside the framing here (uvloop's did not
+    # when this test was written): those reads went to the connection's own buffer.
+    assert not any(into_scratch_while_framing)
