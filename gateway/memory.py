@@ -18,7 +18,7 @@ What the gateway does about it:
    256 KiB SSL buffer is mapped on its own, resident only where written (a few KiB), and
    unmapped when the connection closes.
 3. `TrimPolicy` and `trim`: once the open connections have fallen by at least
-   `heap_trim_drop` and to half their peak since the last trim or less,
+   `heap_trim_drop` and to half their peak since the last trim or less, or to none,
    `malloc_trim(0)` hands the free heap pages back, whatever kept them. A steady load
    never pays for it.
 
@@ -61,10 +61,14 @@ class TrimPolicy:
 
     def due(self, open_now: int) -> bool:
         """True when connections have fallen by at least `min_drop` and to half the peak or
-        less; the peak then starts again from `open_now`."""
+        less, or when the last one has closed (a small gateway's fall is never `min_drop`);
+        the peak then starts again from `open_now`."""
         self.peak = max(self.peak, open_now)
         if self.min_drop == 0:
             return False
+        if open_now == 0 and self.peak > 0:
+            self.peak = 0
+            return True
         if self.peak - open_now >= self.min_drop and 2 * open_now <= self.peak:
             self.peak = open_now
             return True

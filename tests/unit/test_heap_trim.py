@@ -21,8 +21,9 @@ def test_a_fall_of_min_drop_to_half_the_peak_trims_once() -> None:
     assert not policy.due(37)  # down 63: one short of min_drop
     assert policy.due(36)  # down 64, and 36 <= 50
     assert policy.peak == 36
-    assert not policy.due(0)  # down only 36 since the trim
-    assert not policy.due(0)
+    assert not policy.due(1)  # down only 35 since the trim
+    assert policy.due(0)  # but the last one closed: what they all freed goes back
+    assert not policy.due(0)  # once
 
 
 def test_a_fall_to_more_than_half_the_peak_does_not_trim() -> None:
@@ -39,6 +40,19 @@ def test_the_peak_counts_connections_seen_only_at_a_check() -> None:
     policy = TrimPolicy(2)
     assert not policy.due(4)
     assert policy.due(2)
+
+
+def test_a_small_gateway_trims_when_its_last_connection_closes() -> None:
+    """16 connections never fall by min_drop (64); when the last one closes, the gateway
+    trims once, and again only after connections came and all went again."""
+    policy = TrimPolicy(64)
+    for n in range(1, 17):
+        policy.opened(n)
+    assert not any(policy.due(n) for n in range(16, 0, -1))
+    assert policy.due(0)
+    assert not policy.due(0)
+    policy.opened(1)
+    assert policy.due(0)
 
 
 def test_zero_never_trims_and_negatives_are_refused() -> None:
