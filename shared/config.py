@@ -174,8 +174,8 @@ class Config:
         64,
         "Hand freed memory back to the system (glibc malloc_trim) once open connections "
         "have fallen by at least this many, and to half their peak or less, since the last "
-        "time; 0: never. Without it glibc keeps what the peak's connections freed for "
-        "reuse (about 20 MiB after 200 TLS sessions).",
+        "time, or when the last one has closed; 0: never. Without it glibc keeps what the "
+        "peak's connections freed for reuse (about 20 MiB after 200 TLS sessions).",
         GATEWAY,
     )
     # --- worker -------------------------------------------------------------------
