@@ -18,7 +18,9 @@ ticks (10 s each), and counts the keys that are left, by kind (a session id in a
 is shown as `{*}`, another id as `*`): what a finished session leaves behind after its
 TTL is a leak.
 
-It prints a table per wave (sessions, failures, final lag), the samples once a minute,
+It prints a table per wave (sessions, failures, final lag; and, where some sessions of the
+wave were told `queued`, how many and the p95 final lag of the others: a session admitted
+late catches up on its stored audio, so its lag is its wait), the samples once a minute,
 and a summary: each process's memory growth over the second half of the steady load
 (until the last wave starts), per 1,000 sessions served; Valkey's memory before, during
 (steady: finished sessions' keys expire as fast as new ones come) and after; and the keys
@@ -113,6 +115,11 @@ class Wave:
     failed: int = 0
     final_lag_p50_s: float | None = None
     final_lag_p95_s: float | None = None
+    # Sessions told `queued` (admitted late, catching up on stored audio), and the p95
+    # final lag of the others: a queued session's lag says how long it waited, not how
+    # fast the service decodes.
+    queued: int = 0
+    final_lag_unqueued_p95_s: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -155,6 +162,7 @@ def progress_line(s: Sample) -> str:
 
 def wave_result(index: int, started_t: float, report: Mapping[str, Any]) -> Wave:
     lag = report["metrics"]["final_lag_s"]
+    served = report["metrics"].get("final_lag_unqueued_s", lag)
     return Wave(
         index=index,
         started_t=started_t,
@@ -163,12 +171,25 @@ def wave_result(index: int, started_t: float, report: Mapping[str, Any]) -> Wave
         failed=int(report["failed"]) + int(report["unfinished"]),
         final_lag_p50_s=lag.get("p50"),
         final_lag_p95_s=lag.get("p95"),
+        queued=int(report.get("queued_sessions", 0)),
+        final_lag_unqueued_p95_s=served.get("p95"),
         errors={**report["errors_by_close_code"], **report["error_messages"]},
     )
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def wave_line(wave: Wave) -> str:
+    """A finished wave as a progress line."""
+    line = (
+        f"wave {wave.index + 1}: {wave.completed}/{wave.sessions} completed, final lag "
+        f"p95 {fmt(wave.final_lag_p95_s)} s"
+    )
+    if wave.queued:
+        line += f"; {wave.queued} queued, the others' p95 {fmt(wave.final_lag_unqueued_p95_s)} s"
+    return line
 
 
 def main() -> None:
@@ -251,11 +272,7 @@ def main() -> None:
                 for i, at, future in pending:
                     wave = wave_result(i, at, future.result())
                     waves.append(wave)
-                    print(
-                        f"wave {i + 1}: {wave.completed}/{wave.sessions} completed, final lag "
-                        f"p95 {fmt(wave.final_lag_p95_s)} s",
-                        flush=True,
-                    )
+                    print(wave_line(wave), flush=True)
             load_end = time.monotonic() - t0
             print(f"load over at {load_end:.0f} s; waiting for keys to expire", flush=True)
             # Every session closed by now; its keys expire session_ttl_s after, and the
@@ -331,6 +348,8 @@ def render(
             f"{w['completed']}/{w['sessions']}",
             fmt(w["final_lag_p50_s"]),
             fmt(w["final_lag_p95_s"]),
+            w.get("queued", 0),
+            fmt(w.get("final_lag_unqueued_p95_s", w["final_lag_p95_s"])),
             ", ".join(f"{k}: {v}" for k, v in w["errors"].items()) or "none",
         ]
         for w in waves
@@ -389,7 +408,16 @@ def render(
         f"{args.session_ttl_s:g} s + two maintenance ticks after the last session: "
         f"{left_line}.\n\n"
         + table(
-            ["wave", "started s", "completed", "final lag p50 s", "p95 s", "errors"],
+            [
+                "wave",
+                "started s",
+                "completed",
+                "final lag p50 s",
+                "p95 s",
+                "queued",
+                "never queued: p95 s",
+                "errors",
+            ],
             wave_rows,
         )
         + "\n\n"

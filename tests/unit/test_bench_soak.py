@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.soak import Sample, growth_per_1000, key_kind, progress_line
+from bench.soak import Sample, growth_per_1000, key_kind, progress_line, wave_line, wave_result
 
 SID = "0123456789abcdef0123456789abcdef"
 
@@ -57,3 +57,38 @@ def test_progress_line_shows_each_process_and_valkey() -> None:
         "t 600 s, 300 sessions started: RSS MiB gateway 48.1, valkey 15.5, worker 353.7; "
         "Valkey used 2.2 MiB, 12 keys"
     )
+
+
+def _report(lag: dict[str, float], unqueued: dict[str, float] | None, queued: int) -> dict:
+    metrics: dict[str, dict[str, float]] = {"final_lag_s": lag}
+    if unqueued is not None:
+        metrics["final_lag_unqueued_s"] = unqueued
+    return {
+        "sessions_total": 16,
+        "completed": 15,
+        "failed": 1,
+        "unfinished": 0,
+        "queued_sessions": queued,
+        "metrics": metrics,
+        "errors_by_close_code": {"1013": 1},
+        "error_messages": {"overloaded": 1},
+    }
+
+
+def test_a_wave_tells_queued_sessions_apart() -> None:
+    """A wave whose sessions queued reports the p95 final lag of the others as well."""
+    wave = wave_result(3, 120.0, _report({"p50": 1.0, "p95": 14.2}, {"p95": 1.9}, queued=4))
+    assert (wave.completed, wave.failed, wave.queued) == (15, 1, 4)
+    assert wave.final_lag_p95_s == 14.2
+    assert wave.final_lag_unqueued_p95_s == 1.9
+    assert wave_line(wave) == (
+        "wave 4: 15/16 completed, final lag p95 14.20 s; 4 queued, the others' p95 1.90 s"
+    )
+
+
+def test_a_wave_without_queued_sessions_reads_as_before() -> None:
+    """No session queued: one lag figure; an older report without the unqueued series
+    falls back to the whole wave's."""
+    wave = wave_result(0, 0.0, _report({"p50": 0.8, "p95": 1.4}, None, queued=0))
+    assert wave.final_lag_unqueued_p95_s == 1.4
+    assert wave_line(wave) == "wave 1: 15/16 completed, final lag p95 1.40 s"
