@@ -9,8 +9,8 @@ in this process (the same `Gateway` class `streamscribe gateway` runs), next to 
 embedded Valkey and a null-engine worker in child processes, and looks inside it. Each
 round, a `streamscribe loadtest` child process streams --sessions sessions of
 --session-s seconds (ramped over --session-s, TLS as deployed) and ends; once the gateway
-holds no connection (and, when the round's fall is one `heap_trim_drop` trims after, once
-the gateway has trimmed), a census is taken:
+holds no connection (and, with its trimming on, once it has trimmed after its last
+connection closed, as it does whatever the round's size), a census is taken:
 
 - resident memory, and the C allocator's view (glibc `mallinfo2`: bytes in use, bytes
   free but kept);
@@ -195,13 +195,17 @@ async def sample_peak(peak: list[int], every_s: float = 0.5) -> None:
         peak[0] = max(peak[0], rss_bytes(os.getpid()))
 
 
-async def wait_trims(gateway: Any, count: int, timeout_s: float) -> None:
-    """Until the gateway has trimmed `count` times (its heartbeat does it; bounded)."""
+async def wait_trimmed_idle(gateway: Any, timeout_s: float) -> None:
+    """Until the gateway, holding no connection, has trimmed after its last one closed
+    (its heartbeat does it, and its `TrimPolicy` peak is then 0; bounded)."""
     deadline = time.monotonic() + timeout_s
-    while gateway.heap_trims < count:
+    while gateway.heap_trim.peak > 0:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the gateway trimmed {gateway.heap_trims} times, not {count}")
-        await asyncio.sleep(0.1)  # polling the gateway's counter; no event to await
+            raise RuntimeError(
+                f"the gateway did not trim within {timeout_s:g} s of its last connection "
+                f"closing ({gateway.heap_trims} trims so far)"
+            )
+        await asyncio.sleep(0.1)  # polling the gateway's policy; no event to await
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -266,9 +270,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             served += args.sessions
             sampling.cancel()
             await wait_idle(gateway)
-            if trim_supported() and 0 < 2 * args.heap_trim_drop <= args.sessions:
-                # The round's fall is one the gateway trims after: census after that.
-                await wait_trims(gateway, trims_before + 1, 10 * config.heartbeat_s)
+            if trim_supported() and args.heap_trim_drop > 0:
+                # The gateway trims once its last connection has closed (and maybe
+                # before, on the way down): census after that.
+                await wait_trimmed_idle(gateway, 10 * config.heartbeat_s)
             c = census(gateway, i + 1, served)
             c.failed = int(report["failed"]) + int(report["unfinished"])
             c.final_lag_p95_s = report["metrics"]["final_lag_s"].get("p95")
@@ -350,8 +355,9 @@ def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
         "GC objects",
     ]  # fmt: skip
     trimming = (
-        f"The gateway trims (`heap_trim_drop` {args.heap_trim_drop}): each round's fall "
-        "from its peak hands the freed memory back, and the census is taken after that."
+        f"The gateway trims (`heap_trim_drop` {args.heap_trim_drop}, and when its last "
+        "connection closes): each round's fall from its peak hands the freed memory "
+        "back, and the census is taken after its trim at no connection."
         if args.heap_trim_drop
         else "The gateway never trims (`heap_trim_drop` 0): what the allocator keeps."
     )
