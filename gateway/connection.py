@@ -149,6 +149,15 @@ class QueuePlace(NamedTuple):
     waited_s: float
 
 
+def _ended_by_close(reader: asyncio.Task[None]) -> bool:
+    """The reader ended because the connection did (closed by either side, cleanly or
+    not), not because of an error of its own."""
+    if reader.cancelled():
+        return False
+    exc = reader.exception()
+    return exc is None or isinstance(exc, ConnectionClosed)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -228,6 +237,10 @@ class Connection:
         self._ingesting: tuple[asyncio.Future[IngestResult], list[AudioChunk]] | None = None
         self._max_audio_bytes = 0.0  # max_session_audio_s in bytes, set as the writer starts
         self._callback_error: Exception | None = None  # raised by the writer
+        # The connection ended and the reader is done: the writer stores what it had
+        # queued and returns (`_store_after_close`); and no more acks (nobody to read them).
+        self._client_left = False
+        self._acks_off = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -377,10 +390,13 @@ class Connection:
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._queue_watch(), name="queue"),
         ]
+        reader, writer = tasks[0], tasks[1]
         try:
             running = set(tasks)
             while running:
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done and writer not in done and _ended_by_close(reader):
+                    await self._store_after_close(writer)
                 for task in done:
                     task.result()  # re-raise the first failure
                 if any(task.get_name() != "queue" for task in done):
@@ -405,6 +421,29 @@ class Connection:
             # Redis is down: the gateway's heartbeat retries, so that the session still
             # gets its resume grace (and is reaped, freeing its worker slot).
             self.ctx.unreleased.append((self.sid, self.conn_id, self.delivery.done))
+
+    async def _store_after_close(self, writer: asyncio.Task[None]) -> None:
+        """The connection ended: let the writer store what the reader had queued (audio
+        and commands sent before the end, in order; frames after a stream the server
+        ended are still dropped), without acks, for at most `store_after_close_s`."""
+        self._client_left = self._acks_off = True
+        if self.cfg.store_after_close_s <= 0:
+            return
+        # Woken from `_park`, it returns at once when nothing is left; otherwise it may be
+        # storing a batch it took from the queue, or settling a call made from a callback.
+        self._wake_writer()
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), self.cfg.store_after_close_s)
+        except TimeoutError:
+            log.warning(
+                "session %s: %d item(s) read before the client left were not stored within "
+                "%gs (store_after_close_s); dropped",
+                self.sid,
+                self.pending.qsize(),
+                self.cfg.store_after_close_s,
+            )
+        except Exception as exc:  # e.g. storage unavailable: nobody to tell
+            log.info("session %s: storing after the client left stopped: %s", self.sid, exc)
 
     # --- the four tasks ------------------------------------------------------------------
 
@@ -512,6 +551,8 @@ class Connection:
             if self._ingesting is not None:
                 await self._settle()
             elif self.pending.empty():
+                if self._client_left:
+                    return  # all it had sent is stored
                 await self._park()
             elif isinstance(control := self.pending.peek(), Control):
                 self.pending.get_nowait()
@@ -627,10 +668,19 @@ class Connection:
         await self._stored(result)
 
     async def _stored(self, result: IngestResult) -> None:
-        """Audio is stored: ack it; end the stream at max_duration."""
+        """Audio is stored: ack it (unless the client has left); end the stream at
+        max_duration."""
         # The ack is the one message per frame: its JSON from a template, not the codec
         # (same text as build_server_message(Ack(seq)); tests/unit/test_ingest_batcher.py).
-        await self._send_text(ack_text(result.next_seq - 1))
+        if not self._acks_off:
+            try:
+                await self._send_text(ack_text(result.next_seq - 1))
+            except ConnectionClosed:
+                # The connection is ending: the reader may still hand over frames that
+                # came before its end, which are stored all the same (`_store_after_close`).
+                self._acks_off = True
+        if self._acks_off:
+            self.ctx.metrics.inc("audio_frames_stored_after_close_total", result.stored)
         if result.audio_bytes >= self._max_audio_bytes and not self._session().server_ended:
             # Stored directly: the writer must never wait on its own (possibly full) queue.
             self._session().mark_closing()

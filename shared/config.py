@@ -129,6 +129,15 @@ class Config:
         "reading from its socket (back-pressure).",
         GATEWAY,
     )
+    store_after_close_s: float = _opt(
+        5.0,
+        "When a client's connection ends (closed, cleanly or not, without waiting for "
+        "session.closed), the most time the gateway still spends storing the audio frames "
+        "and commands it had read from it but not yet stored, seconds. Stored frames are "
+        "not acknowledged (no one is there): a resume's next_seq says how far the stored "
+        "audio goes. What is left after this long is dropped. 0: drop them at once.",
+        GATEWAY,
+    )
     high_priority_keys: tuple[str, ...] = _opt(
         (),
         "API key allowed to open sessions with priority=high (repeatable flag; "
@@ -521,6 +530,8 @@ class Config:
             raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
         if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
             raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
+        if not (self.store_after_close_s >= 0 and math.isfinite(self.store_after_close_s)):
+            raise ConfigError(f"{_where('store_after_close_s')} must be >= 0")
         if not 1 <= self.workers <= MAX_UP_WORKERS:
             raise ConfigError(f"{_where('workers')} must be 1..{MAX_UP_WORKERS}")
         if not 1 <= self.batch_decodes <= 64:

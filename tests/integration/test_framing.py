@@ -355,8 +355,9 @@ async def test_frames_behind_a_close_frame_in_the_same_read_are_dropped_cleanly(
     tls: bool,
 ) -> None:
     """Audio, a close frame and 100 KB more audio, written at once: the close handshake
-    completes, and no frame after the close is stored (those before it may be, in order:
-    unacknowledged, they are the client's to send again after a resume). Over
+    completes, and no frame after the close is stored (those before it are, in order,
+    once the handler has stored what it had read: tests/integration/
+    test_store_after_close.py). Over
     TLS the gateway's close reads what the SSL layer still holds from inside the framing
     of the scratch (a read that must not go into the scratch)."""
     svc = await service_factory(with_worker=False, tls=tls)
