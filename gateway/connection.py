@@ -23,7 +23,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn, TypeVar
+from typing import Literal, NamedTuple, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -149,13 +149,16 @@ class QueuePlace(NamedTuple):
     waited_s: float
 
 
-def _ended_by_close(reader: asyncio.Task[None]) -> bool:
-    """The reader ended because the connection did (closed by either side, cleanly or
-    not), not because of an error of its own."""
+def _reader_end(reader: asyncio.Task[None]) -> Literal["closed", "bad input"] | None:
+    """Why the (finished) reader ended: the connection did ("closed", by either side,
+    cleanly or not); the client sent something that ends it with an error ("bad input",
+    the error to send once what came before is stored); or neither (None)."""
     if reader.cancelled():
-        return False
+        return None
     exc = reader.exception()
-    return exc is None or isinstance(exc, ConnectionClosed)
+    if exc is None or isinstance(exc, ConnectionClosed):
+        return "closed"
+    return "bad input" if isinstance(exc, StreamscribeError) else None
 
 
 def hash_token(token: str) -> str:
@@ -237,9 +240,9 @@ class Connection:
         self._ingesting: tuple[asyncio.Future[IngestResult], list[AudioChunk]] | None = None
         self._max_audio_bytes = 0.0  # max_session_audio_s in bytes, set as the writer starts
         self._callback_error: Exception | None = None  # raised by the writer
-        # The connection ended and the reader is done: the writer stores what it had
-        # queued and returns (`_store_after_close`); and no more acks (nobody to read them).
-        self._client_left = False
+        # The reader is done: the writer stores what it had queued and returns
+        # (`_store_rest`); and, once the connection has ended, no more acks.
+        self._reader_done = False
         self._acks_off = False
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -395,8 +398,8 @@ class Connection:
             running = set(tasks)
             while running:
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done and writer not in done and _ended_by_close(reader):
-                    await self._store_after_close(writer)
+                if reader in done and writer not in done and (end := _reader_end(reader)):
+                    await self._store_rest(writer, acks=end == "bad input")
                 for task in done:
                     task.result()  # re-raise the first failure
                 if any(task.get_name() != "queue" for task in done):
@@ -422,11 +425,14 @@ class Connection:
             # gets its resume grace (and is reaped, freeing its worker slot).
             self.ctx.unreleased.append((self.sid, self.conn_id, self.delivery.done))
 
-    async def _store_after_close(self, writer: asyncio.Task[None]) -> None:
-        """The connection ended: let the writer store what the reader had queued (audio
-        and commands sent before the end, in order; frames after a stream the server
-        ended are still dropped), without acks, for at most `store_after_close_s`."""
-        self._client_left = self._acks_off = True
+    async def _store_rest(self, writer: asyncio.Task[None], *, acks: bool) -> None:
+        """The reader is done: let the writer store what it had queued (audio and
+        commands that came before the end, in order; frames after a stream the server
+        ended are still dropped), for at most `store_after_close_s`. With `acks` (the
+        client sent bad input, and its error follows) the stored frames are acknowledged
+        first; else the connection has ended, and nobody is left to read an ack."""
+        self._reader_done = True
+        self._acks_off = self._acks_off or not acks
         if self.cfg.store_after_close_s <= 0:
             return
         # Woken from `_park`, it returns at once when nothing is left; otherwise it may be
@@ -436,14 +442,14 @@ class Connection:
             await asyncio.wait_for(asyncio.shield(writer), self.cfg.store_after_close_s)
         except TimeoutError:
             log.warning(
-                "session %s: %d item(s) read before the client left were not stored within "
-                "%gs (store_after_close_s); dropped",
+                "session %s: %d item(s) read before the connection's end were not stored "
+                "within %gs (store_after_close_s); dropped",
                 self.sid,
                 self.pending.qsize(),
                 self.cfg.store_after_close_s,
             )
-        except Exception as exc:  # e.g. storage unavailable: nobody to tell
-            log.info("session %s: storing after the client left stopped: %s", self.sid, exc)
+        except Exception as exc:  # e.g. storage unavailable: the reader's end is told
+            log.info("session %s: storing after the reader ended stopped: %s", self.sid, exc)
 
     # --- the four tasks ------------------------------------------------------------------
 
@@ -551,7 +557,7 @@ class Connection:
             if self._ingesting is not None:
                 await self._settle()
             elif self.pending.empty():
-                if self._client_left:
+                if self._reader_done:
                     return  # all it had sent is stored
                 await self._park()
             elif isinstance(control := self.pending.peek(), Control):
@@ -668,7 +674,7 @@ class Connection:
         await self._stored(result)
 
     async def _stored(self, result: IngestResult) -> None:
-        """Audio is stored: ack it (unless the client has left); end the stream at
+        """Audio is stored: ack it (unless the connection has ended); end the stream at
         max_duration."""
         # The ack is the one message per frame: its JSON from a template, not the codec
         # (same text as build_server_message(Ack(seq)); tests/unit/test_ingest_batcher.py).
@@ -677,7 +683,7 @@ class Connection:
                 await self._send_text(ack_text(result.next_seq - 1))
             except ConnectionClosed:
                 # The connection is ending: the reader may still hand over frames that
-                # came before its end, which are stored all the same (`_store_after_close`).
+                # came before its end, which are stored all the same (`_store_rest`).
                 self._acks_off = True
         if self._acks_off:
             self.ctx.metrics.inc("audio_frames_stored_after_close_total", result.stored)

@@ -132,10 +132,12 @@ class Config:
     store_after_close_s: float = _opt(
         5.0,
         "When a client's connection ends (closed, cleanly or not, without waiting for "
-        "session.closed), the most time the gateway still spends storing the audio frames "
-        "and commands it had read from it but not yet stored, seconds. Stored frames are "
-        "not acknowledged (no one is there): a resume's next_seq says how far the stored "
-        "audio goes. What is left after this long is dropped. 0: drop them at once.",
+        "session.closed) or the client sent something that ends it with an error, the "
+        "most time the gateway still spends storing the audio frames and commands it had "
+        "read from it but not yet stored, seconds. After an error they are acknowledged "
+        "before the error is sent; after a close nobody is there to read an ack: a "
+        "resume's next_seq says how far the stored audio goes. What is left after this "
+        "long is dropped. 0: drop them at once.",
         GATEWAY,
     )
     high_priority_keys: tuple[str, ...] = _opt(

@@ -1,9 +1,10 @@
 """What a client sent before its connection ended is stored, though nobody is left to
-acknowledge it (`store_after_close_s`; docs/protocol.md, *Client vanished*).
+acknowledge it; and what it sent before bad input is stored and acknowledged before the
+error (`store_after_close_s`; docs/protocol.md, *Client vanished* and *Errors*).
 
-The frames are written in one go with the end behind them (a close frame, or the socket
-cut), so the gateway reads them all before it has stored them: without this, all but the
-first were dropped."""
+The frames are written in one go with the end behind them (a close frame, the socket
+cut, a bad frame), so the gateway reads them all before it has stored them: without
+this, all but the first were dropped."""
 
 from __future__ import annotations
 
@@ -118,6 +119,42 @@ async def test_close_stream_before_the_client_left_still_ends_the_session(
     assert out.code == CloseCode.NORMAL_CLOSURE
     closed = [m for m in out.messages if m["type"] == "session.closed"]
     assert [c["reason"] for c in closed] == ["client_closed"]
+
+
+async def test_frames_before_bad_input_are_stored_and_acknowledged_before_the_error(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """Audio and then a frame that is not whole samples, at once: every frame before the
+    bad one is stored and acknowledged, and only then come the error and its close, so
+    the client's last ack says exactly where a resume starts."""
+    svc = await service_factory(with_worker=False)
+    ws = await open_ws(svc.url)
+    sid = SessionId((await started(ws))["session_id"])
+    ws.transport.write(audio(FRAMES) + raw(Opcode.BINARY, b"\x00\x00\x00"))
+    out = await drain(ws)
+    assert out.code == 4400
+    kinds = [m["type"] for m in out.messages]
+    assert kinds[-1] == "error" and out.messages[-1]["code"] == "bad_request"
+    assert set(kinds[:-1]) == {"ack"}  # every ack came before the error
+    assert max(m["seq"] for m in out.messages[:-1]) == FRAMES - 1
+    await detached(redis, sid)
+    assert await stored_order(redis, sid) == list(range(FRAMES))
+    assert svc.gateway.metrics.counters["audio_frames_stored_after_close_total"] == 0
+
+
+async def test_frames_before_a_frame_over_the_limit_are_stored(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """A frame over `max_frame_bytes` is refused by the websockets library, which closes
+    at once (1009): the frames before it are stored all the same."""
+    svc = await service_factory(with_worker=False, max_frame_bytes=8000)
+    ws = await open_ws(svc.url)
+    sid = SessionId((await started(ws))["session_id"])
+    ws.transport.write(audio(FRAMES) + raw(Opcode.BINARY, b"\x00" * 8002))
+    out = await drain(ws)
+    assert out.code == 1009
+    await detached(redis, sid)
+    assert await stored_order(redis, sid) == list(range(FRAMES))
 
 
 async def test_zero_drops_what_was_not_stored_when_the_client_left(
