@@ -53,7 +53,12 @@ class Gateway:
         self.redis = (
             redis
             if redis is not None
-            else connect(config.require_redis_url(), client_name("gateway", self.gateway_id))
+            else connect(
+                config.require_redis_url(),
+                client_name("gateway", self.gateway_id),
+                max_connections=config.redis_max_connections,
+                pool_wait_s=config.redis_pool_wait_s,
+            )
         )
         self.store = Store(self.redis)
         self.relay = Relay(self.redis, config.reconcile_interval_s)

@@ -31,6 +31,9 @@ GATEWAY = "gateway"
 WORKER = "worker"
 UP = "up"  # settings of `streamscribe up` itself: how many processes it starts
 MAX_UP_WORKERS = 64
+#: A gateway or worker keeps up to 8 Redis connections for itself (pub/sub, a blocking
+#: read, two `Store`s' kept connections): a smaller pool would leave its commands none.
+MIN_REDIS_CONNECTIONS = 16
 
 
 def _opt(default: Any, help: str, *parts: str, metavar: str | None = None) -> Any:
@@ -48,6 +51,21 @@ class Config:
         "when unset.",
         COMMON,
         metavar="URL",
+    )
+    redis_max_connections: int = _opt(
+        256,
+        "Most connections to Redis one gateway or worker process opens (its pool, pub/sub "
+        "and kept connections included). A command that finds them all busy waits for one "
+        "to come free (redis_pool_wait_s). 0: no limit; else at least 16 (a process keeps "
+        "up to 8 for itself: pub/sub, a blocking read, connections kept for hot paths).",
+        COMMON,
+    )
+    redis_pool_wait_s: float = _opt(
+        5.0,
+        "How long a Redis command waits for a free connection when redis_max_connections "
+        "are all busy, seconds; then it fails as if Redis were unreachable (the gateway "
+        "retries, then closes with 1012).",
+        COMMON,
     )
     log_level: str = _opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", COMMON)
     session_ttl_s: float = _opt(
@@ -495,6 +513,7 @@ class Config:
 
     def __post_init__(self) -> None:
         positive = (
+            "redis_pool_wait_s",
             "session_ttl_s",
             "max_frame_bytes",
             "max_text_frame_bytes",
@@ -530,6 +549,11 @@ class Config:
                 raise ConfigError(f"{_where(name)} must be a positive number, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{_where('port')} must be 0..65535, got {self.port}")
+        if self.redis_max_connections != 0 and self.redis_max_connections < MIN_REDIS_CONNECTIONS:
+            raise ConfigError(
+                f"{_where('redis_max_connections')} must be 0 (no limit) or at least "
+                f"{MIN_REDIS_CONNECTIONS}, got {self.redis_max_connections}"
+            )
         if not (self.speech_pad_s >= 0 and math.isfinite(self.speech_pad_s)):
             raise ConfigError(f"{_where('speech_pad_s')} must be >= 0")
         if not (self.store_after_close_s >= 0 and math.isfinite(self.store_after_close_s)):

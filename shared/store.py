@@ -35,27 +35,88 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def connect(url: str, name: str | None = None) -> aioredis.Redis:
+class WaitingPool(aioredis.ConnectionPool):
+    """redis-py's own pool, except that a caller who finds `max_connections` in use waits
+    up to `wait_s` for one to be given back instead of failing at once ("Too many
+    connections"); then it fails with `ConnectionError("No connection available.")`.
+
+    Below the limit a connection is taken and given back exactly as redis-py's pool does
+    it, so the limit costs nothing until it is reached (redis-py's
+    `BlockingConnectionPool` takes a lock for every connection given back and hands them
+    out through a condition; docs/benchmarks.md, *Redis connection limit*)."""
+
+    def __init__(self, *, wait_s: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.wait_s = wait_s
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _full(self) -> bool:
+        return not self._available_connections and (
+            len(self._in_use_connections) >= self.max_connections
+        )
+
+    async def get_connection(self, *_args: Any, **_options: Any) -> AbstractConnection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            if not self._full():
+                try:
+                    return cast(AbstractConnection, await super().get_connection())
+                except RedisConnectionError:
+                    if not self._full():
+                        raise  # a real failure, not the limit reached meanwhile
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RedisConnectionError("No connection available.")
+            freed: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(freed)
+            try:
+                await asyncio.wait_for(freed, remaining)
+            except TimeoutError:
+                pass  # checked once more, then refused
+            finally:
+                if freed in self._waiters:
+                    self._waiters.remove(freed)
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await super().release(connection)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for freed in waiters:
+                if not freed.done():
+                    freed.set_result(None)
+
+
+def connect(
+    url: str, name: str | None = None, *, max_connections: int = 0, pool_wait_s: float = 5.0
+) -> aioredis.Redis:
     """A client with sane timeouts and reconnects; bytes in, bytes out. TCP keepalive
     for redis:// and rediss:// (a Unix socket has none: redis-py refuses the option).
     With `name` (`keys.client_name`), every connection of its pool sets it as its client
-    name (`CLIENT SETNAME` on connect), so `CLIENT LIST` tells whose it is."""
-    options: dict[str, Any] = {}
+    name (`CLIENT SETNAME` on connect), so `CLIENT LIST` tells whose it is.
+
+    With `max_connections` (> 0) its pool (`WaitingPool`) opens at most that many
+    connections, pub/sub and kept connections (`KeptConnection`) included: a command
+    that finds them all busy waits up to `pool_wait_s` for one, then fails with
+    redis-py's `ConnectionError` ("No connection available."). Without, the pool opens
+    one whenever every open one is busy (redis-py's default), so a burst of commands
+    opens a burst of connections."""
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry_on_timeout": True,
+    }
     if not url.startswith("unix://"):
         options["socket_keepalive"] = True
     if name is not None:
         options["client_name"] = name
-    return cast(
-        aioredis.Redis,
-        aioredis.Redis.from_url(
-            url,
-            decode_responses=False,
-            socket_connect_timeout=5,
-            health_check_interval=30,
-            retry_on_timeout=True,
-            **options,
-        ),
-    )
+    if max_connections > 0:
+        pool = WaitingPool.from_url(
+            url, max_connections=max_connections, wait_s=pool_wait_s, **options
+        )
+        return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+    return cast(aioredis.Redis, aioredis.Redis.from_url(url, **options))
 
 
 @dataclass(frozen=True, slots=True)

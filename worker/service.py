@@ -136,7 +136,12 @@ class Worker:
         self.redis = (
             redis
             if redis is not None
-            else connect(config.require_redis_url(), keys.client_name("worker", self.worker_id))
+            else connect(
+                config.require_redis_url(),
+                keys.client_name("worker", self.worker_id),
+                max_connections=config.redis_max_connections,
+                pool_wait_s=config.redis_pool_wait_s,
+            )
         )
         self.store = Store(self.redis)
         # Every session's interims and finals, sent together (one pipeline per batch).
