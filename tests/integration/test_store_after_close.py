@@ -93,6 +93,33 @@ async def test_frames_before_a_cut_connection_are_all_stored(
     assert await stored_order(redis, sid) == list(range(FRAMES))
 
 
+async def test_frames_read_before_a_drain_are_stored(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """The gateway drains (1012) right after it read a burst of audio: what it had read
+    is stored before it lets go of the session, so a resume on another gateway finds
+    it (`next_seq`) and the client need not send it again."""
+    svc = await service_factory(with_worker=False)
+    ws = await open_ws(svc.url)
+    sid = SessionId((await started(ws))["session_id"])
+    [conn] = svc.gateway._server.connections
+    read = asyncio.Event()
+    inner = conn.buffer_updated
+
+    def buffer_updated(nbytes: int) -> None:
+        inner(nbytes)
+        read.set()
+
+    conn.buffer_updated = buffer_updated  # type: ignore[method-assign]
+    ws.transport.write(audio(FRAMES))
+    await asyncio.wait_for(read.wait(), 10)  # the gateway has read them (one read)
+    await svc.gateway.shutdown()
+    out = await drain(ws)
+    assert out.code == 1012
+    assert await stored_order(redis, sid) == list(range(FRAMES))
+    assert int(await redis.hget(keys.meta(sid), "next_seq") or 0) == FRAMES
+
+
 async def test_close_stream_before_the_client_left_still_ends_the_session(
     service_factory: ServiceFactory, redis: aioredis.Redis
 ) -> None:
