@@ -50,20 +50,15 @@ class WaitingPool(aioredis.ConnectionPool):
         self.wait_s = wait_s
         self._waiters: list[asyncio.Future[None]] = []
 
-    def _full(self) -> bool:
-        return not self._available_connections and (
-            len(self._in_use_connections) >= self.max_connections
-        )
-
     async def get_connection(self, *_args: Any, **_options: Any) -> AbstractConnection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         while True:
-            if not self._full():
+            if self.can_get_connection():
                 try:
                     return cast(AbstractConnection, await super().get_connection())
                 except RedisConnectionError:
-                    if not self._full():
+                    if self.can_get_connection():
                         raise  # a real failure, not the limit reached meanwhile
             remaining = deadline - loop.time()
             if remaining <= 0:

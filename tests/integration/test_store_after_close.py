@@ -14,6 +14,7 @@ import ssl
 
 import pytest
 import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
 from websockets.frames import Close, CloseCode, Frame, Opcode
 
 from shared import envelope, keys
@@ -21,7 +22,7 @@ from shared.config import Config
 from shared.envelope import Control
 from shared.errors import ConfigError
 from shared.keys import SessionId
-from tests.conftest import ServiceFactory
+from tests.conftest import Service, ServiceFactory
 from tests.helpers import drain, indexed_frame, open_ws, started, stored_order
 from tests.integration.test_takeover import until
 
@@ -44,6 +45,22 @@ CLOSE = raw(Opcode.CLOSE, Close(CloseCode.NORMAL_CLOSURE, "bye").serialize())
 async def detached(redis: aioredis.Redis, sid: SessionId) -> None:
     """Until the gateway released the session (its handler has ended, storing included)."""
     await until(lambda: redis.zscore(keys.DETACHED, sid), "the gateway to release the session")
+
+
+async def write_read(svc: Service, ws: ClientConnection, data: bytes) -> None:
+    """Write `data` (at most one read's worth) and wait until the gateway has read it:
+    its connection's `buffer_updated` is watched, not slept on."""
+    [conn] = svc.gateway._server.connections
+    read = asyncio.Event()
+    inner = conn.buffer_updated
+
+    def buffer_updated(nbytes: int) -> None:
+        inner(nbytes)
+        read.set()
+
+    conn.buffer_updated = buffer_updated  # type: ignore[method-assign]
+    ws.transport.write(data)
+    await asyncio.wait_for(read.wait(), 10)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
@@ -77,17 +94,7 @@ async def test_frames_before_a_cut_connection_are_all_stored(
     svc = await service_factory(with_worker=False)
     ws = await open_ws(svc.url)
     sid = SessionId((await started(ws))["session_id"])
-    [conn] = svc.gateway._server.connections
-    read = asyncio.Event()
-    inner = conn.buffer_updated
-
-    def buffer_updated(nbytes: int) -> None:
-        inner(nbytes)
-        read.set()
-
-    conn.buffer_updated = buffer_updated  # type: ignore[method-assign]
-    ws.transport.write(audio(FRAMES))
-    await asyncio.wait_for(read.wait(), 10)  # the gateway has read them (one read)
+    await write_read(svc, ws, audio(FRAMES))
     ws.transport.abort()
     await detached(redis, sid)
     assert await stored_order(redis, sid) == list(range(FRAMES))
@@ -102,17 +109,7 @@ async def test_frames_read_before_a_drain_are_stored(
     svc = await service_factory(with_worker=False)
     ws = await open_ws(svc.url)
     sid = SessionId((await started(ws))["session_id"])
-    [conn] = svc.gateway._server.connections
-    read = asyncio.Event()
-    inner = conn.buffer_updated
-
-    def buffer_updated(nbytes: int) -> None:
-        inner(nbytes)
-        read.set()
-
-    conn.buffer_updated = buffer_updated  # type: ignore[method-assign]
-    ws.transport.write(audio(FRAMES))
-    await asyncio.wait_for(read.wait(), 10)  # the gateway has read them (one read)
+    await write_read(svc, ws, audio(FRAMES))
     await svc.gateway.shutdown()
     out = await drain(ws)
     assert out.code == 1012
