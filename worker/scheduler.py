@@ -258,6 +258,7 @@ class QueueCounters:
     interim_stale: int = 0  # dropped: waited longer than stale_s
     interim_shed: int = 0  # dropped: the session had one too recently for the current load
     interim_floor: int = 0  # decoded despite the load: its utterance had no text for floor_s
+    interim_withdrawn: int = 0  # taken off the queue unstarted: its session's final was due
     packs: int = 0  # engine calls that decoded several sessions' finals at once
     packed_finals: int = 0  # finals decoded in those calls
     packed_interims: int = 0  # interims decoded in calls with other sessions' interims
@@ -366,6 +367,19 @@ class DecodeQueue(Generic[T]):
             self._last_interim[job.session] = job.queued_at
             taken.append(job)
         return taken, dropped
+
+    def withdraw_interims(self, session: str) -> list[Job[T]]:
+        """The session's interims still queued, taken off the queue: its final is due, and
+        the session decodes one request at a time, so a queued interim would hold the
+        final back until a thread had popped (and likely dropped) it."""
+        gone = [j for j in self._heap if j.session == session and j.kind == "interim"]
+        if gone:
+            self._heap = [
+                j for j in self._heap if not (j.session == session and j.kind == "interim")
+            ]
+            heapq.heapify(self._heap)
+            self.counters.interim_withdrawn += len(gone)
+        return gone
 
     def take_finals(self, fits: Callable[[list[Job[T]]], bool], limit: int) -> list[Job[T]]:
         """More waiting finals to decode with one just popped, oldest first.
@@ -517,6 +531,15 @@ class Scheduler:
         )
         self._wake.set()
         return await future
+
+    def withdraw_interim(self, session: str) -> bool:
+        """Answer the session's queued interim None at once, if it has not started; whether
+        there was one (see `DecodeQueue.withdraw_interims`)."""
+        gone = self.queue.withdraw_interims(session)
+        for job in gone:
+            if not job.payload.future.done():
+                job.payload.future.set_result(None)
+        return bool(gone)
 
     def forget(self, session: str) -> None:
         self.queue.forget(session)

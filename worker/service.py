@@ -114,7 +114,8 @@ class Owned:
     closed: bool = False
     next_seq: int | None = None  # the audio seq expected next (None: from the first read)
     task: asyncio.Task[None] | None = None
-    decode_task: asyncio.Task[None] | None = None
+    # Its decodes in flight: the one it waits for, and an interim a final went past.
+    decode_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     feed_error: Exception | None = None  # set by the VAD thread; raised by the session task
     fed_noted: bool = False  # a FED note is in the inbox, not yet taken
     wake: bool = False  # set by the VAD thread: the task has work after the last feed
@@ -166,6 +167,9 @@ class Worker:
         self.takeovers = 0
         self.early_decodes = 0  # early finals decoded (see worker/stream.py)
         self.early_finals = 0  # of those, the ones that became their utterance's final
+        # Interims a due final went past (worker/stream.py, `set_interim_aside`); the
+        # scheduler counts those withdrawn before they started (`interims_withdrawn`).
+        self.interims_set_aside = 0
         self.options = StreamOptions.from_config(config)
         # Sessions this worker serves at once: `slots`, or measured by `start` (slots 0).
         self.slots = config.slots
@@ -743,8 +747,8 @@ class Worker:
                 await self.store.record_failure(s.sid, f"{type(exc).__name__}: {exc}")
                 await self.store.release(s.sid, s.token)
         finally:
-            if s.decode_task is not None:
-                s.decode_task.cancel()
+            for task in s.decode_tasks:
+                task.cancel()
             if self.scheduler is not None:
                 self.scheduler.forget(s.sid)
             if self.owned.get(s.sid) is s:  # never another claim's state of the session
@@ -755,20 +759,23 @@ class Worker:
     async def _session_loop(self, s: Owned) -> None:
         tr = s.transcriber
         assert self.scheduler is not None
-        decoding = False
+        decoding: DecodeRequest | None = None  # the request the transcriber waits for
         while True:
             await self._may_touch()
             if tr.done:
                 break
-            if not decoding and (req := tr.next_request()) is not None:
-                decoding = True
-                s.decode_task = asyncio.create_task(self._decode(s, req))
+            if decoding is None and (req := tr.next_request()) is not None:
+                decoding = req
+                task = asyncio.create_task(self._decode(s, req))
+                s.decode_tasks.add(task)
+                task.add_done_callback(s.decode_tasks.discard)
             item = await s.inbox.get()
             await self._may_touch()
             if s.feed_error is not None:
                 raise s.feed_error
             if isinstance(item, Decoded):
-                decoding = False
+                if item.request is decoding:
+                    decoding = None
                 if item.error is not None or item.segments is None:
                     tr.abandon_request(item.request)
                     if item.error is not None and item.request.kind == "final":
@@ -779,6 +786,11 @@ class Worker:
             else:  # FED: its audio was fed; early finals whose utterance has now ended
                 s.fed_noted = False
                 outs = tr.take_ready()
+                if tr.interim_in_the_way():  # a final is due behind the session's interim
+                    tr.set_interim_aside()
+                    self.interims_set_aside += 1
+                    decoding = None
+                    self.scheduler.withdraw_interim(s.sid)  # answered None if not started
             for out in outs:
                 await self._publish(s, out)
         await self._close(s)
@@ -980,6 +992,8 @@ class Worker:
             "decodes_interim": c.interim,
             "interims_dropped_stale": c.interim_stale,
             "interims_dropped_load": c.interim_shed,
+            "interims_set_aside": self.interims_set_aside,
+            "interims_withdrawn": c.interim_withdrawn,
             "interims_floor": c.interim_floor,
             "packs": c.packs,
             "packed_finals": c.packed_finals,

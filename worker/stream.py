@@ -7,8 +7,11 @@ silence, on the client's `finalize`, at the end of the stream, or when it reache
 `max_utterance_s` (cut at the least speech-like window of its last 2 s). It asks for
 decodes one at a time (`next_request`): finals of ended utterances first, in order,
 then an interim of the open utterance when `interim_interval_s` of new audio has come
-(not during a pause of `interim_pause_s` or more: a final may be about to follow).
-`complete()` turns a decode into transcripts with session-relative times.
+(not during a pause of `interim_pause_s` or more: a final may be about to follow). An
+interim still outstanding when a final falls due is in the final's way
+(`interim_in_the_way`): it is set aside (withdrawn from the scheduler's queue if it has
+not started, left to finish if it has) and the final is asked for at once. `complete()`
+turns a decode into transcripts with session-relative times.
 
 Early finals. Waiting for `min_silence_s` of silence before decoding puts that wait and
 the decode one after the other in every final's lag. So once the open utterance has been
@@ -149,6 +152,8 @@ class SessionTranscriber:
         self._shown_end = 0  # end sample of the last interim of this session sent out
         self._pending: deque[tuple[int, int]] = deque()  # ended utterances to finalize
         self._outstanding: DecodeRequest | None = None
+        # An interim still decoding that a final went past (`set_interim_aside`).
+        self._set_aside: DecodeRequest | None = None
         self._prompt = ""
         self.closing = False
         # Early final of the current pause: the speech end it was asked at, and once
@@ -204,6 +209,7 @@ class SessionTranscriber:
             self.closing
             and not self._pending
             and self._outstanding is None
+            and self._set_aside is None
             and self._utt_start is None
             and not self._ready
         )
@@ -321,14 +327,39 @@ class SessionTranscriber:
 
     def has_work(self) -> bool:
         """Whether the session's task has anything to do now: finals ready to publish,
-        the stream done, or a decode that `next_request` would start. False means that
-        neither `take_ready` nor `next_request` would return anything, so the task need
-        not be woken for the audio just fed."""
+        the stream done, a decode that `next_request` would start, or an interim in the
+        way of a final (`interim_in_the_way`). False means that none of these holds, so
+        the task need not be woken for the audio just fed."""
         if self._ready or self.done:
             return True
         if self._outstanding is not None:
-            return False
+            return self.interim_in_the_way()
         return bool(self._pending) or self._early_due() or self._interim_due()
+
+    def interim_in_the_way(self) -> bool:
+        """Whether the decode outstanding is an interim while a final is due (an ended
+        utterance's, or an early one in a pause). The session asks for one decode at a
+        time, so until that interim is done its final would not even be asked for: the
+        worker sets it aside (`set_interim_aside`) and asks for the final at once."""
+        req = self._outstanding
+        return (
+            req is not None
+            and req.kind == "interim"
+            and self._set_aside is None
+            and (bool(self._pending) or self._early_due())
+        )
+
+    def set_interim_aside(self) -> DecodeRequest:
+        """Stop waiting for the outstanding interim (`interim_in_the_way`) and return it:
+        `next_request` goes on to the final. The worker withdraws it from the scheduler's
+        queue if it has not started (answered None: `abandon_request`); one already in
+        the engine finishes on its own, and `complete` sends it as an interim if its
+        utterance is still open and no newer interim has been sent. At most one is set
+        aside at a time, and the stream is not `done` until it is back."""
+        req = self._outstanding
+        assert req is not None and req.kind == "interim" and self._set_aside is None
+        self._outstanding, self._set_aside = None, req
+        return req
 
     def _interim_due(self) -> bool:
         """Whether the open utterance is due an interim decode (and not in a pause)."""
@@ -341,6 +372,11 @@ class SessionTranscriber:
 
     def complete(self, req: DecodeRequest, segments: list[Segment]) -> list[Output]:
         """Results of a decode started by `next_request`."""
+        if req is self._set_aside:
+            self._set_aside = None
+            if req.end <= self._shown_end:  # newer text is on screen (the early decode's)
+                return []
+            return self._interim(req, segments)
         if req is not self._outstanding:
             raise RuntimeError("complete() for a request this session is not waiting for")
         self._outstanding = None
@@ -413,6 +449,8 @@ class SessionTranscriber:
         """A decode failed or was dropped: an interim is simply skipped; a final retried."""
         if req is self._outstanding:
             self._outstanding = None
+        elif req is self._set_aside:
+            self._set_aside = None
 
     # --- buffer ----------------------------------------------------------------------
 
@@ -428,8 +466,9 @@ class SessionTranscriber:
             keep = min(keep, self._utt_start - self._pad)
         if self._pending:
             keep = min(keep, self._pending[0][0])
-        if self._outstanding is not None:
-            keep = min(keep, self._outstanding.start)
+        for req in (self._outstanding, self._set_aside):
+            if req is not None:
+                keep = min(keep, req.start)
         self._buf.drop_before(keep)
 
 

@@ -649,6 +649,44 @@ async def test_two_decode_threads_run_two_decodes_at_once_and_no_third() -> None
         await sched.close()
 
 
+def test_withdrawing_takes_only_that_sessions_queued_interims() -> None:
+    q, _ = make_queue()
+    q.push("interim", "a", "a-i1")
+    q.push("interim", "b", "b-i1")
+    q.push("final", "b", "b-f1")
+    q.push("interim", "a", "a-i2")
+    gone = q.withdraw_interims("a")
+    assert [j.payload for j in gone] == ["a-i1", "a-i2"]
+    assert q.counters.interim_withdrawn == 2
+    assert q.withdraw_interims("a") == [] and q.counters.interim_withdrawn == 2
+    assert [pop_payload(q), pop_payload(q), pop_payload(q)] == ["b-f1", "b-i1", None]
+
+
+async def test_scheduler_answers_a_withdrawn_interim_with_none_and_never_decodes_it() -> None:
+    """A session's interim still queued behind another decode is withdrawn at once (its
+    final is due); one already in the engine is not, and comes back as usual."""
+    engine = GateEngine()
+    policy = InterimPolicy(interval_s=60.0, stale_s=60.0)
+    sched = Scheduler(engine, beam_size=1, policy=policy)
+    sched.start()
+    try:
+        running = asyncio.ensure_future(sched.decode(request("interim", "b-i1"), "en", session="b"))
+        assert await engine.next_call() == "b-i1"
+        queued = asyncio.ensure_future(sched.decode(request("interim", "a-i1"), "en", session="a"))
+        await asyncio.sleep(0)  # it reaches the queue (ordering, not timing)
+        assert sched.queued == 1
+        assert sched.withdraw_interim("a")
+        assert await asyncio.wait_for(queued, 10) is None  # answered before any release
+        assert not sched.withdraw_interim("b")  # in the engine: it runs to the end
+        engine.release.release()
+        result = await asyncio.wait_for(running, 10)
+        assert result is not None and result[0].text == "b-i1"
+        assert engine.calls.empty() and sched.queued == 0
+        assert (sched.counters.interim, sched.counters.interim_withdrawn) == (1, 1)
+    finally:
+        await sched.close()
+
+
 def test_scheduler_refuses_no_decode_threads() -> None:
     with pytest.raises(ValueError):
         Scheduler(GateEngine(), beam_size=1, policy=POLICY, concurrency=0)  # type: ignore[arg-type]
