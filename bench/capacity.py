@@ -110,13 +110,15 @@ class Variant:
     up_args: list[str]
     loadtest_args: list[str] = field(default_factory=list)
     runs: list[LoadRun] = field(default_factory=list)
+    pythonpath: str | None = None  # another checkout's code (`PYTHONPATH=DIR` in the flags)
 
     @property
     def flags(self) -> str:
         """Markdown: the `up` flags, then any extra load generator flags."""
         up = f"`{' '.join(self.up_args)}`" if self.up_args else "defaults"
+        code = f" (code: `{self.pythonpath}`)" if self.pythonpath else ""
         extra = f"; loadtest `{' '.join(self.loadtest_args)}`" if self.loadtest_args else ""
-        return up + extra
+        return up + code + extra
 
     @property
     def best(self) -> int:
@@ -212,7 +214,9 @@ def sweep(
 ) -> None:
     """Ascending N until the first failure, then bisect; stop when the budget is spent."""
     slots = max(args.sessions) + 1
-    service = UpService(state, ["--slots", str(slots), *variant.up_args], state / "up.log")
+    service = UpService(
+        state, ["--slots", str(slots), *variant.up_args], state / "up.log", variant.pythonpath
+    )
     service.start()
     try:
         print(f"[{variant.name}] up at {service.url} ({' '.join(variant.up_args)})", flush=True)
@@ -341,13 +345,19 @@ def render(variants: list[Variant], offline: dict[str, Any], args: argparse.Name
 
 
 def parse_variant(text: str) -> Variant:
-    """NAME=UP FLAGS [-- LOADTEST FLAGS]"""
+    """NAME=[PYTHONPATH=DIR] UP FLAGS [-- LOADTEST FLAGS]. `PYTHONPATH=DIR` runs that
+    variant's `up` on the code in DIR (a `git worktree` of another commit)."""
     name, _, flags = text.partition("=")
     if not name:
         raise argparse.ArgumentTypeError("--variant wants NAME=FLAGS")
     words = shlex.split(flags)
+    pythonpath = None
+    if words and words[0].startswith("PYTHONPATH="):
+        pythonpath = str(Path(words.pop(0).partition("=")[2]).resolve())
+        if not (Path(pythonpath) / "shared" / "cli.py").is_file():
+            raise argparse.ArgumentTypeError(f"{pythonpath} holds no streamscribe checkout")
     cut = words.index("--") if "--" in words else len(words)
-    return Variant(name, words[:cut], words[cut + 1 :])
+    return Variant(name, words[:cut], words[cut + 1 :], pythonpath=pythonpath)
 
 
 def main() -> None:

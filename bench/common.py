@@ -217,7 +217,7 @@ def cpu_s_of(stat_path: Path) -> float:
 def python_thread_names(pid: int) -> dict[int, str]:
     """Native thread id -> Python thread name, from `py-spy dump` (empty without py-spy).
     Threads it does not list are native pools (CTranslate2's, here)."""
-    exe = shutil.which("py-spy")
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if exe is None:
         return {}
     try:
@@ -272,10 +272,19 @@ def streamscribe() -> list[str]:
 class UpService:
     """`streamscribe up` in a child process with its own state dir and a free port."""
 
-    def __init__(self, state_dir: Path, args: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        args: Sequence[str],
+        log_path: Path,
+        pythonpath: str | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.args = list(args)
         self.log_path = log_path
+        # Another checkout's code, first on the path of `up` and every process it starts
+        # (a `git worktree` of an older commit: A/B of two versions, bench/ab.py).
+        self.pythonpath = pythonpath
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.pids: dict[str, int] = {}  # the first process of each role
@@ -294,9 +303,18 @@ class UpService:
             str(free_port()),
             *self.args,
         ]
+        env = None
+        if self.pythonpath:
+            env = {**os.environ, "PYTHONPATH": self.pythonpath}
+            cmd = [sys.executable, "-m", "shared.cli", *cmd[len(streamscribe()) :]]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=log,
+                cwd=self.pythonpath or ROOT,
+                env=env,
+                start_new_session=True,
             )
         up_json = self.state_dir / "up.json"
         deadline = time.monotonic() + timeout_s
@@ -361,8 +379,10 @@ class UpService:
 
 
 @contextlib.contextmanager
-def running_up(state_dir: Path, args: Sequence[str], log_path: Path) -> Iterator[UpService]:
-    service = UpService(state_dir, args, log_path)
+def running_up(
+    state_dir: Path, args: Sequence[str], log_path: Path, pythonpath: str | None = None
+) -> Iterator[UpService]:
+    service = UpService(state_dir, args, log_path, pythonpath)
     service.start()
     try:
         yield service
