@@ -9,8 +9,6 @@ tones."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,19 +19,19 @@ from shared.keys import WorkerId
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, open_ws, started
 from tests.integration.test_admission import epoch
+from tests.integration.test_claim_gate import HeldEngine as ClaimGateEngine
 from tests.integration.test_takeover import until
-from worker.engine import Audio, NullEngine, Segment
 
 RATE = 16000
 
 
-class HeldEngine(NullEngine):
-    """The null engine; every call (with `finals_pass`, every interim) waits until the
-    test sets `go`, and is recorded as a final (word timestamps) or an interim."""
+class HeldEngine(ClaimGateEngine):
+    """The claim gate test's held engine, holding every call this time (with
+    `finals_pass`, every interim) until the test sets `go`; each call is recorded as a
+    final (word timestamps) or an interim."""
 
     def __init__(self, finals_pass: bool = False) -> None:
-        self.go = threading.Event()
-        self.kinds: list[str] = []
+        super().__init__()
         self.finals_pass = finals_pass
 
     def _wait(self, kw: dict[str, Any]) -> None:
@@ -41,14 +39,6 @@ class HeldEngine(NullEngine):
         self.kinds.append("final" if final else "interim")
         if not (final and self.finals_pass) and not self.go.wait(timeout=60):
             raise TimeoutError("the test never let the engine go")
-
-    def transcribe(self, audio: Audio, **kw: Any) -> list[Segment]:
-        self._wait(kw)
-        return super().transcribe(audio, **kw)
-
-    def transcribe_batch(self, audios: Sequence[Audio], **kw: Any) -> list[list[Segment]]:
-        self._wait(kw)
-        return super().transcribe_batch(audios, **kw)
 
 
 def frames(loud: bool, seconds: float) -> list[bytes]:
