@@ -55,9 +55,10 @@ class Config:
     redis_max_connections: int = _opt(
         256,
         "Most connections to Redis one gateway or worker process opens (its pool, pub/sub "
-        "and kept connections included). A command that finds them all busy waits for one "
-        "to come free (redis_pool_wait_s). 0: no limit; else at least 16 (a process keeps "
-        "up to 8 for itself: pub/sub, a blocking read, connections kept for hot paths).",
+        "and kept connections included; a worker's maintenance job takes 4 of them). A "
+        "command that finds them all busy waits for one to come free (redis_pool_wait_s). "
+        "0: no limit; else at least 16 (a process keeps up to 8 for itself: pub/sub, a "
+        "blocking read, connections kept for hot paths).",
         COMMON,
     )
     redis_pool_wait_s: float = _opt(

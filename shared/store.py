@@ -85,12 +85,22 @@ class WaitingPool(aioredis.ConnectionPool):
 def connect(
     url: str, name: str | None = None, *, max_connections: int = 0, pool_wait_s: float = 5.0
 ) -> aioredis.Redis:
-    """A client with sane timeouts and reconnects; bytes in, bytes out. TCP keepalive
+    """A client on its own `connection_pool` (the arguments are that function's);
+    closing the client closes the pool."""
+    return aioredis.Redis.from_pool(
+        connection_pool(url, name, max_connections=max_connections, pool_wait_s=pool_wait_s)
+    )
+
+
+def connection_pool(
+    url: str, name: str | None = None, *, max_connections: int = 0, pool_wait_s: float = 5.0
+) -> aioredis.ConnectionPool:
+    """A pool with sane timeouts and reconnects; bytes in, bytes out. TCP keepalive
     for redis:// and rediss:// (a Unix socket has none: redis-py refuses the option).
-    With `name` (`keys.client_name`), every connection of its pool sets it as its client
+    With `name` (`keys.client_name`), every connection of the pool sets it as its client
     name (`CLIENT SETNAME` on connect), so `CLIENT LIST` tells whose it is.
 
-    With `max_connections` (> 0) its pool (`WaitingPool`) opens at most that many
+    With `max_connections` (> 0) the pool (`WaitingPool`) opens at most that many
     connections, pub/sub and kept connections (`KeptConnection`) included: a command
     that finds them all busy waits up to `pool_wait_s` for one, then fails with
     redis-py's `ConnectionError` ("No connection available."). Without, the pool opens
@@ -107,11 +117,10 @@ def connect(
     if name is not None:
         options["client_name"] = name
     if max_connections > 0:
-        pool = WaitingPool.from_url(
+        return WaitingPool.from_url(
             url, max_connections=max_connections, wait_s=pool_wait_s, **options
         )
-        return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-    return cast(aioredis.Redis, aioredis.Redis.from_url(url, **options))
+    return aioredis.ConnectionPool.from_url(url, **options)
 
 
 @dataclass(frozen=True, slots=True)

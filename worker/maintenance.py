@@ -24,7 +24,7 @@ import logging
 from typing import Any, cast
 
 import msgpack
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.cron import cron
 from arq.worker import Worker as ArqWorker
 from redis.exceptions import RedisError
@@ -32,8 +32,14 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.config import Config
 from shared.fleet import Fleet
+from shared.store import connection_pool
 
 log = logging.getLogger(__name__)
+
+# Connections the maintenance pool opens at most when `redis_max_connections` is set; the
+# worker's own pool gets the rest. arq polls its queue and the job runs its commands one at
+# a time, so it rarely has more than two in flight; a command beyond the limit waits.
+MAINTENANCE_CONNECTIONS = 4
 
 
 def serialize(job: dict[str, Any]) -> bytes:
@@ -71,11 +77,21 @@ async def maintain(ctx: dict[str, Any]) -> dict[str, int]:
 
 
 class Maintenance:
-    """An arq worker inside a streamscribe worker process, restarted after Redis outages."""
+    """An arq worker inside a streamscribe worker process, restarted after Redis outages.
 
-    def __init__(self, config: Config, redis_url: str) -> None:
+    Its Redis pool is streamscribe's own (`shared.store.connection_pool`), not arq's:
+    its connections are named `ss-maintenance:<worker_id>` in `CLIENT LIST`, and with
+    `max_connections` (> 0) it opens at most that many, a command beyond them waiting up to
+    `redis_pool_wait_s` as the worker's own commands do (arq's own `max_connections` makes
+    redis-py fail at once instead)."""
+
+    def __init__(
+        self, config: Config, redis_url: str, name: str | None = None, max_connections: int = 0
+    ) -> None:
         self.config = config
         self.redis_url = redis_url
+        self.name = name
+        self.max_connections = max_connections
         self._task: asyncio.Task[None] | None = None
         self._arq: ArqWorker | None = None
         self._stopping = asyncio.Event()
@@ -88,13 +104,19 @@ class Maintenance:
         while not self._stopping.is_set():
             pool: ArqRedis | None = None
             try:
-                pool = await create_pool(
-                    RedisSettings.from_dsn(self.redis_url),
+                pool = ArqRedis(
+                    connection_pool(
+                        self.redis_url,
+                        self.name,
+                        max_connections=self.max_connections,
+                        pool_wait_s=self.config.redis_pool_wait_s,
+                    ),
                     job_serializer=serialize,
                     job_deserializer=deserialize,
                     default_queue_name=keys.ARQ_QUEUE,
-                    retry=0,
                 )
+                pool.auto_close_connection_pool = True  # aclose() closes it too
+                await pool.ping()
                 fleet = Fleet(pool)
                 every = self.config.maintenance_interval_s
                 self._arq = ArqWorker(

@@ -49,7 +49,7 @@ from worker.audio import AudioConverter
 from worker.calibration import Calibration, auto_slots, calibrate
 from worker.claimgate import ClaimGate, ClaimPolicy
 from worker.engine import SAMPLE_RATE, Engine, load_engine, make_vad
-from worker.maintenance import Maintenance
+from worker.maintenance import MAINTENANCE_CONNECTIONS, Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
 
@@ -140,7 +140,7 @@ class Worker:
             else connect(
                 config.require_redis_url(),
                 keys.client_name("worker", self.worker_id),
-                max_connections=config.redis_max_connections,
+                max_connections=self.redis_connections()[0],
                 pool_wait_s=config.redis_pool_wait_s,
             )
         )
@@ -236,7 +236,12 @@ class Worker:
         ):
             self._tasks.append(asyncio.create_task(coro))
         if self.config.maintenance == "on":
-            self.maintenance = Maintenance(self.config, self.config.require_redis_url())
+            self.maintenance = Maintenance(
+                self.config,
+                self.config.require_redis_url(),
+                keys.client_name("maintenance", self.worker_id),
+                self.redis_connections()[1],
+            )
             self.maintenance.start()
         log.info(
             "worker %s ready: engine %s, %d slots",
@@ -244,6 +249,14 @@ class Worker:
             self.engine.name,
             self.slots,
         )
+
+    def redis_connections(self) -> tuple[int, int]:
+        """The most Redis connections of the worker's own pool and of its maintenance
+        pool (0: no limit): together at most `redis_max_connections`."""
+        limit = self.config.redis_max_connections
+        if limit == 0 or self.config.maintenance != "on":
+            return limit, 0
+        return limit - MAINTENANCE_CONNECTIONS, MAINTENANCE_CONNECTIONS
 
     def slots_text(self) -> str:
         """How many sessions this worker serves at once, and where the number comes from."""

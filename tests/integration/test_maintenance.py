@@ -170,6 +170,31 @@ async def test_arq_cron_runs_maintenance_with_msgpack(
     assert msgpack.unpackb(serialize(job), raw=False)["f"] == "streamscribe:maintain"
 
 
+async def test_maintenance_runs_on_one_named_connection(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """With its pool at one connection, arq's polling and the job's commands take turns on
+    it (waiting, not failing as a plain redis-py pool past its limit does): the cron job
+    still reaps a dead gateway, and `CLIENT LIST` shows the one connection by its name."""
+    fleet = Fleet(redis)
+    gid = GatewayId("gw-dead-1conn")
+    await fleet.gateway_heartbeat(gid)
+    await redis.zadd(keys.GATEWAYS, {gid: 1})
+    name = keys.client_name("maintenance", "w-1conn")
+    maintenance = Maintenance(make_config(redis_url), redis_url, name, max_connections=1)
+    maintenance.start()
+    try:
+        await until(
+            lambda: _not(redis.zscore(keys.GATEWAYS, gid)), "the cron job to reap", timeout_s=20
+        )
+        clients = await redis.client_list()
+        assert sum(1 for c in clients if c.get("name") == name) == 1
+    finally:
+        await maintenance.stop()
+    clients = await redis.client_list()
+    assert not [c for c in clients if c.get("name") == name]  # stopping closed the pool
+
+
 async def _not(value: Any) -> bool:
     return (await value) is None
 

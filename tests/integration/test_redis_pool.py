@@ -14,9 +14,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from shared.config import MIN_REDIS_CONNECTIONS, Config
 from shared.errors import ConfigError
 from shared.store import connect
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, make_config
 from tests.helpers import fixture, stream_session
 from tests.integration.test_takeover import until
+from worker.service import Worker
 
 
 async def named(redis: aioredis.Redis, name: str, cmd: str | None = None) -> int:
@@ -86,8 +87,9 @@ async def test_a_service_at_the_smallest_limit_serves_sessions(
     service_factory: ServiceFactory,
 ) -> None:
     """Gateway and worker with `redis_max_connections` at its minimum serve two sessions
-    at once, start to finish; a limit under the minimum (other than 0) is refused, naming
-    the flag, as is a wait that is not positive."""
+    at once, start to finish, the worker's maintenance job taking 4 of its 16 (none with
+    maintenance off); a limit under the minimum (other than 0) is refused, naming the
+    flag, as is a wait that is not positive."""
     svc = await service_factory(redis_max_connections=MIN_REDIS_CONNECTIONS)
     audio = fixture("s1.wav")
     outs = await asyncio.wait_for(
@@ -96,6 +98,21 @@ async def test_a_service_at_the_smallest_limit_serves_sessions(
     for out in outs:
         assert out.code == 1000, (out.code, out.reason)
         assert out.of_type("session.closed")
+    # The worker's maintenance job shares the limit: 4 of the 16, the worker's pool 12.
+    assert svc.worker is not None
+    assert svc.worker.redis.connection_pool.max_connections == MIN_REDIS_CONNECTIONS - 4
+    assert svc.worker.maintenance is not None
+    assert svc.worker.maintenance.max_connections == 4
+    for maintenance, split in (("on", (12, 4)), ("off", (MIN_REDIS_CONNECTIONS, 0))):
+        alone = Worker(
+            make_config(
+                svc.worker.config.require_redis_url(),
+                maintenance=maintenance,
+                redis_max_connections=MIN_REDIS_CONNECTIONS,
+            )
+        )
+        assert alone.redis_connections() == split
+        await alone.redis.aclose()
     for bad in (1, MIN_REDIS_CONNECTIONS - 1, -1):
         with pytest.raises(ConfigError) as info:
             Config(redis_max_connections=bad)
