@@ -27,6 +27,7 @@ from shared.config import (
     Config,
     add_arguments,
     env_name,
+    host_port,
     load_config,
 )
 from shared.errors import ConfigError
@@ -170,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
             return 1
     elif args.command == "up":
+        try:
+            worker_metrics_of(config, 0)  # a port range past 65535: before anything starts
+        except ConfigError as exc:
+            parser.error(str(exc))
         return up(config)
     return 0
 
@@ -216,6 +221,23 @@ def worker_cpu_threads(config: Config, cores: int) -> int:
     if config.cpu_threads:
         return config.cpu_threads
     return max(1, cores // (config.workers * config.decode_threads))
+
+
+def worker_metrics_of(config: Config, i: int) -> str:
+    """`worker_metrics` of `up`'s worker `i` (from 0): port PORT+i, so that each of
+    `--workers N` has its own (port 0 stays 0: each picks a free one)."""
+    if not config.worker_metrics:
+        return ""
+    host, port = host_port(config.worker_metrics, "worker_metrics")
+    if port == 0:
+        return config.worker_metrics
+    if port + config.workers - 1 > 65535:
+        raise ConfigError(
+            f"--worker-metrics: ports {port}..{port + config.workers - 1} for "
+            f"{config.workers} workers go past 65535"
+        )
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + i}"
 
 
 def up(config: Config) -> int:
@@ -265,9 +287,14 @@ def up(config: Config) -> int:
         # would slow (fewer slots); and the first joins a model shipped in parts, once.
         print("loading the model...", flush=True)
         ready: list[str] = []
-        for _ in range(config.workers):
+        for i in range(config.workers):
+            own = {env_name("worker_metrics"): worker_metrics_of(config, i)}
             worker = subprocess.Popen(
-                [*cmd, "worker"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+                [*cmd, "worker"],
+                env={**env, **own},
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
             )
             workers.append(worker)
             children.append(worker)

@@ -482,6 +482,15 @@ class Config:
     maintenance_interval_s: int = _opt(
         5, "Seconds between maintenance runs; must divide 60 (arq cron).", WORKER
     )
+    worker_metrics: str = _opt(
+        "",
+        "HOST:PORT of the worker's HTTP endpoint: GET /metrics (its heartbeat's figures in "
+        "Prometheus text) and GET /healthz (200 while it serves, 503 while it stops; no "
+        "Redis involved). Empty: no endpoint. Port 0: any free port, shown at start. "
+        "`up --workers N` gives worker i port PORT+i-1.",
+        WORKER,
+        metavar="HOST:PORT",
+    )
     read_block_ms: int = _opt(
         100, "Longest wait of one blocking read of audio streams, milliseconds.", WORKER
     )
@@ -637,6 +646,8 @@ class Config:
             )
         if 60 % self.maintenance_interval_s:
             raise ConfigError(f"{_where('maintenance_interval_s')} must divide 60")
+        if self.worker_metrics:
+            host_port(self.worker_metrics, "worker_metrics")
         choices = {
             "maintenance": ("on", "off"),
             "device": ("auto", "cpu", "cuda"),
@@ -691,6 +702,17 @@ def flag_name(name: str) -> str:
 
 def _where(name: str) -> str:
     return f"{flag_name(name)} / {env_name(name)}"
+
+
+def host_port(value: str, name: str) -> tuple[str, int]:
+    """`HOST:PORT` (an IPv6 host in brackets, `[::1]:9100`) as (host, port); a
+    ConfigError naming setting `name` if it is not one."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (sep and host and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"{_where(name)} must be HOST:PORT (port 0-65535), got {value!r}")
+    return host, int(port)
 
 
 def fields_for(*parts: str) -> list[dataclasses.Field[Any]]:

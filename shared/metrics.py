@@ -17,12 +17,20 @@ class Metrics:
     def set(self, name: str, value: float) -> None:
         self.gauges[name] = value
 
+    def total(self, name: str, value: float) -> None:
+        """A counter whose running total is kept elsewhere (the worker's own counts)."""
+        self.counters[name] = value
+
     def render(self) -> str:
+        """Prometheus text: one `# TYPE` line per metric, before all of its samples (the
+        series of one metric with different labels sort next to each other)."""
         lines: list[str] = []
         for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
+            typed = ""
             for name in sorted(table):
                 base = name.split("{", 1)[0]
-                full = f"{self.prefix}_{name}"
-                lines.append(f"# TYPE {self.prefix}_{base} {kind}")
-                lines.append(f"{full} {table[name]:g}")
+                if base != typed:
+                    lines.append(f"# TYPE {self.prefix}_{base} {kind}")
+                    typed = base
+                lines.append(f"{self.prefix}_{name} {table[name]:g}")
         return "\n".join(lines) + "\n"

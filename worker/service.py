@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from shared import envelope, keys
 from shared.batching import GroupCommit
-from shared.config import Config
+from shared.config import Config, host_port
 from shared.envelope import AudioChunk, Closed, CloseReason, Control
 from shared.errors import EnvelopeError
 from shared.keys import SessionId, WorkerId
@@ -48,6 +48,8 @@ from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store,
 from worker.audio import AudioConverter
 from worker.calibration import Calibration, auto_slots, calibrate
 from worker.claimgate import ClaimGate, ClaimPolicy
+from worker.endpoint import Endpoint
+from worker.endpoint import render as render_metrics
 from worker.engine import SAMPLE_RATE, Engine, load_engine, make_vad
 from worker.maintenance import MAINTENANCE_CONNECTIONS, Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
@@ -164,6 +166,7 @@ class Worker:
         self._contested: dict[bytes, tuple[str, dict[bytes, bytes], float]] = {}
         self._takeover_cursor: dict[str, bytes] = {}
         self.maintenance: Maintenance | None = None
+        self.endpoint: Endpoint | None = None
         self.takeovers = 0
         self.early_decodes = 0  # early finals decoded (see worker/stream.py)
         self.early_finals = 0  # of those, the ones that became their utterance's final
@@ -235,6 +238,15 @@ class Worker:
             self._heartbeat_loop(),
         ):
             self._tasks.append(asyncio.create_task(coro))
+        if self.config.worker_metrics:
+            host, port = host_port(self.config.worker_metrics, "worker_metrics")
+            self.endpoint = Endpoint(
+                host,
+                port,
+                lambda: render_metrics(self.worker_id, self.stats()),
+                lambda: not self._closing.is_set(),
+            )
+            await self.endpoint.start()
         if self.config.maintenance == "on":
             self.maintenance = Maintenance(
                 self.config,
@@ -352,6 +364,8 @@ class Worker:
             await self.scheduler.close()
         self._cpu.shutdown(wait=True, cancel_futures=True)
         await self.redis.aclose()
+        if self.endpoint is not None:  # /healthz said 503 while the worker stopped
+            await self.endpoint.stop()
         log.info("worker %s stopped", self.worker_id)
 
     # --- claiming ----------------------------------------------------------------------
@@ -978,7 +992,11 @@ class Worker:
                 await self._redis_trouble("heartbeat", exc)
 
     async def _heartbeat_once(self) -> None:
-        info = {
+        await self.store.heartbeat(self.worker_id, self.stats(), self.config.worker_alive_s)
+
+    def stats(self) -> dict[str, Any]:
+        """What the heartbeat hash holds (docs/redis-layout.md) and `/metrics` shows."""
+        return {
             "model": self.config.model if self.config.engine == "whisper" else "null",
             "slots": self.slots,
             "slots_auto_rate": round(self.calibration.rate, 1) if self.calibration else "",
@@ -989,7 +1007,6 @@ class Worker:
             **(self._decode_stats() if self.scheduler else {}),
             "pid": os.getpid(),
         }
-        await self.store.heartbeat(self.worker_id, info, self.config.worker_alive_s)
 
     def _decode_stats(self) -> dict[str, Any]:
         """Decode counts since start and the engine's recent busy fraction (heartbeat)."""
@@ -1084,5 +1101,9 @@ def _before(entry_id: str) -> bytes:
 async def run_worker(config: Config) -> None:
     worker = Worker(config)
     await worker.start()
-    print(f"streamscribe worker {worker.worker_id}: ready, {worker.slots_text()}", flush=True)
+    where = f", metrics on {worker.endpoint.url}" if worker.endpoint is not None else ""
+    print(
+        f"streamscribe worker {worker.worker_id}: ready, {worker.slots_text()}{where}",
+        flush=True,
+    )
     await worker.serve_forever()

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 CLI = (sys.executable, "-m", "shared.cli")
@@ -16,8 +17,9 @@ CLI = (sys.executable, "-m", "shared.cli")
 
 def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -> None:
     """`up --workers 2` starts two worker processes one after the other and names each;
-    `status` sees both alive with their slots; sessions run through them; Ctrl-C stops
-    the gateway, then both workers, and `up` exits 0."""
+    `status` sees both alive with their slots; sessions run through them; each worker's
+    own metrics endpoint (`--worker-metrics`, any free port) counts what it decoded;
+    Ctrl-C stops the gateway, then both workers, and `up` exits 0."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Run as a user would: the console script, from a folder that holds a `shared` folder
     # of its own (which once shadowed this package in the children `up` starts).
@@ -28,6 +30,7 @@ def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -
     argv = [
         str(script), "up", "--port", "0", "--state-dir", str(tmp_path), "--workers", "2",
         "--engine", "null", "--slots", "3", "--certfile", "none",
+        "--worker-metrics", "127.0.0.1:0",
     ]  # fmt: skip
     up = subprocess.Popen(
         argv,
@@ -48,8 +51,11 @@ def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -
         else:
             raise AssertionError("".join(lines))
         shown = "".join(lines)
-        assert "  worker 1 of 2: 3 slots\n" in shown, shown
-        assert "  worker 2 of 2: 3 slots\n" in shown, shown
+        metrics = re.findall(
+            r"  worker ([12]) of 2: 3 slots, metrics on (http://127\.0\.0\.1:\d+/metrics)\n", shown
+        )
+        assert [n for n, _ in metrics] == ["1", "2"], shown
+        assert metrics[0][1] != metrics[1][1], shown
         status = subprocess.run(
             [*CLI, "status", "--state-dir", str(tmp_path), "--json"],
             capture_output=True,
@@ -76,6 +82,14 @@ def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -
         )
         assert load.returncode == 0, load.stdout + load.stderr
         assert json.loads(report.read_text())["completed"] == 6
+        finals = 0.0
+        for _, url in metrics:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                body = answer.read().decode()
+            finals += float(
+                re.search(r"^streamscribe_worker_decodes_final_total (\S+)$", body, re.M)[1]
+            )
+        assert finals > 0
     finally:
         os.killpg(up.pid, signal.SIGINT)
         rest, _ = up.communicate(timeout=60)

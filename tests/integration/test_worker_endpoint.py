@@ -1,0 +1,195 @@
+"""The worker's HTTP endpoint (`worker_metrics`, worker/endpoint.py) on real loopback TCP:
+/metrics shows the heartbeat's figures in Prometheus text, /healthz answers without
+Redis, and anything else gets a clear status."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared import keys
+from shared.cli import worker_metrics_of
+from shared.config import Config, host_port
+from shared.errors import ConfigError
+from tests.conftest import ServiceFactory, make_config
+from tests.helpers import fixture, stream_session
+from worker.endpoint import COUNTERS, MAX_HEAD_BYTES, render
+
+LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "redis-layout.md"
+
+LABEL = r'[a-z_]+="(?:[^"\\]|\\.)*"'
+SAMPLE = re.compile(rf"^(streamscribe_worker_[a-z_]+)(\{{{LABEL}(?:,{LABEL})*\}})? (\S+)$")
+
+
+async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], str]:
+    """Send `raw` to 127.0.0.1:`port`; the status, headers and body of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)  # the server closes after one
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body.decode()
+
+
+def heartbeat_fields() -> set[str]:
+    """The fields docs/redis-layout.md names for the worker's heartbeat hash."""
+    text = LAYOUT.read_text()
+    section = text[text.index("### `ss:worker:<worker_id>` (hash)") :]
+    section = section[: section.index("```")]
+    return set(re.findall(r"`([a-z_]+)`", section))
+
+
+def get(path: str, method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: w\r\n\r\n".encode()
+
+
+def samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text body by name (and labels); each line must parse,
+    and each metric has one `# TYPE` line, before its samples."""
+    out: dict[str, float] = {}
+    typed: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge") and name not in typed, line
+            typed.append(name)
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        assert typed and match.group(1) == typed[-1], f"no # TYPE just before {line!r}"
+        out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return out
+
+
+async def test_metrics_show_the_heartbeat_after_a_session(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """After one session, /metrics counts its final decodes as a counter, shows the slots
+    and the claim state as gauges, names the worker, and agrees with the heartbeat hash."""
+    svc = await service_factory(worker_metrics="127.0.0.1:0")
+    worker = svc.worker
+    assert worker is not None and worker.endpoint is not None
+    port = worker.endpoint.port
+    assert port > 0 and worker.endpoint.url == f"http://127.0.0.1:{port}/metrics"
+    out = await asyncio.wait_for(stream_session(svc.url, fixture("s1.wav")), 120)
+    assert out.code == 1000, (out.code, out.reason)
+    status, headers, body = await request(port, get("/metrics"))
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert int(headers["Content-Length"]) == len(body.encode())
+    figures = samples(body)
+    finals = len(out.finals)
+    assert finals >= 1
+    assert figures["streamscribe_worker_decodes_final_total"] >= finals
+    assert "# TYPE streamscribe_worker_decodes_final_total counter" in body
+    assert "# TYPE streamscribe_worker_slots gauge" in body
+    assert figures["streamscribe_worker_slots"] == 8
+    assert figures['streamscribe_worker_claiming{state="open"}'] == 1
+    assert figures['streamscribe_worker_claiming{state="closed"}'] == 0
+    model = worker.stats()["model"]
+    info = f'streamscribe_worker_info{{worker_id="{worker.worker_id}",model="{model}"}}'
+    assert figures[info] == 1
+    documented = heartbeat_fields()
+    for name in figures:
+        field = name.split("{", 1)[0].removeprefix("streamscribe_worker_")
+        if field not in ("info", "claiming"):
+            assert field.removesuffix("_total") in documented, f"{field} not in redis-layout.md"
+    await worker._heartbeat_once()
+    stored = await redis.hgetall(keys.worker_info(worker.worker_id))
+    _, _, body = await request(port, get("/metrics"))
+    assert samples(body)["streamscribe_worker_slots"] == float(stored[b"slots"])
+    assert samples(body)["streamscribe_worker_decodes_final_total"] == float(
+        stored[b"decodes_final"]
+    )
+
+
+async def test_healthz_and_everything_else(service_factory: ServiceFactory) -> None:
+    """/healthz is 200 while the worker serves and 503 once it stops; HEAD has no body;
+    other methods get 405 with Allow, other paths 404, a garbled request line 400, a
+    request head past MAX_HEAD_BYTES 431; the endpoint keeps serving after each."""
+    svc = await service_factory(worker_metrics="127.0.0.1:0")
+    assert svc.worker is not None and svc.worker.endpoint is not None
+    port = svc.worker.endpoint.port
+    assert (await request(port, get("/healthz")))[::2] == (200, "ok\n")
+    assert (await request(port, get("/healthz?verbose=1")))[0] == 200
+    status, headers, body = await request(port, get("/metrics", "HEAD"))
+    assert (status, body) == (200, "") and int(headers["Content-Length"]) > 0
+    status, headers, _ = await request(port, get("/metrics", "POST"))
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    assert (await request(port, get("/")))[0] == 404
+    assert (await request(port, b"nonsense\r\n\r\n"))[0] == 400
+    assert (await request(port, b"GET / SMTP/1.0\r\n\r\n"))[0] == 400
+    at_limit = get("/healthz")[:-2] + b"X: " + b"a" * (MAX_HEAD_BYTES - 40) + b"\r\n\r\n"
+    assert len(at_limit) <= MAX_HEAD_BYTES
+    assert (await request(port, at_limit))[0] == 200
+    too_big = get("/healthz")[:-2] + b"X: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    assert (await request(port, too_big))[0] == 431
+    assert (await request(port, get("/healthz")))[0] == 200
+    svc.worker._closing.set()  # what shutdown sets first; /healthz must follow it
+    assert (await request(port, get("/healthz")))[::2] == (503, "stopping\n")
+
+
+async def test_no_endpoint_unless_asked(service_factory: ServiceFactory) -> None:
+    """By default (`worker_metrics` empty) a worker listens on nothing."""
+    svc = await service_factory()
+    assert svc.worker is not None and svc.worker.endpoint is None
+
+
+def test_render_types_and_skips() -> None:
+    """Running totals are counters with `_total`, the rest gauges; text fields and an
+    empty `slots_auto_rate` (fixed slots) are left out; label values are escaped."""
+    stats = {
+        "model": 'odd"name',
+        "slots": 4,
+        "slots_auto_rate": "",
+        "claiming": "probing",
+        "engine_busy": 0.5,
+        "decodes_final": 7,
+        "pid": 123,
+    }
+    figures = samples(render("w-1", stats))
+    assert figures == {
+        'streamscribe_worker_info{worker_id="w-1",model="odd\\"name"}': 1,
+        'streamscribe_worker_claiming{state="open"}': 0,
+        'streamscribe_worker_claiming{state="probing"}': 1,
+        'streamscribe_worker_claiming{state="closed"}': 0,
+        "streamscribe_worker_slots": 4,
+        "streamscribe_worker_engine_busy": 0.5,
+        "streamscribe_worker_decodes_final_total": 7,
+    }
+    assert "decodes_final" in COUNTERS and "engine_busy" not in COUNTERS
+
+
+def test_worker_metrics_setting(redis_url: str) -> None:
+    """HOST:PORT (IPv6 in brackets) or empty; anything else is refused naming the flag.
+    `up --workers N` gives worker i PORT+i, keeps port 0, and refuses a range past 65535."""
+    assert host_port("0.0.0.0:9101", "worker_metrics") == ("0.0.0.0", 9101)
+    assert host_port("[::1]:0", "worker_metrics") == ("::1", 0)
+    Config(worker_metrics="")
+    for bad in ("9101", ":9101", "host:", "host:port", "host:65536", "host:-1", "host:\uff19"):
+        with pytest.raises(ConfigError) as info:
+            Config(worker_metrics=bad)
+        assert "--worker-metrics" in str(info.value)
+    three = make_config(redis_url, workers=3, worker_metrics="127.0.0.1:9101")
+    assert [worker_metrics_of(three, i) for i in range(3)] == [
+        "127.0.0.1:9101",
+        "127.0.0.1:9102",
+        "127.0.0.1:9103",
+    ]
+    v6 = make_config(redis_url, workers=2, worker_metrics="[::1]:9101")
+    assert worker_metrics_of(v6, 1) == "[::1]:9102"
+    anyport = make_config(redis_url, workers=2, worker_metrics="127.0.0.1:0")
+    assert worker_metrics_of(anyport, 1) == "127.0.0.1:0"
+    assert worker_metrics_of(make_config(redis_url, workers=2), 1) == ""
+    with pytest.raises(ConfigError, match="65535"):
+        worker_metrics_of(make_config(redis_url, workers=2, worker_metrics="h:65535"), 0)
+    assert worker_metrics_of(make_config(redis_url, workers=1, worker_metrics="h:65535"), 0)
