@@ -21,7 +21,7 @@ import yaml
 
 from shared import keys
 from shared.cli import build_parser
-from shared.config import Config, env_name, load_config
+from shared.config import Config, env_name, host_port, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -265,6 +265,28 @@ def test_probes_hit_gateway_endpoints() -> None:
     pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     drain_s = load_config({}, environ=_configmap_env()).drain_timeout_s
     assert gw["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+
+
+def test_worker_probes_and_compose_check_hit_its_own_endpoint() -> None:
+    """The worker's startup and liveness probes, and its compose healthcheck, GET /healthz
+    on the port its `worker_metrics` setting listens on (the named port `metrics`), and
+    the scrape annotation names that port too."""
+    worker = _base_object("Deployment", "streamscribe-worker")
+    (container,) = _containers(worker)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    config = load_config({}, environ={**_configmap_env(), **env})
+    _, port = host_port(config.worker_metrics, "worker_metrics")
+    (named,) = container["ports"]
+    assert (named["name"], named["containerPort"]) == ("metrics", port)
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert "readinessProbe" not in container
+    annotations = worker["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    service = _compose()["services"]["worker"]
+    compose = load_config({}, environ=_compose_env(service))
+    _, compose_port = host_port(compose.worker_metrics, "worker_metrics")
+    assert f"127.0.0.1:{compose_port}/healthz" in " ".join(service["healthcheck"]["test"])
 
 
 def test_keda_triggers_watch_the_dispatch_group() -> None:
