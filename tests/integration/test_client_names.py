@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, fixture, open_ws, started
+from tests.integration.test_takeover import until
 
 
 async def test_gateway_and_worker_connections_carry_their_names(
@@ -27,6 +28,13 @@ async def test_gateway_and_worker_connections_carry_their_names(
     # The pub/sub connection, the audio path's kept connection, and the pool's others.
     assert names.count(gateway) >= 2
     assert names.count(worker) >= 2
-    # Only the test's own client and the worker's arq maintenance pool are unnamed.
-    others = {n for n in names if n not in (gateway, worker)}
+    # The worker's maintenance job (arq) has a pool of its own, named too.
+    maintenance = f"ss-maintenance:{svc.worker.worker_id}"
+    await until(lambda: _named(redis, maintenance), "the maintenance pool to connect")
+    # Only the test's own client is unnamed.
+    others = {n for n in names if n not in (gateway, worker, maintenance)}
     assert others <= {""}, others
+
+
+async def _named(redis: aioredis.Redis, name: str) -> bool:
+    return any(c["name"] == name for c in await redis.client_list())
