@@ -11,7 +11,9 @@
 
 HTTP/1.1, one request per connection (`Connection: close`), `GET` and `HEAD` only; a
 request head larger than `MAX_HEAD_BYTES` gets 431 and one not sent within
-`HEAD_TIMEOUT_S` is dropped. Nothing here reads the request body or trusts its headers.
+`HEAD_TIMEOUT_S` is dropped; past `MAX_CLIENTS` connections at once a new one gets 503
+without being read, so idle connections cannot pile up. Nothing here reads the request
+body or trusts its headers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 8192
 HEAD_TIMEOUT_S = 5.0
+MAX_CLIENTS = 16
+LINGER_S = 1.0
 
 #: Heartbeat fields that are running totals since the worker started (Prometheus
 #: counters); every other numeric field is a gauge.
@@ -95,6 +99,7 @@ class Endpoint:
         self._metrics = metrics
         self._healthy = healthy
         self._server: asyncio.Server | None = None
+        self.clients = 0  # connections being served now
 
     @property
     def url(self) -> str:
@@ -114,25 +119,47 @@ class Endpoint:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients += 1
         try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
-            except asyncio.LimitOverrunError:
-                status, body = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too large\n"
-                await self._respond(writer, "GET", status, body)
-                return
-            except (asyncio.IncompleteReadError, TimeoutError):
-                return  # the client went away or never finished its request
-            method, status, body = self._answer(head)
-            await self._respond(writer, method, status, body)
+            answer = await self._read(reader)
+            if answer is not None:
+                await self._respond(writer, *answer)
+                await self._linger(reader, writer)
         except ConnectionError:
             pass
         except Exception:  # one bad request must not stop the endpoint
             log.exception("worker endpoint: request failed")
         finally:
+            self.clients -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _read(self, reader: asyncio.StreamReader) -> tuple[str, http.HTTPStatus, str] | None:
+        """The answer to the connection's request: (method, status, body), or None to
+        close it without one."""
+        if self.clients > MAX_CLIENTS:
+            return "GET", http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n"
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            return "GET", http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too large\n"
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return None  # the client went away or never finished its request
+        return self._answer(head)
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then read what the client still sends until it closes (at most
+        `LINGER_S`): closing a socket with unread input resets it, and the client could
+        lose the answer before reading it (an unread request, or the rest of a too
+        large one)."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(LINGER_S):
+                while await reader.read(65536):
+                    pass
 
     def _answer(self, head: bytes) -> tuple[str, http.HTTPStatus, str]:
         parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()

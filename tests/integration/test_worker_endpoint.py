@@ -17,7 +17,8 @@ from shared.config import Config, host_port
 from shared.errors import ConfigError
 from tests.conftest import ServiceFactory, make_config
 from tests.helpers import fixture, stream_session
-from worker.endpoint import COUNTERS, MAX_HEAD_BYTES, render
+from tests.integration.test_takeover import until
+from worker.endpoint import COUNTERS, MAX_CLIENTS, MAX_HEAD_BYTES, Endpoint, render
 
 LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "redis-layout.md"
 
@@ -115,7 +116,8 @@ async def test_metrics_show_the_heartbeat_after_a_session(
 async def test_healthz_and_everything_else(service_factory: ServiceFactory) -> None:
     """/healthz is 200 while the worker serves and 503 once it stops; HEAD has no body;
     other methods get 405 with Allow, other paths 404, a garbled request line 400, a
-    request head past MAX_HEAD_BYTES 431; the endpoint keeps serving after each."""
+    request head past MAX_HEAD_BYTES 431, a connection past MAX_CLIENTS 503; the endpoint
+    keeps serving after each."""
     svc = await service_factory(worker_metrics="127.0.0.1:0")
     assert svc.worker is not None and svc.worker.endpoint is not None
     port = svc.worker.endpoint.port
@@ -134,8 +136,23 @@ async def test_healthz_and_everything_else(service_factory: ServiceFactory) -> N
     too_big = get("/healthz")[:-2] + b"X: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
     assert (await request(port, too_big))[0] == 431
     assert (await request(port, get("/healthz")))[0] == 200
+    # Connections that send nothing hold their places until HEAD_TIMEOUT_S; past
+    # MAX_CLIENTS of them a new one is answered 503 at once, and once they are gone the
+    # endpoint answers again.
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CLIENTS)]
+    endpoint = svc.worker.endpoint
+    await until(lambda: _clients(endpoint, MAX_CLIENTS), "the idle connections to be served")
+    assert (await request(port, get("/healthz")))[::2] == (503, "too many connections\n")
+    for _, writer in idle:
+        writer.close()
+    await until(lambda: _clients(endpoint, 0), "the idle connections to end")
+    assert (await request(port, get("/healthz")))[0] == 200
     svc.worker._closing.set()  # what shutdown sets first; /healthz must follow it
     assert (await request(port, get("/healthz")))[::2] == (503, "stopping\n")
+
+
+async def _clients(endpoint: Endpoint, count: int) -> bool:
+    return endpoint.clients == count
 
 
 async def test_no_endpoint_unless_asked(service_factory: ServiceFactory) -> None:
