@@ -165,6 +165,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def key_id(api_key: str) -> str:
+    """An API key's name in Redis (`keys.quota`): the start of its SHA-256, so that
+    Redis never holds the key itself."""
+    return hash_token(api_key)[:16]
+
+
 T = TypeVar("T")
 
 
@@ -198,13 +204,41 @@ class GatewayContext:
     #: Connections that ended while Redis was unreachable: (session, connection, done),
     #: released by the gateway's heartbeat once Redis is back.
     unreleased: list[tuple[SessionId, str, bool]] = field(default_factory=list)
+    #: Sessions this gateway's connections hold that count against an API key's
+    #: `max_sessions_per_key`: session -> (key ID, connection). The heartbeat renews them
+    #: (`hold_quota`).
+    quota_held: dict[SessionId, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def quota_hold_s(self) -> float:
+        """How long a held session counts without renewal: the time after which a
+        silent gateway is dead (`worker_alive_s`)."""
+        return self.config.worker_alive_s
+
+    async def hold_quota(self) -> None:
+        """Renew every session this gateway holds against its API key's quota."""
+        by_key: dict[str, list[SessionId]] = {}
+        for sid, (key, _conn) in self.quota_held.items():
+            by_key.setdefault(key, []).append(sid)
+        await self.store.quota_hold(by_key, self.quota_hold_s)
 
 
 async def release_session(ctx: GatewayContext, sid: SessionId, conn: str, done: bool) -> None:
     """A connection ended: start the session's resume grace (unless it is finished or a
-    newer connection holds it) and drop it from this gateway's registry set."""
+    newer connection holds it) and drop it from this gateway's registry set. A finished
+    session stops counting against its API key's quota; a detached one counts through
+    its resume grace."""
+    held = ctx.quota_held.get(sid)
+    key = held[0] if held is not None and held[1] == conn else None  # not a newer one's
     if not done and await ctx.store.detach(sid, conn, ctx.config.resume_grace_s):
         log.info("session %s detached; resumable for %.0fs", sid, ctx.config.resume_grace_s)
+        if key is not None:
+            grace_s = ctx.config.resume_grace_s + ctx.quota_hold_s
+            await ctx.store.quota_hold({key: [sid]}, grace_s)
+    elif key is not None and done:
+        await ctx.store.quota_release(key, sid)
+    if key is not None:
+        del ctx.quota_held[sid]
     await ctx.fleet.gateway_released(ctx.gateway_id, sid)
 
 
@@ -230,6 +264,8 @@ class Connection:
         self.queue: QueuePlace | None = None
         # (age in s, audio bytes stored) of a resumed session, for its rate limit.
         self.resumed_usage: tuple[float, int] = (0.0, 0)
+        # The API key's ID (`key_id`) when its sessions count against max_sessions_per_key.
+        self.quota_key: str | None = None
         self._limit: AudioRateLimit | None = None  # with max_audio_rate, from the reader on
         # An audio frame that failed in the protocol callback; the reader raises it.
         self._direct_error: Exception | None = None
@@ -302,6 +338,8 @@ class Connection:
             )
         if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.api_keys):
             raise Unauthorized("invalid API key")
+        if self.cfg.max_sessions_per_key:
+            self.quota_key = key_id(presented)
         if params.priority == "high" and not any(
             hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.high_priority_keys
         ):
@@ -310,6 +348,8 @@ class Connection:
     async def _start_new(self, params: SessionParams) -> None:
         await self.ctx.admission.check_new(params.priority)  # 1013 when the queue is full
         sid = SessionId(secrets.token_hex(16))
+        if self.quota_key is not None:
+            await self._take_quota(self.quota_key, sid)
         token = secrets.token_urlsafe(24)
         self.sid = sid
         self.events = await self.ctx.relay.subscribe(sid)
@@ -367,6 +407,9 @@ class Connection:
         self.events = await self.ctx.relay.subscribe(sid)
         await self.ctx.fleet.gateway_holds(self.ctx.gateway_id, sid)
         previous = await self.ctx.store.attach(sid, self.conn_id)
+        if self.quota_key is not None:  # a resume counts, and is never refused
+            await self.ctx.store.quota_hold({self.quota_key: [sid]}, self.ctx.quota_hold_s)
+            self.ctx.quota_held[sid] = (self.quota_key, self.conn_id)
         if previous:
             await self.ctx.store.publish_replaced(sid, self.conn_id)
         self.session.resumed(meta.next_seq, open_=meta.state == "open")
@@ -384,6 +427,16 @@ class Connection:
         self.ctx.metrics.inc("sessions_resumed_total")
         log.info("session %s resumed at seq %d (state %s)", sid, meta.next_seq, meta.state)
         await self._send(SessionResumed(sid, meta.next_seq))
+
+    async def _take_quota(self, key: str, sid: SessionId) -> None:
+        most = self.cfg.max_sessions_per_key
+        counted, n = await self.ctx.store.quota_take(key, sid, most, self.ctx.quota_hold_s)
+        if not counted:
+            self.ctx.metrics.inc("sessions_over_quota_total")
+            raise RateLimited(
+                f"this API key has {n} sessions open, the most allowed (max_sessions_per_key)"
+            )
+        self.ctx.quota_held[sid] = (key, self.conn_id)
 
     async def _serve(self) -> None:
         tasks = [

@@ -241,6 +241,8 @@ class Gateway:
             try:
                 await self.fleet.gateway_heartbeat(self.gateway_id)
                 await self._release_unreleased()
+                if self.ctx.quota_held:
+                    await self.ctx.hold_quota()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat: redis unavailable (%s)", exc)
             self._trim_heap()

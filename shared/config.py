@@ -136,6 +136,13 @@ class Config:
         "(clients may stream files faster than real time).",
         GATEWAY,
     )
+    max_sessions_per_key: int = _opt(
+        0,
+        "Most sessions one API key may hold open at once across the fleet (connected, or "
+        "waiting for their client to resume); one more: rate_limited and close 4429. A "
+        "resume is never refused. Needs api_keys. 0: no limit.",
+        GATEWAY,
+    )
     audio_burst_s: float = _opt(
         10.0,
         "Audio a connection may send at once under max_audio_rate, seconds: what a "
@@ -646,6 +653,13 @@ class Config:
             )
         if 60 % self.maintenance_interval_s:
             raise ConfigError(f"{_where('maintenance_interval_s')} must divide 60")
+        if self.max_sessions_per_key < 0:
+            raise ConfigError(f"{_where('max_sessions_per_key')} must be >= 0 (0: no limit)")
+        if self.max_sessions_per_key and not self.api_keys:
+            raise ConfigError(
+                f"{_where('max_sessions_per_key')} counts sessions per API key: it needs "
+                f"{_where('api_keys')}"
+            )
         if self.worker_metrics:
             host_port(self.worker_metrics, "worker_metrics")
         choices = {

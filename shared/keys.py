@@ -123,6 +123,13 @@ def gateway_sessions(gid: GatewayId) -> str:
     return f"{PREFIX}:gateway:{gid}:sessions"
 
 
+def quota(key_id: str) -> str:
+    """Sorted set: the sessions counted against one API key's `max_sessions_per_key`,
+    each scored with the unix ms until which it counts (renewed by the gateway holding
+    it); `key_id` is the start of the key's SHA-256, never the key itself."""
+    return f"{PREFIX}:quota:{key_id}"
+
+
 def worker_info(wid: WorkerId) -> str:
     """Hash: a worker's model, slots, owned-session count, queued decodes, pid; expires
     unless heartbeats renew it."""

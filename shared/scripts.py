@@ -136,6 +136,33 @@ redis.call('HSET', KEYS[1], 'conn', ARGV[1])
 return prev
 """
 
+# KEYS: quota set. ARGV: session id, now ms, until ms, most sessions.
+# Forgets members whose time has passed, then counts the session until `until` if it is
+# counted already or fewer than `most` are. Returns {1 if counted, members now}. The key
+# expires with its last member.
+QUOTA_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local n = redis.call('ZCARD', KEYS[1])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if n >= tonumber(ARGV[4]) then return {0, n} end
+  n = n + 1
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return {1, n}
+"""
+
+# KEYS: quota set. ARGV: until ms, then session ids. Counts those sessions until `until`
+# whatever the limit (the holding gateway's heartbeat, a resume, a detach); the key
+# expires with its last member.
+QUOTA_HOLD = """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return #ARGV - 1
+"""
+
 # KEYS: meta. ARGV: connection id. Clears the attachment if this connection still holds it.
 # Returns 1 if detached, 0 if a newer connection holds the session.
 DETACH = """

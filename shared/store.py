@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -371,6 +371,8 @@ class Store:
         self._release = redis.register_script(scripts.RELEASE)
         self._attach = redis.register_script(scripts.ATTACH)
         self._detach = redis.register_script(scripts.DETACH)
+        self._quota_take = redis.register_script(scripts.QUOTA_TAKE)
+        self._quota_hold = redis.register_script(scripts.QUOTA_HOLD)
         self._abandon = redis.register_script(scripts.ABANDON)
         self._cancel_queued = redis.register_script(scripts.CANCEL_QUEUED)
         self._dispatch = redis.register_script(scripts.DISPATCH)
@@ -562,6 +564,36 @@ class Store:
             return False
         await self.redis.zadd(keys.DETACHED, {sid: now_ms() + int(grace_s * 1000)})
         return True
+
+    # --- per-API-key quota (max_sessions_per_key) -----------------------------------------
+
+    async def quota_take(
+        self, key_id: str, sid: SessionId, most: int, hold_s: float
+    ) -> tuple[bool, int]:
+        """Count `sid` against API key `key_id` for `hold_s` unless `most` other sessions
+        count already: (counted, sessions counted now). Forgets sessions whose time passed."""
+        now = now_ms()
+        counted, n = await self._quota_take(
+            keys=[keys.quota(key_id)], args=[sid, now, now + int(hold_s * 1000), most]
+        )
+        return bool(counted), int(n)
+
+    async def quota_hold(self, held: Mapping[str, Sequence[SessionId]], hold_s: float) -> None:
+        """Count these sessions (by API key ID) for `hold_s` more, whatever the limit:
+        one script call per key, all in one pipeline."""
+        until = now_ms() + int(hold_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        calls = 0
+        for key_id, sids in held.items():
+            if sids:
+                await self._quota_hold(keys=[keys.quota(key_id)], args=[until, *sids], client=pipe)
+                calls += 1
+        if calls:
+            await pipe.execute()
+
+    async def quota_release(self, key_id: str, sid: SessionId) -> None:
+        """`sid` no longer counts against its API key (it ended)."""
+        await self.redis.zrem(keys.quota(key_id), sid)
 
     async def publish_replaced(self, sid: SessionId, conn: str) -> None:
         """Tell whichever gateway holds the session's older connection to close it (4409)."""

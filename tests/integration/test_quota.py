@@ -1,0 +1,138 @@
+"""`max_sessions_per_key`: an API key holds at most that many sessions open across the
+fleet (connected or waiting to be resumed); one more is refused with `rate_limited` and
+4429, a resume never is, and a session that ends frees its place."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
+
+from gateway.connection import key_id
+from shared import keys
+from shared.config import Config
+from shared.errors import ConfigError
+from tests.conftest import ServiceFactory
+from tests.helpers import drain, open_ws, started
+from tests.integration.test_takeover import until
+
+KEYS = ("k-one", "k-two")
+
+
+async def open_as(url: str, api_key: str, query: str = "") -> ClientConnection:
+    return await open_ws(url, query, headers={"Authorization": f"Bearer {api_key}"})
+
+
+async def refused(url: str, api_key: str) -> tuple[int | None, str, dict[str, Any]]:
+    """A new session that the quota refuses: its close code and reason, and its error."""
+    out = await drain(await open_as(url, api_key))
+    (error,) = out.of_type("error")
+    return out.code, out.reason, error
+
+
+async def counted(redis: aioredis.Redis, api_key: str) -> set[str]:
+    members = await redis.zrange(keys.quota(key_id(api_key)), 0, -1)
+    return {m.decode() for m in members}
+
+
+async def test_the_limit_is_per_key_and_a_closed_session_frees_its_place(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """At the limit (2) a third session of the same key gets `rate_limited` and 4429 with
+    the reason; another key is not affected; once one of the two closes, the key may
+    open a session again. Redis holds the key's ID, never the key."""
+    svc = await service_factory(api_keys=KEYS, max_sessions_per_key=2)
+    first = await open_as(svc.url, "k-one")
+    second = await open_as(svc.url, "k-one")
+    sids = {(await started(ws))["session_id"] for ws in (first, second)}
+    assert await counted(redis, "k-one") == sids
+    code, reason, error = await refused(svc.url, "k-one")
+    assert (code, error["code"]) == (4429, "rate_limited")
+    assert "2 sessions open" in reason and "max_sessions_per_key" in reason
+    assert await counted(redis, "k-one") == sids  # the refused one was never counted
+    other = await open_as(svc.url, "k-two")
+    await started(other)
+    await first.send(json.dumps({"type": "close_stream"}))
+    assert (await drain(first)).code == 1000
+    await until(lambda: _count_is(redis, "k-one", 1), "the closed session to stop counting")
+    third = await open_as(svc.url, "k-one")
+    await started(third)
+    assert not [k for k in await redis.keys(f"{keys.PREFIX}:quota:*") if b"k-one" in k]
+    for ws in (second, other, third):
+        await ws.close()
+
+
+async def _count_is(redis: aioredis.Redis, api_key: str, n: int) -> bool:
+    return len(await counted(redis, api_key)) == n
+
+
+async def test_a_detached_session_keeps_its_place_and_its_resume_is_never_refused(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """A session whose client dropped still counts while it can be resumed (so a client
+    cannot get round the limit by reconnecting as new sessions); its resume is accepted
+    with the key at its limit."""
+    svc = await service_factory(api_keys=KEYS, max_sessions_per_key=1)
+    ws = await open_as(svc.url, "k-one")
+    first = await started(ws)
+    await ws.close()  # dropped, not closed: resumable for resume_grace_s
+    await until(lambda: redis.zscore(keys.DETACHED, first["session_id"]), "the detach")
+    code, _, error = await refused(svc.url, "k-one")
+    assert (code, error["code"]) == (4429, "rate_limited")
+    back = await open_as(svc.url, "k-one", f"session_id={first['session_id']}")
+    resume = {
+        "type": "resume",
+        "session_id": first["session_id"],
+        "resume_token": first["resume_token"],
+        "last_result_id": -1,
+    }
+    await back.send(json.dumps(resume))
+    assert json.loads(await back.recv())["type"] == "session.resumed"
+    assert await counted(redis, "k-one") == {first["session_id"]}
+    await back.close()
+
+
+async def test_places_expire_without_their_gateway_and_the_heartbeat_renews_them(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """A session counted by a gateway that died (no renewal: its time passed) no longer
+    counts; the live gateway's heartbeat moves its own sessions' time forward."""
+    svc = await service_factory(api_keys=KEYS, max_sessions_per_key=1)
+    quota = keys.quota(key_id("k-one"))
+    await redis.zadd(quota, {"f" * 32: int(time.time() * 1000) - 1})  # a dead gateway's
+    ws = await open_as(svc.url, "k-one")
+    sid = (await started(ws))["session_id"]
+    assert await counted(redis, "k-one") == {sid}
+    first = await redis.zscore(quota, sid)
+    await until(lambda: _renewed(redis, quota, sid, first), "a heartbeat to renew it")
+    assert 0 < await redis.pttl(quota) <= svc.gateway.ctx.quota_hold_s * 1000
+    await ws.close()
+
+
+async def _renewed(redis: aioredis.Redis, quota: str, sid: str, before: float | None) -> bool:
+    score = await redis.zscore(quota, sid)
+    return score is not None and before is not None and score > before
+
+
+async def test_without_a_limit_or_without_keys_nothing_is_counted(
+    service_factory: ServiceFactory, redis: aioredis.Redis
+) -> None:
+    """0 (the default) counts nothing; the setting must not be negative, and a limit
+    without API keys (nothing to count by) is refused rather than ignored."""
+    svc = await service_factory(api_keys=KEYS)
+    ws = await open_as(svc.url, "k-one")
+    await started(ws)
+    assert await counted(redis, "k-one") == set()
+    assert not svc.gateway.ctx.quota_held
+    await ws.close()
+    with pytest.raises(ConfigError) as info:
+        Config(max_sessions_per_key=-1)
+    assert "--max-sessions-per-key" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Config(max_sessions_per_key=1)
+    assert "--api-key" in str(info.value)
+    Config(max_sessions_per_key=1, api_keys=("k",))
