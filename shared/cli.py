@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.require_redis_url()
         try:
             run_loop(run_worker(config))
-        except ModelError as exc:
+        except (ModelError, ConfigError) as exc:
             log.error("%s", exc)
             return 1
     elif args.command == "up":

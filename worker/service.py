@@ -42,7 +42,7 @@ from shared import envelope, keys
 from shared.batching import GroupCommit
 from shared.config import Config, host_port
 from shared.envelope import AudioChunk, Closed, CloseReason, Control
-from shared.errors import EnvelopeError
+from shared.errors import ConfigError, EnvelopeError
 from shared.keys import SessionId, WorkerId
 from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store, connect
 from worker.audio import AudioConverter
@@ -228,6 +228,23 @@ class Worker:
         if self.slots == 0:
             await self._calibrate_slots()
         self.scheduler.start()
+        if self.config.worker_metrics:
+            # Before anything is claimed: a port in use stops the worker with nothing held.
+            host, port = host_port(self.config.worker_metrics, "worker_metrics")
+            self.endpoint = Endpoint(
+                host,
+                port,
+                lambda: render_metrics(self.worker_id, self.stats()),
+                lambda: not self._closing.is_set(),
+            )
+            try:
+                await self.endpoint.start()
+            except OSError as exc:
+                await self.scheduler.close()
+                raise ConfigError(
+                    f"--worker-metrics {self.config.worker_metrics}: cannot listen there "
+                    f"({exc.strerror or exc})"
+                ) from exc
         await self.store.ensure_group()
         await self._heartbeat_once()
         for coro in (
@@ -238,15 +255,6 @@ class Worker:
             self._heartbeat_loop(),
         ):
             self._tasks.append(asyncio.create_task(coro))
-        if self.config.worker_metrics:
-            host, port = host_port(self.config.worker_metrics, "worker_metrics")
-            self.endpoint = Endpoint(
-                host,
-                port,
-                lambda: render_metrics(self.worker_id, self.stats()),
-                lambda: not self._closing.is_set(),
-            )
-            await self.endpoint.start()
         if self.config.maintenance == "on":
             self.maintenance = Maintenance(
                 self.config,

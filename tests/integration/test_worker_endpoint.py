@@ -19,6 +19,8 @@ from tests.conftest import ServiceFactory, make_config
 from tests.helpers import fixture, stream_session
 from tests.integration.test_takeover import until
 from worker.endpoint import COUNTERS, MAX_CLIENTS, MAX_HEAD_BYTES, Endpoint, render
+from worker.engine import NullEngine
+from worker.service import Worker
 
 LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "redis-layout.md"
 
@@ -159,6 +161,26 @@ async def test_no_endpoint_unless_asked(service_factory: ServiceFactory) -> None
     """By default (`worker_metrics` empty) a worker listens on nothing."""
     svc = await service_factory()
     assert svc.worker is not None and svc.worker.endpoint is None
+
+
+async def test_a_port_in_use_stops_the_worker_before_it_claims_anything(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A worker whose endpoint cannot listen fails to start with an error naming the
+    flag and the address, before it has registered or claimed anything."""
+    taken = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    worker = Worker(make_config(redis_url, worker_metrics=f"127.0.0.1:{port}"), engine=NullEngine())
+    try:
+        with pytest.raises(ConfigError) as info:
+            await worker.start()
+        assert f"--worker-metrics 127.0.0.1:{port}: cannot listen there" in str(info.value)
+        assert await redis.zscore(keys.WORKERS, worker.worker_id) is None
+        assert not worker.owned and not worker._tasks
+    finally:
+        taken.close()
+        await taken.wait_closed()
+        await worker.redis.aclose()
 
 
 def test_render_types_and_skips() -> None:
