@@ -220,7 +220,7 @@ class GatewayContext:
         by_key: dict[str, list[SessionId]] = {}
         for sid, (key, _conn) in self.quota_held.items():
             by_key.setdefault(key, []).append(sid)
-        await self.store.quota_hold(by_key, self.quota_hold_s)
+        await self.store.quota_hold(by_key, self.quota_hold_s, renew=True)
 
 
 async def release_session(ctx: GatewayContext, sid: SessionId, conn: str, done: bool) -> None:

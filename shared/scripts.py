@@ -153,14 +153,22 @@ redis.call('PEXPIREAT', KEYS[1], last[2])
 return {1, n}
 """
 
-# KEYS: quota set. ARGV: until ms, then session ids. Counts those sessions until `until`
-# whatever the limit (the holding gateway's heartbeat, a resume, a detach); the key
-# expires with its last member.
+# KEYS: quota set. ARGV: until ms, renew flag, then session ids. Counts those sessions
+# until `until` whatever the limit (a resume, a detach). With the renew flag `1` (the
+# holding gateway's heartbeat) it only moves members still there forward (ZADD XX GT): a
+# session that ended, or was detached for longer, while the heartbeat's call was on its
+# way is not counted again nor cut short. The key expires with its last member.
 QUOTA_HOLD = """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) end
+for i = 3, #ARGV do
+  if ARGV[2] == '1' then
+    redis.call('ZADD', KEYS[1], 'XX', 'GT', ARGV[1], ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  end
+end
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
-return #ARGV - 1
+if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
+return #ARGV - 2
 """
 
 # KEYS: meta. ARGV: connection id. Clears the attachment if this connection still holds it.

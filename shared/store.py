@@ -578,15 +578,20 @@ class Store:
         )
         return bool(counted), int(n)
 
-    async def quota_hold(self, held: Mapping[str, Sequence[SessionId]], hold_s: float) -> None:
-        """Count these sessions (by API key ID) for `hold_s` more, whatever the limit:
-        one script call per key, all in one pipeline."""
+    async def quota_hold(
+        self, held: Mapping[str, Sequence[SessionId]], hold_s: float, *, renew: bool = False
+    ) -> None:
+        """Count these sessions (by API key ID) until `hold_s` from now, whatever the
+        limit: one script call per key, all in one pipeline. `renew` (the heartbeat)
+        only moves forward the sessions still counted (QUOTA_HOLD)."""
         until = now_ms() + int(hold_s * 1000)
+        flag = "1" if renew else "0"
         pipe = self.redis.pipeline(transaction=False)
         calls = 0
         for key_id, sids in held.items():
             if sids:
-                await self._quota_hold(keys=[keys.quota(key_id)], args=[until, *sids], client=pipe)
+                args: list[str | int] = [until, flag, *sids]
+                await self._quota_hold(keys=[keys.quota(key_id)], args=args, client=pipe)
                 calls += 1
         if calls:
             await pipe.execute()

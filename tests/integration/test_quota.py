@@ -16,6 +16,7 @@ from gateway.connection import key_id
 from shared import keys
 from shared.config import Config
 from shared.errors import ConfigError
+from shared.store import Store
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, open_ws, started
 from tests.integration.test_takeover import until
@@ -136,3 +137,25 @@ async def test_without_a_limit_or_without_keys_nothing_is_counted(
         Config(max_sessions_per_key=1)
     assert "--api-key" in str(info.value)
     Config(max_sessions_per_key=1, api_keys=("k",))
+
+
+async def test_the_heartbeat_never_counts_an_ended_session_again_nor_cuts_one_short(
+    redis: aioredis.Redis,
+) -> None:
+    """A heartbeat's renewal can be on its way while a session ends or is detached: it
+    moves forward only the sessions still counted and never lowers a later time (the
+    resume grace of a detached one); a resume's or a detach's hold adds whatever is
+    missing."""
+    store = Store(redis)
+    quota = keys.quota("0123456789abcdef")
+    later = int(time.time() * 1000) + 100_000
+    await redis.zadd(quota, {"detached": later, "held": 1})
+    await redis.pexpireat(quota, later)
+    await store.quota_hold({"0123456789abcdef": ["ended", "detached", "held"]}, 15, renew=True)
+    scores = dict(await redis.zrange(quota, 0, -1, withscores=True))
+    assert set(scores) == {b"detached", b"held"}  # "ended" is not counted again
+    assert scores[b"detached"] == later and scores[b"held"] > time.time() * 1000
+    assert await redis.pexpiretime(quota) == later  # the key lives as long as its last
+    await store.quota_hold({"0123456789abcdef": ["ended"]}, 15)
+    assert await redis.zscore(quota, "ended") is not None
+    await redis.delete(quota)
