@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from shared import envelope, keys
 from shared.envelope import AudioChunk, Control
+from shared.keys import SessionId
 from shared.wavfile import WavAudio, read_wav
 from tests.conftest import FIXTURES
 
@@ -110,7 +111,7 @@ async def stored_order(
     `indexed_frame`, repeated `lengths[seq]` times where given) and each control mark's
     kind, in stream order."""
     stored: list[object] = []
-    for _, fields in await redis.xrange(keys.audio(sid)):
+    for _, fields in await redis.xrange(keys.audio(SessionId(sid))):
         item = envelope.decode_entry(fields)
         if isinstance(item, AudioChunk):
             assert item.pcm == indexed_frame(item.seq) * (lengths or {}).get(item.seq, 1)
