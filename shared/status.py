@@ -3,7 +3,8 @@
 It answers what docs/redis-layout.md answers with `redis-cli` recipes: how many sessions
 wait for a worker in each dispatch lane, which workers are alive and how much each holds,
 how far each is behind, which gateways are alive or dead and how many sessions each holds,
-which sessions wait for their client, which sessions were dead-lettered and why, and
+which sessions wait for their client, how many sessions each API key holds against
+`max_sessions_per_key`, which sessions were dead-lettered and why, and
 (`--session ID`) who owns one session and where it stands.
 
 The command is four modules:
@@ -47,6 +48,7 @@ from shared.status_collect import (
     collect_detached,
     collect_dispatch,
     collect_gateways,
+    collect_quotas,
     collect_server,
     collect_session,
     collect_workers,
@@ -64,6 +66,7 @@ from shared.status_render import (
     render_detached,
     render_dispatch,
     render_gateways,
+    render_quotas,
     render_report,
     render_server,
     render_session,
@@ -104,6 +107,7 @@ FLEET_SECTIONS: tuple[Section, ...] = (
     Section("workers", collect_workers, render_workers),
     Section("gateways", collect_gateways, render_gateways),
     Section("detached", collect_detached, render_detached),
+    Section("quotas", collect_quotas, render_quotas),
     Section("deadletter", collect_deadletter, render_deadletter),
 )
 SESSION_SECTION = Section(SESSION_SECTION_NAME, collect_session, render_session)
@@ -163,7 +167,8 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         description="Show Redis, both dispatch lanes (sessions waiting for a worker, how "
         "long the oldest has waited, sessions claimed), workers (heartbeat, sessions held, "
         "how far behind), gateways (alive or dead, sessions held), sessions waiting for "
-        "their client, dead-lettered sessions with the reason, and with --session one "
+        "their client, the sessions each API key holds against --max-sessions-per-key, "
+        "dead-lettered sessions with the reason, and with --session one "
         "session's state, owner, dispatch entry (or queue position) and failures. Without "
         "--redis-url, uses the Redis of `streamscribe up` on this machine. Exit code 1: "
         "Redis unreachable or the session unknown.",
@@ -190,7 +195,8 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--limit",
         type=int,
         default=20,
-        help="rows of long lists (detached, dead-lettered sessions) to show (default 20)",
+        help="rows of long lists (detached and dead-lettered sessions, API keys) to show "
+        "(default 20)",
     )
 
 

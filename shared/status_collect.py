@@ -28,6 +28,8 @@ from shared.status_model import (
     GatewaysInfo,
     LaneInfo,
     Query,
+    QuotaRow,
+    QuotasInfo,
     ServerInfo,
     SessionInfo,
     WorkerRow,
@@ -249,6 +251,23 @@ async def collect_detached(p: Probe) -> DetachedInfo:
     members = await p.redis.zrange(keys.DETACHED, 0, p.query.limit - 1, withscores=True)
     rows = tuple(DetachedRow(_s(sid), int(score) - p.now_ms) for sid, score in members)
     return DetachedInfo(total, rows)
+
+
+async def collect_quotas(p: Probe) -> QuotasInfo:
+    """Every `ss:quota:*` key (SCAN) and how many of its sessions count now."""
+    found = [_s(k) async for k in p.redis.scan_iter(match=keys.quota("*"), count=1000)]
+    pipe = p.redis.pipeline(transaction=False)
+    for key in found:
+        pipe.zcount(key, p.now_ms, "+inf")
+    counts = await pipe.execute() if found else []
+    prefix = keys.quota("")
+    rows = [
+        QuotaRow(key.removeprefix(prefix), int(n))
+        for key, n in zip(found, counts, strict=True)
+        if int(n) > 0
+    ]
+    rows.sort(key=lambda row: (-row.counted, row.key_id))
+    return QuotasInfo(len(rows), tuple(rows[: p.query.limit]))
 
 
 async def collect_gateways(p: Probe) -> GatewaysInfo:

@@ -134,6 +134,21 @@ class GatewaysInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaRow:
+    key_id: str  # the start of the API key's SHA-256 (gateway/connection.py `key_id`)
+    counted: int  # its sessions that count now against max_sessions_per_key
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasInfo:
+    """Sessions counted against each API key's `max_sessions_per_key` (ss:quota:<key_id>),
+    most first; empty when the limit is off."""
+
+    keys: int  # quota keys found
+    rows: tuple[QuotaRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DetachedRow:
     session_id: str
     deadline_in_ms: int  # negative: overdue, the next maintenance run abandons it
@@ -209,7 +224,7 @@ class Query:
     url: str
     alive_s: float = 15.0
     session_id: SessionId | None = None
-    limit: int = 20  # rows per list (detached and dead-lettered sessions)
+    limit: int = 20  # rows per list (detached and dead-lettered sessions, API keys)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from shared.status_model import (
     DetachedInfo,
     DispatchInfo,
     GatewaysInfo,
+    QuotasInfo,
     Report,
     SectionError,
     ServerInfo,
@@ -213,6 +214,16 @@ def render_gateways(info: GatewaysInfo, _now_ms: int) -> list[str]:
             "  DEAD: the next maintenance run detaches its sessions (their resume grace "
             "starts) and forgets it."
         )
+    return lines
+
+
+def render_quotas(info: QuotasInfo, _now_ms: int) -> list[str]:
+    if not info.keys:
+        return ["quotas    no API key has sessions counted (max_sessions_per_key off or idle)"]
+    lines = [f"quotas    {info.keys} API key(s) with sessions counted (max_sessions_per_key)"]
+    lines += _table(["KEY ID", "SESSIONS"], [[r.key_id, str(r.counted)] for r in info.rows])
+    if info.keys > len(info.rows):
+        lines.append(f"  ... and {info.keys - len(info.rows)} more")
     return lines
 
 

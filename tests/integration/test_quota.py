@@ -16,6 +16,9 @@ from gateway.connection import key_id
 from shared import keys
 from shared.config import Config
 from shared.errors import ConfigError
+from shared.status import Query, collect, render, to_json
+from shared.status_model import QuotaRow, QuotasInfo
+from shared.status_render import render_quotas
 from shared.store import Store
 from tests.conftest import ServiceFactory
 from tests.helpers import drain, open_ws, started
@@ -159,3 +162,35 @@ async def test_the_heartbeat_never_counts_an_ended_session_again_nor_cuts_one_sh
     await store.quota_hold({"0123456789abcdef": ["ended"]}, 15)
     assert await redis.zscore(quota, "ended") is not None
     await redis.delete(quota)
+
+
+async def test_status_shows_each_keys_counted_sessions(
+    service_factory: ServiceFactory, redis: aioredis.Redis, redis_url: str
+) -> None:
+    """`streamscribe status` lists the keys with sessions counted now, most first, by key
+    ID; a key whose sessions' time has passed is not listed; `--limit` cuts the list."""
+    svc = await service_factory(api_keys=KEYS, max_sessions_per_key=3)
+    open_ = [await open_as(svc.url, key) for key in ("k-one", "k-one", "k-two")]
+    for ws in open_:
+        await started(ws)
+    await redis.zadd(keys.quota("feedfacefeedface"), {"f" * 32: 1})  # passed long ago
+    report = await collect(redis, Query(url=redis_url))
+    quotas = report.sections["quotas"]
+    assert quotas == QuotasInfo(2, (QuotaRow(key_id("k-one"), 2), QuotaRow(key_id("k-two"), 1)))
+    text = render(report)
+    assert "quotas    2 API key(s) with sessions counted (max_sessions_per_key)" in text
+    assert f"{key_id('k-one')}  2" in text
+    assert json.loads(json.dumps(to_json(report)))["quotas"]["keys"] == 2
+    cut = await collect(redis, Query(url=redis_url, limit=1))
+    assert cut.sections["quotas"] == QuotasInfo(2, (QuotaRow(key_id("k-one"), 2),))
+    assert "  ... and 1 more" in render(cut)
+    for ws in open_:
+        await ws.close()
+    await redis.delete(keys.quota("feedfacefeedface"))
+
+
+def test_status_says_when_nothing_is_counted() -> None:
+    """With the limit off (or no session open) the section is one line saying so."""
+    assert render_quotas(QuotasInfo(0, ()), 0) == [
+        "quotas    no API key has sessions counted (max_sessions_per_key off or idle)"
+    ]
