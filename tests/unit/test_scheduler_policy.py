@@ -650,6 +650,8 @@ async def test_two_decode_threads_run_two_decodes_at_once_and_no_third() -> None
 
 
 def test_withdrawing_takes_only_that_sessions_queued_interims() -> None:
+    """Withdrawing a session's interims takes every one of its queued interims (counted
+    once), and nothing of another session's or any final."""
     q, _ = make_queue()
     q.push("interim", "a", "a-i1")
     q.push("interim", "b", "b-i1")
