@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, NoReturn, TypeVar
@@ -38,6 +39,7 @@ from gateway.ingest import BatcherClosed, IngestBatcher
 from gateway.pending import PendingQueue
 from gateway.relay import RECONCILE, Relay
 from gateway.results import ResultsReader
+from gateway.usage import US, UsageMeter
 from gateway.wsconn import GatewayServerConnection
 from shared import envelope
 from shared.config import Config
@@ -208,6 +210,8 @@ class GatewayContext:
     #: `max_sessions_per_key`: session -> (key ID, connection). The heartbeat renews them
     #: (`hold_quota`).
     quota_held: dict[SessionId, tuple[str, str]] = field(default_factory=dict)
+    #: Audio stored per API key (`api_keys` set; gateway/usage.py), else None.
+    usage: UsageMeter | None = None
 
     @property
     def quota_hold_s(self) -> float:
@@ -221,6 +225,20 @@ class GatewayContext:
         for sid, (key, _conn) in self.quota_held.items():
             by_key.setdefault(key, []).append(sid)
         await self.store.quota_hold(by_key, self.quota_hold_s, renew=True)
+
+    async def sync_usage(self, only: str | None = None) -> None:
+        """Write this gateway's audio totals per API key into Redis and learn the
+        fleet's (`UsageMeter.to_sync`; `only`: that key's current window alone)."""
+        usage = self.usage
+        if usage is None:
+            return
+        items = usage.to_sync(only)
+        totals = await self.store.usage_sync(
+            self.gateway_id,
+            [(item.key_id, item.window, item.local_us) for item in items],
+            2 * usage.window_s,  # the last window's total stays readable a whole window
+        )
+        usage.synced(items, totals)
 
 
 async def release_session(ctx: GatewayContext, sid: SessionId, conn: str, done: bool) -> None:
@@ -266,6 +284,11 @@ class Connection:
         self.resumed_usage: tuple[float, int] = (0.0, 0)
         # The API key's ID (`key_id`) when its sessions count against max_sessions_per_key.
         self.quota_key: str | None = None
+        # The API key's ID when its audio is metered (`ctx.usage`), and, under
+        # audio_budget_s, the audio this connection sent but has not stored yet (us).
+        self.usage_key: str | None = None
+        self._unstored_us = 0
+        self._bytes_per_s = 0  # the session's, set as the reader starts
         self._limit: AudioRateLimit | None = None  # with max_audio_rate, from the reader on
         # An audio frame that failed in the protocol callback; the reader raises it.
         self._direct_error: Exception | None = None
@@ -303,6 +326,8 @@ class Connection:
             log.exception("internal error on session %s", self.sid)
             await self._fail(Internal("internal server error"))
         finally:
+            if self.usage_key is not None and self.ctx.usage is not None:
+                self.ctx.usage.closed(self.usage_key)
             await asyncio.shield(self._cleanup())
 
     async def _open(self) -> None:
@@ -340,6 +365,9 @@ class Connection:
             raise Unauthorized("invalid API key")
         if self.cfg.max_sessions_per_key:
             self.quota_key = key_id(presented)
+        if self.ctx.usage is not None:
+            self.usage_key = key_id(presented)
+            self.ctx.usage.opened(self.usage_key)
         if params.priority == "high" and not any(
             hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.high_priority_keys
         ):
@@ -347,6 +375,8 @@ class Connection:
 
     async def _start_new(self, params: SessionParams) -> None:
         await self.ctx.admission.check_new(params.priority)  # 1013 when the queue is full
+        if self.usage_key is not None and self.cfg.audio_budget_s:
+            await self._check_budget_left(self.usage_key)
         sid = SessionId(secrets.token_hex(16))
         if self.quota_key is not None:
             await self._take_quota(self.quota_key, sid)
@@ -438,6 +468,24 @@ class Connection:
             )
         self.ctx.quota_held[sid] = (key, self.conn_id)
 
+    async def _check_budget_left(self, key: str) -> None:
+        """A new session of a key that has used its whole audio budget is refused (with
+        the key's fleet total made fresh first)."""
+        usage = self.ctx.usage
+        assert usage is not None
+        await self.ctx.sync_usage(only=key)
+        if usage.spent(key):
+            self.ctx.metrics.inc("audio_over_budget_total")
+            raise RateLimited(self._over_budget(usage))
+
+    def _over_budget(self, usage: UsageMeter) -> str:
+        """The reason a key over its budget gets (within a close reason's 123 bytes)."""
+        renews = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(usage.renews_at()))
+        return (
+            f"this API key used its audio budget of {self.cfg.audio_budget_s:g} s per "
+            f"{usage.window_s} s (audio_budget_s); renews {renews}"
+        )
+
     async def _serve(self) -> None:
         tasks = [
             asyncio.create_task(self._reader(), name="reader"),
@@ -508,6 +556,7 @@ class Connection:
 
     async def _reader(self) -> None:
         session = self._session()
+        self._bytes_per_s = session.params.bytes_per_second
         if self.cfg.max_audio_rate > 0:
             self._limit = AudioRateLimit(
                 self.cfg.max_audio_rate,
@@ -562,6 +611,8 @@ class Connection:
             return None
         if self._limit is not None:
             self._check_rate(self._limit, len(chunk.pcm))
+        if self.usage_key is not None and self.cfg.audio_budget_s:
+            self._check_budget(self.usage_key, len(chunk.pcm) * US // self._bytes_per_s)
         self.ctx.metrics.inc("audio_frames_total")
         return chunk
 
@@ -590,6 +641,27 @@ class Connection:
             f"audio arrives faster than {limit.rate:g}x real time after a burst of "
             f"{limit.burst_s:g} s (max_audio_rate, audio_burst_s); resume and send more slowly"
         )
+
+    def _check_budget(self, key: str, frame_us: int) -> None:
+        usage = self.ctx.usage
+        assert usage is not None
+        if not usage.allows(key, self._unstored_us + frame_us):
+            # As for max_audio_rate, the frames before this one are stored and acked.
+            self.ctx.metrics.inc("audio_over_budget_total")
+            raise RateLimited(self._over_budget(usage))
+        self._unstored_us += frame_us
+
+    def _metered(self, batch: list[AudioChunk], stored: int) -> None:
+        """An INGEST call for `batch` is answered, having stored its last `stored`
+        frames (the others were stored already): count those against the API key."""
+        usage, key = self.ctx.usage, self.usage_key
+        if usage is None or key is None:
+            return
+        per_s = self._bytes_per_s
+        if self.cfg.audio_budget_s:
+            self._unstored_us -= sum(len(c.pcm) * US // per_s for c in batch)
+        if stored:
+            usage.stored(key, sum(len(c.pcm) * US // per_s for c in batch[len(batch) - stored :]))
 
     async def _writer(self) -> None:
         """Store what the reader queued, in order, one Redis call at a time, and ack it.
@@ -683,6 +755,7 @@ class Connection:
                     self.ws, ack_text(result.next_seq - 1)
                 ):
                     self._ingesting = None
+                    self._metered(ingesting[1], result.stored)
                     self.ctx.metrics.inc('audio_writes_total{path="callback"}')
                     self._kick()
                     return
@@ -703,6 +776,7 @@ class Connection:
         except Exception:
             await self._store_audio(batch)
             return
+        self._metered(batch, result.stored)
         self.ctx.metrics.inc('audio_writes_total{path="callback"}')
         await self._stored(result)
 
@@ -723,6 +797,7 @@ class Connection:
             ) from None
         except BatcherClosed:
             raise reconnect("gateway draining; reconnect and resume") from None
+        self._metered(batch, result.stored)
         self.ctx.metrics.inc('audio_writes_total{path="task"}')
         await self._stored(result)
 

@@ -34,6 +34,7 @@ from gateway.memory import Trimmed, TrimPolicy, fix_mmap_threshold, resident_mib
 from gateway.relay import Relay
 from gateway.results import ResultsReader
 from gateway.tls import TLSContext
+from gateway.usage import UsageMeter
 from gateway.wsconn import GatewayServerConnection
 from shared.config import Config
 from shared.fleet import Fleet
@@ -80,6 +81,11 @@ class Gateway:
             Admission(self.redis, config),
             self.batcher,
             self.results,
+            usage=(
+                UsageMeter(config.usage_window_s, config.audio_budget_s)
+                if config.api_keys
+                else None
+            ),
         )
         self._server: Server | None = None
         self._open = 0  # connections being handled
@@ -147,6 +153,8 @@ class Gateway:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        with contextlib.suppress(RedisError, OSError):
+            await self.ctx.sync_usage()  # what the drained connections stored last
         with contextlib.suppress(RedisError, OSError):
             await self._release_unreleased()
             # Only once every session is released: otherwise the registry entry stays, the
@@ -243,6 +251,7 @@ class Gateway:
                 await self._release_unreleased()
                 if self.ctx.quota_held:
                     await self.ctx.hold_quota()
+                await self.ctx.sync_usage()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat: redis unavailable (%s)", exc)
             self._trim_heap()

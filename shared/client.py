@@ -14,8 +14,11 @@ the server's `next_seq`, so no audio and no final is lost or duplicated. While i
 disconnected `send_audio` keeps accepting audio into that buffer, up to
 `max_buffered_frames` unacknowledged frames (then `AudioBufferFull`). Errors that
 retrying cannot fix (1008, 1009, 4400, 4401, 4403, 4404, 4409, 4429, and HTTP 400, 401,
-403, 404 refusals of the upgrade) end the session with `SessionError`. docs/client.md
-has a runnable example.
+403, 404 refusals of the upgrade) end the session with `SessionError`. After a 4429 (audio
+past a rate limit or an API key's audio budget) the service still has every frame it
+acknowledged: the SDK resumes once without sending more audio, closes the stream and
+delivers the finals of that audio before the error (`collect_after_limit_s`).
+docs/client.md has a runnable example.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # 4409: another connection resumed the session; reconnecting would only fight it.
 FATAL_CLOSE_CODES = frozenset({1008, 1009, 4400, 4401, 4403, 4404, 4409, 4429})
+# Audio past a rate limit or an audio budget: what was acknowledged is kept, so its finals
+# are collected (`StreamingSession._collect_after_limit`) before the error.
+LIMIT_CLOSE_CODE = 4429
 # An upgrade refused with one of these HTTP statuses is treated like its close code.
 FATAL_HTTP_STATUSES = {400: 4400, 401: 4401, 403: 4403, 404: 4404}
 CLOSE_TIMEOUT_S = 2.0  # closing handshake with a peer that may be gone
@@ -86,6 +92,9 @@ class SessionError(Exception):
         super().__init__(message)
         self.close_code = close_code
         self.code = code
+        #: After a 4429, the summary of the session as closed once its finals were
+        #: collected (the audio the service kept); None if they could not be.
+        self.closed: Closed | None = None
 
 
 class AudioBufferFull(SessionError):
@@ -116,13 +125,16 @@ class StreamingSession:
         ping_interval_s: float | None = 10.0,
         ping_timeout_s: float | None = 10.0,
         retain_acked_s: float = 3.0,
+        collect_after_limit_s: float = 60.0,
     ) -> None:
         """`max_reconnects`: attempts per outage; `fallback_urls`: other gateways of the
         same service, tried in turn with `url` when reconnecting; `max_buffered_frames`:
         unacknowledged frames kept for re-sending (5 minutes of 100 ms frames by default);
         `ping_interval_s`/`ping_timeout_s`: WebSocket pings that notice a dead link;
         `retain_acked_s`: seconds of acknowledged audio kept to re-send should the service
-        lose acknowledged writes (Redis crashing with AOF `everysec` loses up to ~1-2 s)."""
+        lose acknowledged writes (Redis crashing with AOF `everysec` loses up to ~1-2 s);
+        `collect_after_limit_s`: after a 4429, how long to wait for the finals of the
+        audio the service kept (0: do not collect them)."""
         if max_reconnects < 0:
             raise ValueError(f"max_reconnects must be >= 0, got {max_reconnects}")
         if not 0 < backoff_s <= max_backoff_s:
@@ -133,6 +145,9 @@ class StreamingSession:
             raise ValueError(f"keepalive_s must be > 0, got {keepalive_s}")
         if retain_acked_s < 0:
             raise ValueError(f"retain_acked_s must be >= 0, got {retain_acked_s}")
+        if collect_after_limit_s < 0:
+            raise ValueError(f"collect_after_limit_s must be >= 0, got {collect_after_limit_s}")
+        self.collect_after_limit_s = collect_after_limit_s
         self.url = url
         self.urls: tuple[str, ...] = (url, *fallback_urls)
         self.params: dict[str, Any] = {
@@ -371,12 +386,15 @@ class StreamingSession:
                     return
                 if code in FATAL_CLOSE_CODES:
                     err = self.last_error
-                    raise SessionError(
+                    failure = SessionError(
                         f"session closed by server: {code} {ws.close_reason or ''}"
                         + (f" ({err.code}: {err.message})" if err else ""),
                         close_code=code,
                         code=err.code if err else None,
                     )
+                    if code == LIMIT_CLOSE_CODE and self.collect_after_limit_s > 0:
+                        await self._collect_after_limit(failure)
+                    raise failure
                 log.info("connection lost (%s %s); reconnecting", code, ws.close_reason or "")
                 await self._reconnect()
         except Exception as exc:  # hand every failure to results() and send_audio()
@@ -389,6 +407,33 @@ class StreamingSession:
             self._connected.clear()
             self._results.put_nowait(failure)
             self._done.set()
+
+    async def _collect_after_limit(self, failure: SessionError) -> None:
+        """A 4429 refused audio, but the service keeps every frame it acknowledged:
+        resume once, send `close_stream` and no more audio, and deliver the finals of the
+        kept audio, for at most `collect_after_limit_s`. The session fails with `failure`
+        either way (audio sent meanwhile is refused by `send_audio`); `failure.closed`
+        is the closing summary if it came."""
+        self._failure = failure  # from now on send_audio and close_stream raise it
+        self._connected.clear()
+        try:
+            async with asyncio.timeout(self.collect_after_limit_s):
+                ws, _ = await self._open(resume=True)
+                self._ws = ws
+                try:
+                    await ws.send(build_client_message(CloseStream()))
+                    async for raw in ws:
+                        msg = parse_server_text(str(raw))
+                        if isinstance(msg, Closed):
+                            failure.closed = msg
+                            return
+                        if isinstance(msg, Transcript) and msg.is_final:
+                            self._handle(msg)  # interims of that audio are of no use now
+                finally:
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+        except (SessionError, OSError, TimeoutError, EOFError, WebSocketException) as exc:
+            log.info("session %s: finals after %s not collected: %s", self.session_id, failure, exc)
 
     def _handle(self, msg: Any) -> bool:
         """Returns True when the session is complete."""

@@ -143,6 +143,21 @@ class Config:
         "resume is never refused. Needs api_keys. 0: no limit.",
         GATEWAY,
     )
+    audio_budget_s: float = _opt(
+        0.0,
+        "Most audio one API key may store per usage window (usage_window_s) across the "
+        "fleet, seconds; past it: rate_limited and close 4429, the frames before stored, "
+        "and new sessions of the key refused until the next window. A resume is never "
+        "refused. Needs api_keys. 0: no budget (with api_keys, usage is metered anyway).",
+        GATEWAY,
+    )
+    usage_window_s: int = _opt(
+        86400,
+        "The window over which each API key's stored audio is summed, and audio_budget_s "
+        "applies, seconds; windows are aligned on the Unix epoch (86400: UTC days). At "
+        "least 60.",
+        GATEWAY,
+    )
     audio_burst_s: float = _opt(
         10.0,
         "Audio a connection may send at once under max_audio_rate, seconds: what a "
@@ -660,6 +675,15 @@ class Config:
                 f"{_where('max_sessions_per_key')} counts sessions per API key: it needs "
                 f"{_where('api_keys')}"
             )
+        if not (self.audio_budget_s >= 0 and math.isfinite(self.audio_budget_s)):
+            raise ConfigError(f"{_where('audio_budget_s')} must be >= 0 (0: no budget)")
+        if self.audio_budget_s and not self.api_keys:
+            raise ConfigError(
+                f"{_where('audio_budget_s')} counts audio per API key: it needs "
+                f"{_where('api_keys')}"
+            )
+        if self.usage_window_s < 60:
+            raise ConfigError(f"{_where('usage_window_s')} must be >= 60 s")
         if self.worker_metrics:
             host_port(self.worker_metrics, "worker_metrics")
         choices = {

@@ -130,6 +130,22 @@ def quota(key_id: str) -> str:
     return f"{PREFIX}:quota:{key_id}"
 
 
+def usage(key_id: str, window: int) -> str:
+    """Hash: gateway_id -> that gateway's running total of one API key's stored audio in
+    one usage window (microseconds); `window` is the window's start in unix seconds."""
+    return f"{PREFIX}:usage:{key_id}:{window}"
+
+
+#: SCAN pattern of every usage hash.
+USAGE_PATTERN = f"{PREFIX}:usage:*"
+
+
+def parse_usage_key(key: str) -> tuple[str, int]:
+    """(API key ID, window start) of a `usage` key."""
+    key_id, _, window = key.removeprefix(f"{PREFIX}:usage:").rpartition(":")
+    return key_id, int(window)
+
+
 def worker_info(wid: WorkerId) -> str:
     """Hash: a worker's model, slots, owned-session count, queued decodes, pid; expires
     unless heartbeats renew it."""

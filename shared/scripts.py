@@ -153,6 +153,19 @@ redis.call('PEXPIREAT', KEYS[1], last[2])
 return {1, n}
 """
 
+# KEYS: usage hash. ARGV: gateway id, its total there (us), ttl seconds.
+# Writes the gateway's running total of the key's audio in the window under its own field
+# (only ever upward: a retried or late write changes nothing) and returns the sum of all
+# gateways' fields. The hash expires `ttl` after its last write.
+USAGE_SYNC = """
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+if total > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return total
+"""
+
 # KEYS: quota set. ARGV: until ms, renew flag, then session ids. Counts those sessions
 # until `until` whatever the limit (a resume, a detach). With the renew flag `1` (the
 # holding gateway's heartbeat) it only moves members still there forward (ZADD XX GT): a

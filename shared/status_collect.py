@@ -32,6 +32,8 @@ from shared.status_model import (
     QuotasInfo,
     ServerInfo,
     SessionInfo,
+    UsageInfo,
+    UsageRow,
     WorkerRow,
     WorkersInfo,
     committed_seconds,
@@ -268,6 +270,23 @@ async def collect_quotas(p: Probe) -> QuotasInfo:
     ]
     rows.sort(key=lambda row: (-row.counted, row.key_id))
     return QuotasInfo(len(rows), tuple(rows[: p.query.limit]))
+
+
+async def collect_usage(p: Probe) -> UsageInfo:
+    """Every `ss:usage:*` hash (SCAN): the audio each API key stored per window."""
+    found = [_s(k) async for k in p.redis.scan_iter(match=keys.USAGE_PATTERN, count=1000)]
+    pipe = p.redis.pipeline(transaction=False)
+    for key in found:
+        pipe.hvals(key)
+    values = await pipe.execute() if found else []
+    rows = []
+    for key, fields in zip(found, values, strict=True):
+        if not fields:
+            continue  # expired between SCAN and HVALS
+        key_id, window = keys.parse_usage_key(key)
+        rows.append(UsageRow(key_id, window, sum(int(v) for v in fields) / 1e6, len(fields)))
+    rows.sort(key=lambda row: (-row.window, -row.audio_s, row.key_id))
+    return UsageInfo(len(rows), tuple(rows[: p.query.limit]))
 
 
 async def collect_gateways(p: Probe) -> GatewaysInfo:

@@ -149,6 +149,23 @@ class QuotasInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageRow:
+    key_id: str  # the start of the API key's SHA-256 (gateway/connection.py `key_id`)
+    window: int  # the usage window's start, unix seconds
+    audio_s: float  # audio the key stored in that window, all gateways together
+    gateways: int  # gateways that stored some of it
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInfo:
+    """Audio stored per API key and usage window (ss:usage:<key_id>:<window>, written by
+    the gateways' heartbeats): the latest window first, then the most audio."""
+
+    hashes: int  # (key, window) hashes found
+    rows: tuple[UsageRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DetachedRow:
     session_id: str
     deadline_in_ms: int  # negative: overdue, the next maintenance run abandons it

@@ -24,6 +24,7 @@ from shared.status_model import (
     SectionError,
     ServerInfo,
     SessionInfo,
+    UsageInfo,
     WorkerRow,
     WorkersInfo,
 )
@@ -224,6 +225,25 @@ def render_quotas(info: QuotasInfo, _now_ms: int) -> list[str]:
     lines += _table(["KEY ID", "SESSIONS"], [[r.key_id, str(r.counted)] for r in info.rows])
     if info.keys > len(info.rows):
         lines.append(f"  ... and {info.keys - len(info.rows)} more")
+    return lines
+
+
+def render_usage(info: UsageInfo, _now_ms: int) -> list[str]:
+    if not info.hashes:
+        return ["usage     no API key has audio stored (no api_keys, or none used yet)"]
+    lines = [f"usage     audio stored per API key and window ({info.hashes} found)"]
+    rows = [
+        [
+            r.key_id,
+            datetime.datetime.fromtimestamp(r.window, datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+            f"{r.audio_s:.1f}",
+            str(r.gateways),
+        ]
+        for r in info.rows
+    ]
+    lines += _table(["KEY ID", "WINDOW FROM (UTC)", "AUDIO S", "GATEWAYS"], rows)
+    if info.hashes > len(info.rows):
+        lines.append(f"  ... and {info.hashes - len(info.rows)} more")
     return lines
 
 

@@ -373,6 +373,7 @@ class Store:
         self._detach = redis.register_script(scripts.DETACH)
         self._quota_take = redis.register_script(scripts.QUOTA_TAKE)
         self._quota_hold = redis.register_script(scripts.QUOTA_HOLD)
+        self._usage_sync = redis.register_script(scripts.USAGE_SYNC)
         self._abandon = redis.register_script(scripts.ABANDON)
         self._cancel_queued = redis.register_script(scripts.CANCEL_QUEUED)
         self._dispatch = redis.register_script(scripts.DISPATCH)
@@ -599,6 +600,23 @@ class Store:
     async def quota_release(self, key_id: str, sid: SessionId) -> None:
         """`sid` no longer counts against its API key (it ended)."""
         await self.redis.zrem(keys.quota(key_id), sid)
+
+    # --- audio used per API key (usage_window_s, audio_budget_s) -------------------------
+
+    async def usage_sync(
+        self, gateway_id: str, totals: Sequence[tuple[str, int, int]], ttl_s: int
+    ) -> list[int]:
+        """Write this gateway's running totals, (API key ID, window start, microseconds),
+        each into its key's usage hash (USAGE_SYNC), in one pipeline; returns each one's
+        fleet total (microseconds), in order."""
+        if not totals:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key_id, window, us in totals:
+            await self._usage_sync(
+                keys=[keys.usage(key_id, window)], args=[gateway_id, us, ttl_s], client=pipe
+            )
+        return [int(total) for total in await pipe.execute()]
 
     async def publish_replaced(self, sid: SessionId, conn: str) -> None:
         """Tell whichever gateway holds the session's older connection to close it (4409)."""

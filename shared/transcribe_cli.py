@@ -111,6 +111,11 @@ def transcribe_command(args: argparse.Namespace) -> int:
         )
     except SessionError as exc:
         sys.stderr.write(f"streamscribe: {exc}\n")
+        if exc.closed is not None:  # after a 4429: what the service kept was transcribed
+            sys.stderr.write(
+                f"streamscribe: the service kept {exc.closed.audio_seconds:.1f}s of audio "
+                f"before that; its {exc.closed.final_results} final result(s) are above\n"
+            )
         return 2
     except OSError as exc:
         sys.stderr.write(f"streamscribe: cannot reach {url}: {exc}\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -405,3 +406,14 @@ def test_every_commands_help_renders_and_lists_its_settings(command: str) -> Non
             assert action.option_strings[0] in text
     if command in ("up", "worker"):
         assert "13% of the decode time" in " ".join(text.split())  # the % is shown as is
+
+
+def test_every_setting_has_its_row_in_configuration_md() -> None:
+    """docs/configuration.md's table has one row per Config field, with its flag and its
+    environment variable, so the docs cannot fall behind a new setting."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| `")}
+    for f in dataclasses.fields(Config):
+        row = rows.get(f"`{f.name}`")
+        assert row is not None, f"{f.name} has no row in docs/configuration.md"
+        assert env_name(f.name) in row, f"{f.name}: its row lacks {env_name(f.name)}"
