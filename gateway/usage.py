@@ -107,13 +107,17 @@ class UsageMeter:
         return [SyncItem(k, w, self._local.get((k, w), 0)) for k, w in sorted(due)]
 
     def synced(self, items: Iterable[SyncItem], fleet_us: Iterable[int]) -> None:
-        """The writes of `to_sync` were made; `fleet_us` are the totals Redis returned.
-        Windows that have passed are forgotten once written."""
+        """The writes of `to_sync` were made; `fleet_us` are the totals Redis returned,
+        in order. Windows that have passed are forgotten once written."""
         now = self.window()
         for item, total in zip(items, fleet_us, strict=True):
             at = (item.key_id, item.window)
-            self._synced[at] = max(self._synced.get(at, 0), item.local_us)
-            self._fleet[at] = total
+            # A reply older than one already taken (two syncs of a key at once: a new
+            # session's and the heartbeat's) would pair an older fleet total with a newer
+            # part written here: skipped.
+            if item.local_us >= self._synced.get(at, 0):
+                self._synced[at] = item.local_us
+                self._fleet[at] = total
         for at in [at for at in self._fleet if at[1] < now]:
             if self._local.get(at, 0) == self._synced.get(at, 0):
                 for table in (self._local, self._synced, self._fleet):

@@ -112,3 +112,16 @@ def test_an_unwritten_old_window_is_kept_until_a_sync_succeeds() -> None:
 def test_a_window_must_be_positive() -> None:
     with pytest.raises(ValueError):
         UsageMeter(0, 1.0)
+
+
+def test_a_late_reply_of_an_older_sync_is_not_taken() -> None:
+    """Two syncs of one key at once (a new session's and the heartbeat's) may be answered
+    out of order: the older reply's fleet total does not replace the newer one's."""
+    m, _ = meter()
+    m.stored("k", 100)
+    older = m.to_sync()
+    m.stored("k", 100)
+    newer = m.to_sync(only="k")
+    m.synced(newer, [1_200])  # 200 from here, 1,000 from other gateways
+    m.synced(older, [1_100])
+    assert m.used_us("k") == 1_200
