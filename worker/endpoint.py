@@ -3,7 +3,9 @@
 
 - `/metrics`: the figures of the worker's heartbeat hash (docs/redis-layout.md,
   `ss:worker:<worker_id>`) as Prometheus text, named `streamscribe_worker_<field>`, the
-  running totals with `_total` added (`render`). Scraped from the worker itself, so an
+  running totals with `_total` added, and the worker's latency histograms
+  (`Worker.histograms`: engine calls, finals' queue wait, finals due to published),
+  which the heartbeat does not hold (`render`). Scraped from the worker itself, so an
   operator need not read Redis for them.
 - `/healthz`: 200 while the worker serves, 503 once it is stopping. It asks nothing of
   Redis: a liveness probe on it restarts a wedged worker, not every worker during a Redis
@@ -25,7 +27,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from shared.metrics import Metrics
+from shared.metrics import Histogram, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,13 @@ CLAIM_STATES = ("open", "probing", "closed")
 NOT_FIGURES = frozenset({"model", "claiming", "pid"})
 
 
-def render(worker_id: str, stats: Mapping[str, Any]) -> str:
-    """Prometheus text of one heartbeat's `stats`."""
+def render(
+    worker_id: str,
+    stats: Mapping[str, Any],
+    histograms: Mapping[str, Histogram] | None = None,
+) -> str:
+    """Prometheus text of one heartbeat's `stats`, and of `histograms` (by name, labels
+    included: `engine_call_seconds{kind="final"}`)."""
     metrics = Metrics("streamscribe_worker")
     metrics.set(f'info{{worker_id="{_label(worker_id)}",model="{_label(stats["model"])}"}}', 1)
     for state in CLAIM_STATES:
@@ -77,6 +84,8 @@ def render(worker_id: str, stats: Mapping[str, Any]) -> str:
             metrics.total(f"{name}_total", value)
         else:
             metrics.set(name, value)
+    for name, histogram in (histograms or {}).items():
+        metrics.histogram(name, histogram)
     return metrics.render()
 
 

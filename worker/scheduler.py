@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from shared.config import Config
+from shared.metrics import Histogram
 from worker.engine import SAMPLE_RATE, Engine, Segment
 from worker.packing import MIN_GUARD_S, layout, pack_audio, packed_samples, split
 from worker.stream import DecodeRequest
@@ -267,6 +268,20 @@ class QueueCounters:
     batched: int = 0  # finals and interims decoded in those calls
 
 
+@dataclass
+class QueueTimings:
+    """Latency histograms of the decodes, seconds of the queue's clock (the worker's
+    `/metrics`: docs/architecture.md, *Worker metrics*)."""
+
+    # Each engine call, start to end, by its kind: a packed or batched call counts once.
+    engine_call: dict[Kind, Histogram] = field(
+        default_factory=lambda: {"final": Histogram(), "interim": Histogram()}
+    )
+    # Each final, from its push to the start of its first decode (a pack's final decoded
+    # again alone is not counted twice).
+    final_queue_wait: Histogram = field(default_factory=Histogram)
+
+
 class DecodeQueue(Generic[T]):
     """The scheduling policy without I/O: jobs in, the next job to decode out."""
 
@@ -285,6 +300,7 @@ class DecodeQueue(Generic[T]):
         # left), and so the measure of how close the worker is to its capacity.
         self.final_load = LoadMeter(load_window_s, concurrency)
         self.counters = QueueCounters()
+        self.timings = QueueTimings()
         self._heap: list[Job[T]] = []
         self._order = itertools.count()
         # Per session: when its last decoded interim was requested. A session's first
@@ -413,7 +429,10 @@ class DecodeQueue(Generic[T]):
             self.final_load.started(job.started_at)
         for j in (job, *others):
             if j.kind == "final":
-                self._final_waits.append((job.started_at, job.started_at - j.queued_at))
+                wait = job.started_at - j.queued_at
+                self._final_waits.append((job.started_at, wait))
+                if not j.alone:  # `alone`: a pack's retry, whose first start was counted
+                    self.timings.final_queue_wait.observe(wait)
 
     def final_wait_s(self) -> float:
         """How long finals wait for the engine now: the longest time in the queue of the
@@ -427,8 +446,10 @@ class DecodeQueue(Generic[T]):
         return max([0.0, *(w for _, w in waits), *queued])
 
     def finished(self, job: Job[T], count: int = 1) -> None:
+        """`job`'s engine call (with `count` jobs in all) ended, in success or failure."""
         now = self.clock()
         self.load.finished(now, job.started_at)
+        self.timings.engine_call[job.kind].observe(now - job.started_at)
         if job.kind == "final":
             self.final_load.finished(now, job.started_at)
             self.counters.final += count
@@ -505,6 +526,10 @@ class Scheduler:
     @property
     def counters(self) -> QueueCounters:
         return self.queue.counters
+
+    @property
+    def timings(self) -> QueueTimings:
+        return self.queue.timings
 
     def busy_fraction(self) -> float:
         return self.queue.load.busy_fraction(self._clock())

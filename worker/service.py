@@ -44,6 +44,7 @@ from shared.config import Config, host_port
 from shared.envelope import AudioChunk, Closed, CloseReason, Control
 from shared.errors import ConfigError, EnvelopeError
 from shared.keys import SessionId, WorkerId
+from shared.metrics import Histogram
 from shared.store import ClaimResult, Contested, ScriptCall, SessionMeta, Store, connect
 from worker.audio import AudioConverter
 from worker.calibration import Calibration, auto_slots, calibrate
@@ -173,6 +174,9 @@ class Worker:
         # Interims a due final went past (worker/stream.py, `set_interim_aside`); the
         # scheduler counts those withdrawn before they started (`interims_withdrawn`).
         self.interims_set_aside = 0
+        # Each published final, from when it fell due (`Final.due_at`) to when its
+        # publish returned (`/metrics` only: the heartbeat holds no histograms).
+        self.final_seconds = Histogram()
         self.options = StreamOptions.from_config(config)
         # Sessions this worker serves at once: `slots`, or measured by `start` (slots 0).
         self.slots = config.slots
@@ -234,7 +238,7 @@ class Worker:
             self.endpoint = Endpoint(
                 host,
                 port,
-                lambda: render_metrics(self.worker_id, self.stats()),
+                lambda: render_metrics(self.worker_id, self.stats(), self.histograms()),
                 lambda: not self._closing.is_set(),
             )
             try:
@@ -559,7 +563,11 @@ class Worker:
             language=None if language == "auto" else language,
         )
         transcriber = SessionTranscriber(
-            options, make_vad(self.config.vad), start_sample=claim.ckpt_base, finals=claim.finals
+            options,
+            make_vad(self.config.vad),
+            start_sample=claim.ckpt_base,
+            finals=claim.finals,
+            clock=time.monotonic,  # Final.due_at, for final_seconds (`_publish`)
         )
         transcriber.committed = max(claim.ckpt_sample, claim.ckpt_base)
         last_id = _before(claim.ckpt_entry) if claim.ckpt_entry != "0-0" else b"0-0"
@@ -912,6 +920,7 @@ class Worker:
             raise RuntimeError(
                 f"final numbering out of step at result_id {out.transcript.result_id}"
             )
+        self.final_seconds.observe(time.monotonic() - out.due_at)
         if out.locked_language is not None:
             lock = s.transcriber.language_lock
             log.info(
@@ -1015,6 +1024,17 @@ class Worker:
             **(self._decode_stats() if self.scheduler else {}),
             "pid": os.getpid(),
         }
+
+    def histograms(self) -> dict[str, Histogram]:
+        """The latency histograms `/metrics` shows besides `stats` (docs/architecture.md,
+        *Worker metrics*), by name and labels."""
+        out = {"final_seconds": self.final_seconds}
+        if self.scheduler is not None:
+            timings = self.scheduler.timings
+            for kind, histogram in timings.engine_call.items():
+                out[f'engine_call_seconds{{kind="{kind}"}}'] = histogram
+            out["final_queue_wait_seconds"] = timings.final_queue_wait
+        return out
 
     def _decode_stats(self) -> dict[str, Any]:
         """Decode counts since start and the engine's recent busy fraction (heartbeat)."""

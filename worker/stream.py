@@ -13,6 +13,11 @@ interim still outstanding when a final falls due is in the final's way
 not started, left to finish if it has) and the final is asked for at once. `complete()`
 turns a decode into transcripts with session-relative times.
 
+Each final carries when it fell due (`Final.due_at`): a reading of the injected `clock`
+(the worker's `time.monotonic`; none by default) taken as the utterance's end is decided
+in `push_audio`, `finalize` or `close`, so the worker can time the final from there to
+its publication (`final_seconds` on its /metrics). Nothing here reads the time itself.
+
 Early finals. Waiting for `min_silence_s` of silence before decoding puts that wait and
 the decode one after the other in every final's lag. So once the open utterance has been
 silent for `early_final_s`, its final is requested at once, on the audio up to then: the
@@ -115,18 +120,36 @@ class Final:
     early: bool = False  # decoded before the utterance's end was confirmed
     # The language this final's detection fixed the session on (see LanguageLock), once.
     locked_language: str | None = None
+    # The transcriber's clock when the utterance's end was decided (silence, finalize, end
+    # of stream, or a cut at max_utterance_s): its final fell due. However often or early
+    # the final was decoded (an early final, a pack's retry), it is timed from here.
+    due_at: float = 0.0
 
 
 Output = Interim | Final
 VadFn = Callable[[Audio], "np.ndarray"]
+Clock = Callable[[], float]
+
+
+def no_clock() -> float:
+    """The default clock: every final's `due_at` is 0 (tests and benchmarks that do not
+    time finals)."""
+    return 0.0
 
 
 class SessionTranscriber:
     def __init__(
-        self, options: StreamOptions, vad: VadFn, *, start_sample: int = 0, finals: int = 0
+        self,
+        options: StreamOptions,
+        vad: VadFn,
+        *,
+        start_sample: int = 0,
+        finals: int = 0,
+        clock: Clock = no_clock,
     ) -> None:
         self.opt = options
         self._vad = vad
+        self._clock = clock  # read once per ended utterance, for `Final.due_at`
         self._neg_threshold = max(options.vad_threshold - 0.15, 0.01)
         self._min_silence = int(options.min_silence_s * SAMPLE_RATE)
         self._pad = int(options.speech_pad_s * SAMPLE_RATE)
@@ -150,7 +173,8 @@ class SessionTranscriber:
         self._utt_probs: deque[tuple[int, float]] = deque()
         self._last_interim_end = 0
         self._shown_end = 0  # end sample of the last interim of this session sent out
-        self._pending: deque[tuple[int, int]] = deque()  # ended utterances to finalize
+        # Ended utterances to finalize: (start, end, clock reading when the end was decided).
+        self._pending: deque[tuple[int, int, float]] = deque()
         self._outstanding: DecodeRequest | None = None
         # An interim still decoding that a final went past (`set_interim_aside`).
         self._set_aside: DecodeRequest | None = None
@@ -265,9 +289,9 @@ class SessionTranscriber:
                 and (self._outstanding is None or self._outstanding.kind == "interim")
                 and _same_final(early[0], start, end, self.finals, self._prompt)
             ):
-                self._ready.append(self._finish(*early))
+                self._ready.append(self._finish(*early, due_at=self._clock()))
             else:
-                self._pending.append((start, end))
+                self._pending.append((start, end, self._clock()))
         elif not self._pending and self._outstanding is None:
             self.committed = max(self.committed, end)  # a blip: nothing to wait for
         if keep_open:
@@ -285,7 +309,7 @@ class SessionTranscriber:
         if self._outstanding is not None:
             return None
         if self._pending:
-            start, end = self._pending[0]
+            start, end, _ = self._pending[0]
             req = self._request("final", start, end)
         elif self._early_due():
             assert self._utt_start is not None
@@ -382,14 +406,14 @@ class SessionTranscriber:
         self._outstanding = None
         if req.early and not (
             self._pending
-            and self._pending[0] == (req.start, req.end)
+            and self._pending[0][:2] == (req.start, req.end)
             and _same_final(req, req.start, req.end, self.finals, self._prompt)
         ):
             return self._early_result(req, segments)
         if req.kind == "interim":
             return self._interim(req, segments)
-        self._pending.popleft()
-        return [self._finish(req, segments)]
+        _, _, due_at = self._pending.popleft()
+        return [self._finish(req, segments, due_at)]
 
     def _early_result(self, req: DecodeRequest, segments: list[Segment]) -> list[Output]:
         """An early final decoded before its utterance ended: kept in case it ends right
@@ -409,13 +433,14 @@ class SessionTranscriber:
         self._shown_end = max(self._shown_end, req.end)
         return [Interim(_transcript(req.result_id, False, offset, req, segments, text))]
 
-    def _finish(self, req: DecodeRequest, segments: list[Segment]) -> Final:
-        """The final of the utterance `req` covers (already taken off `_pending`)."""
+    def _finish(self, req: DecodeRequest, segments: list[Segment], due_at: float) -> Final:
+        """The final of the utterance `req` covers (already taken off `_pending`), which
+        fell due at `due_at`."""
         self.committed = max(self.committed, req.end)
         self._trim()
         text = " ".join(s.text for s in segments).strip()
         if not text:
-            return Final(None, self.committed, req.early)
+            return Final(None, self.committed, req.early, due_at=due_at)
         transcript = _transcript(self.finals, True, req.start / SAMPLE_RATE, req, segments, text)
         self.finals += 1
         self._prompt = prompt_of(text, self.opt.prompt_chars)
@@ -426,7 +451,7 @@ class SessionTranscriber:
             )
             if locked is not None:
                 self.language = locked
-        return Final(transcript, self.committed, req.early, locked)
+        return Final(transcript, self.committed, req.early, locked, due_at)
 
     def _early_due(self) -> bool:
         """Whether the open utterance's pause is long enough to decode its final early."""

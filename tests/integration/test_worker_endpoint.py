@@ -1,6 +1,6 @@
 """The worker's HTTP endpoint (`worker_metrics`, worker/endpoint.py) on real loopback TCP:
-/metrics shows the heartbeat's figures in Prometheus text, /healthz answers without
-Redis, and anything else gets a clear status."""
+/metrics shows the heartbeat's figures and the latency histograms in Prometheus text,
+/healthz answers without Redis, and anything else gets a clear status."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared import keys
 from shared.cli import worker_metrics_of
 from shared.config import Config, host_port
 from shared.errors import ConfigError
+from shared.metrics import Histogram
 from tests.conftest import ServiceFactory, make_config
 from tests.helpers import fixture, stream_session
 from tests.integration.test_takeover import until
@@ -22,7 +24,10 @@ from worker.endpoint import COUNTERS, MAX_CLIENTS, MAX_HEAD_BYTES, Endpoint, ren
 from worker.engine import NullEngine
 from worker.service import Worker
 
-LAYOUT = Path(__file__).resolve().parents[2] / "docs" / "redis-layout.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+LAYOUT = DOCS / "redis-layout.md"
+ARCHITECTURE = DOCS / "architecture.md"
+HISTOGRAM_SAMPLES = ("_bucket", "_sum", "_count")
 
 LABEL = r'[a-z_]+="(?:[^"\\]|\\.)*"'
 SAMPLE = re.compile(rf"^(streamscribe_worker_[a-z_]+)(\{{{LABEL}(?:,{LABEL})*\}})? (\S+)$")
@@ -51,26 +56,74 @@ def heartbeat_fields() -> set[str]:
     return set(re.findall(r"`([a-z_]+)`", section))
 
 
+def documented_histograms() -> set[str]:
+    """The histograms docs/architecture.md's *Worker metrics* section has a row for."""
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("### Worker metrics") :]
+    section = section[: section.index("\n## ")]
+    rows = re.findall(r"^\| `([a-z_]+)(?:\{[^`]*\})?` \| histogram \|", section, re.MULTILINE)
+    return set(rows)
+
+
 def get(path: str, method: str = "GET") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: w\r\n\r\n".encode()
 
 
+def types(text: str) -> dict[str, str]:
+    """Each metric's type, from its `# TYPE` line."""
+    return {
+        name: kind for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.MULTILINE)
+    }
+
+
 def samples(text: str) -> dict[str, float]:
     """Every sample of a Prometheus text body by name (and labels); each line must parse,
-    and each metric has one `# TYPE` line, before its samples."""
+    and each metric has one `# TYPE` line, before its samples (a histogram's are its
+    `_bucket`, `_sum` and `_count`)."""
     out: dict[str, float] = {}
-    typed: list[str] = []
+    typed: list[tuple[str, str]] = []
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge") and name not in typed, line
-            typed.append(name)
+            assert kind in ("counter", "gauge", "histogram"), line
+            assert name not in (n for n, _ in typed), f"a second # TYPE: {line!r}"
+            typed.append((name, kind))
             continue
         match = SAMPLE.match(line)
         assert match, f"not a Prometheus sample: {line!r}"
-        assert typed and match.group(1) == typed[-1], f"no # TYPE just before {line!r}"
+        assert typed, f"no # TYPE before {line!r}"
+        name, kind = typed[-1]
+        names = [name + s for s in HISTOGRAM_SAMPLES] if kind == "histogram" else [name]
+        assert match.group(1) in names, f"not a sample of {name} ({kind}): {line!r}"
         out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
     return out
+
+
+def check_histograms(text: str) -> None:
+    """What Prometheus needs of each histogram series, beyond its lines parsing (the text
+    parser of prometheus_client is lax): buckets rise with `le` and end at `+Inf`, whose
+    count is `_count`; and every family has a type (a sample that strayed from its
+    family would come back as an untyped one) and comes once."""
+    families = list(text_string_to_metric_families(text))
+    assert all(f.type != "unknown" and f.type != "untyped" for f in families), families
+    assert len({f.name for f in families}) == len(families)
+    for family in families:
+        if family.type != "histogram":
+            continue
+        series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+        counts: dict[tuple[tuple[str, str], ...], float] = {}
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            if s.name.endswith("_bucket"):
+                series.setdefault(labels, []).append((float(s.labels["le"]), s.value))
+            elif s.name.endswith("_count"):
+                counts[labels] = s.value
+        assert series and series.keys() == counts.keys(), family
+        for labels, buckets in series.items():
+            bounds = [le for le, _ in buckets]
+            values = [v for _, v in buckets]
+            assert bounds == sorted(bounds) and bounds[-1] == float("inf"), (labels, bounds)
+            assert values == sorted(values) and values[-1] == counts[labels], (labels, values)
 
 
 async def test_metrics_show_the_heartbeat_after_a_session(
@@ -89,6 +142,7 @@ async def test_metrics_show_the_heartbeat_after_a_session(
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert int(headers["Content-Length"]) == len(body.encode())
+    check_histograms(body)
     figures = samples(body)
     finals = len(out.finals)
     assert finals >= 1
@@ -102,8 +156,16 @@ async def test_metrics_show_the_heartbeat_after_a_session(
     info = f'streamscribe_worker_info{{worker_id="{worker.worker_id}",model="{model}"}}'
     assert figures[info] == 1
     documented = heartbeat_fields()
+    histograms = {
+        name.removeprefix("streamscribe_worker_")
+        for name, kind in types(body).items()
+        if kind == "histogram"
+    }
+    assert histograms and histograms <= documented_histograms(), "not in architecture.md"
     for name in figures:
         field = name.split("{", 1)[0].removeprefix("streamscribe_worker_")
+        if any(field.removesuffix(s) in histograms for s in HISTOGRAM_SAMPLES):
+            continue  # not a heartbeat field: checked against architecture.md above
         if field not in ("info", "claiming"):
             assert field.removesuffix("_total") in documented, f"{field} not in redis-layout.md"
     await worker._heartbeat_once()
@@ -181,6 +243,63 @@ async def test_a_port_in_use_stops_the_worker_before_it_claims_anything(
         taken.close()
         await taken.wait_closed()
         await worker.redis.aclose()
+
+
+async def test_histograms_count_the_sessions_finals_and_decodes(
+    service_factory: ServiceFactory,
+) -> None:
+    """After one session, /metrics' histograms agree with the counters and with what the
+    client got: one `final_seconds` per final it received (a decode without words
+    publishes nothing), one queue wait per final decode, and one engine call per decode
+    of each kind. One session asks for one decode at a time, so no call holds two of its
+    requests (checked: no packs, no batches); with several sessions a pack or a batch
+    is one call for several decodes (tests/unit/test_packing.py, test_batching.py)."""
+    svc = await service_factory(worker_metrics="127.0.0.1:0")
+    worker = svc.worker
+    assert worker is not None and worker.endpoint is not None
+    port = worker.endpoint.port
+    _, _, before = await request(port, get("/metrics"))
+    empty = samples(before)
+    assert empty["streamscribe_worker_final_seconds_count"] == 0
+    assert empty['streamscribe_worker_final_seconds_bucket{le="+Inf"}'] == 0
+    out = await asyncio.wait_for(stream_session(svc.url, fixture("s1.wav")), 120)
+    assert out.code == 1000, (out.code, out.reason)
+    _, _, body = await request(port, get("/metrics"))
+    check_histograms(body)
+    assert types(body)["streamscribe_worker_engine_call_seconds"] == "histogram"
+    assert body.count("# TYPE streamscribe_worker_engine_call_seconds ") == 1
+    m = {name.removeprefix("streamscribe_worker_"): v for name, v in samples(body).items()}
+    finals = len(out.finals)
+    assert finals >= 1
+    assert m["final_seconds_count"] == finals
+    assert m['final_seconds_bucket{le="+Inf"}'] == finals
+    assert m["final_seconds_sum"] > 0
+    assert m["packs_total"] == 0 and m["batches_total"] == 0
+    assert m["final_queue_wait_seconds_count"] == m["decodes_final_total"] >= finals
+    for kind in ("final", "interim"):
+        calls = m[f'engine_call_seconds_count{{kind="{kind}"}}']
+        assert calls == m[f"decodes_{kind}_total"], kind
+        assert m[f'engine_call_seconds_bucket{{kind="{kind}",le="+Inf"}}'] == calls
+
+
+def test_render_shows_histograms_with_their_labels() -> None:
+    """`render` puts each histogram after the heartbeat's figures, labels and all."""
+    call = Histogram((0.1, 1.0))
+    call.observe(0.1)
+    text = render(
+        "w-1",
+        {"model": "null", "claiming": "open", "slots": 2},
+        {'engine_call_seconds{kind="final"}': call, "final_seconds": Histogram((1.0,))},
+    )
+    check_histograms(text)
+    figures = samples(text)
+    assert figures['streamscribe_worker_engine_call_seconds_bucket{kind="final",le="0.1"}'] == 1
+    assert figures['streamscribe_worker_engine_call_seconds_bucket{kind="final",le="1"}'] == 1
+    assert figures['streamscribe_worker_engine_call_seconds_sum{kind="final"}'] == 0.1
+    assert figures['streamscribe_worker_final_seconds_bucket{le="+Inf"}'] == 0
+    assert figures["streamscribe_worker_final_seconds_count"] == 0
+    assert figures["streamscribe_worker_slots"] == 2
+    assert types(text)["streamscribe_worker_final_seconds"] == "histogram"
 
 
 def test_render_types_and_skips() -> None:

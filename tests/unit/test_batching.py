@@ -117,6 +117,10 @@ async def test_finals_waiting_together_go_in_one_batch_each_with_its_own_result(
         assert engine.calls == [("L0.1",), ("L0.2", "L0.3", "L0.4")]
         c = sched.counters
         assert (c.final, c.batches, c.batched, c.packs) == (4, 1, 3, 0)
+        # /metrics: a batched call is timed once; each final in it waited on its own.
+        t = sched.timings
+        assert t.engine_call["final"].count == 2 == c.final + c.batches - c.batched
+        assert t.final_queue_wait.count == 4
     finally:
         await sched.close()
 

@@ -24,6 +24,7 @@ def connection(pending: int) -> Connection:
     conn.ctx = cast(Any, SimpleNamespace(metrics=Metrics("test")))
     conn.loop = asyncio.get_running_loop()
     conn._limit = None
+    conn.usage_key = None  # no API keys: nothing metered
     conn._direct_error = None
     conn._reader_busy = False
     conn._writer_wake = None  # the writer task is busy: frames wait in `pending`

@@ -82,6 +82,34 @@ def test_early_final_still_decoding_when_the_utterance_ends_is_the_final() -> No
     assert t.next_request() is None
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_early_final_is_due_when_its_utterance_ended_not_when_it_was_asked_for() -> None:
+    """The worker times finals from `due_at` (final_seconds): an early final counts from
+    the feed that ended its utterance, whether its decode was done by then (`take_ready`)
+    or still running (`complete`), not from the earlier moment its decode was asked for."""
+    for decoded_first in (True, False):
+        clock = Clock()
+        options = StreamOptions(interim_interval_s=100.0)
+        t = SessionTranscriber(options, fake_vad, clock=clock)
+        clock.now = 1.0
+        req = early_request(t)
+        if decoded_first:
+            t.complete(req, said("hello"))
+        clock.now = 2.0
+        t.push_audio(silence(9))  # the 16th silent window ends the utterance
+        clock.now = 3.0
+        out = t.take_ready() if decoded_first else t.complete(req, said("hello"))
+        assert len(out) == 1 and isinstance(out[0], Final) and out[0].early
+        assert out[0].due_at == 2.0, decoded_first
+
+
 def test_speech_resuming_turns_the_early_final_into_an_interim() -> None:
     """Speech after the pause: the early decode is an interim, and the utterance's final,
     decoded when it really ends, covers all of it."""

@@ -362,6 +362,29 @@ async def test_an_unattributable_slot_is_decoded_alone_before_anything_else() ->
         await sched.close()
 
 
+async def test_a_pack_and_its_retries_are_timed_as_calls_and_each_final_waits_once() -> None:
+    """The histograms behind /metrics: the first final alone, the pack and the two
+    slots decoded again alone are four engine calls for finals; each of the four finals
+    has one queue wait (a retry is not counted twice), as many as `decodes_final`; and
+    calls = finals + packs - packed finals, the identity /metrics readers can rely on."""
+    engine = LevelEngine()
+    sched = sched_with(engine, PackPolicy(max_items=8, window_s=28.0, guard_s=1.0))
+    engine.ghost_after = 1.5  # in the guard between the first two packed slots
+    try:
+        first, waiting = await hold_then_queue(
+            engine, sched, [final(level) for level in (0.2, 0.3, 0.4)]
+        )
+        engine.gate.release(4)
+        await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
+        c, t = sched.counters, sched.timings
+        assert (c.final, c.packs, c.packed_finals, c.pack_retries) == (4, 1, 1, 2)
+        assert t.engine_call["final"].count == 4 == c.final + c.packs - c.packed_finals
+        assert t.final_queue_wait.count == 4 == c.final
+        assert t.engine_call["interim"].count == 0
+    finally:
+        await sched.close()
+
+
 async def test_a_pack_respects_the_window_and_the_language() -> None:
     engine = LevelEngine()
     sched = sched_with(engine, PackPolicy(max_items=8, window_s=10.0, guard_s=1.0))

@@ -357,6 +357,59 @@ def test_resumed_transcriber_continues_ids_and_positions() -> None:
     assert out.transcript.start == pytest.approx(10.0 + 0.12 + 0.2)
 
 
+# --- when a final fell due (Final.due_at, the worker's final_seconds) --------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_final_is_timed_from_the_feed_that_ended_its_utterance() -> None:
+    """`due_at` is the clock when the VAD ended the utterance, not when its final was
+    asked for or decoded; a final asked for again (its decode abandoned) keeps it; and
+    without a clock every final is due at 0."""
+    clock = Clock()
+    t = SessionTranscriber(NO_INTERIMS, fake_vad, clock=clock)
+    clock.now = 10.0
+    push(t, silence(10), speech(20), silence(10))  # open: 10 silent windows of 16
+    clock.now = 20.0
+    push(t, silence(10), speech(20), silence(20))  # ends the first, then the second
+    clock.now = 30.0
+    first = t.next_request()
+    assert first is not None
+    clock.now = 40.0
+    (out,) = t.complete(first, said("one"))
+    assert isinstance(out, Final) and out.due_at == 20.0
+    second = t.next_request()
+    assert second is not None
+    t.abandon_request(second)
+    clock.now = 50.0
+    again = t.next_request()
+    assert again is not None
+    (out,) = t.complete(again, said("two"))
+    assert isinstance(out, Final) and out.due_at == 20.0
+    untimed = transcriber()
+    push(untimed, silence(10), speech(20), silence(20))
+    assert [out.due_at for _, out in decode_all(untimed)] == [0.0]
+
+
+def test_each_piece_of_a_cut_utterance_is_due_when_it_was_cut() -> None:
+    clock = Clock()
+    opts = StreamOptions(early_final_s=0.0, interim_results=False, max_utterance_s=3.0)
+    t = SessionTranscriber(opts, fake_vad, clock=clock)
+    clock.now = 1.0
+    push(t, silence(10), speech(100))  # 3.2 s of speech: cut once
+    clock.now = 2.0
+    push(t, speech(100), silence(20))  # cut again, then ended by the silence
+    clock.now = 3.0
+    finals = [out for _, out in decode_all(t) if isinstance(out, Final)]
+    assert [f.due_at for f in finals] == [1.0, 2.0, 2.0]
+
+
 # --- finalize and close ------------------------------------------------------------------
 
 
