@@ -25,6 +25,8 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from shared.metrics import ROUND_TRIP_BOUNDS_S, Histogram
+
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
@@ -62,6 +64,8 @@ class GroupCommit(Generic[Req, Res]):
         #: Batches sent and calls carried, for metrics and tests.
         self.pipelines = 0
         self.calls = 0
+        #: Each answered batch's round trip (`send_many`), seconds, for `/metrics`.
+        self.round_trip = Histogram(ROUND_TRIP_BOUNDS_S)
 
     def start(self) -> None:
         if self._task is None:
@@ -141,11 +145,14 @@ class GroupCommit(Generic[Req, Res]):
         live = [call for call in batch if not call[1].done()]
         if not live:
             return
+        assert self._loop is not None
+        started = self._loop.time()
         try:
             results = await self._send_many([request for request, _ in live])
         except Exception as exc:  # connection errors and the like: nothing is known
             self._fail_all(live, exc)
             return
+        self.round_trip.observe(self._loop.time() - started)
         self.pipelines += 1
         self.calls += len(live)
         for (_, fut), result in zip(live, results, strict=True):

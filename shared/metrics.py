@@ -11,6 +11,11 @@ from collections.abc import Iterable, Sequence
 #: Upper bounds (seconds) for latencies from ~10 ms (a null engine's decode) to 10 s (a
 #: long utterance on a slow CPU); slower ones still count in `+Inf`, `_sum` and `_count`.
 LATENCY_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: Upper bounds (seconds) for Redis round trips: a pipeline on loopback takes a fraction of
+#: a millisecond, one stuck behind a slow command or a failover seconds.
+ROUND_TRIP_BOUNDS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
 
 
 class Histogram:

@@ -1028,7 +1028,10 @@ class Worker:
     def histograms(self) -> dict[str, Histogram]:
         """The latency histograms `/metrics` shows besides `stats` (docs/architecture.md,
         *Worker metrics*), by name and labels."""
-        out = {"final_seconds": self.final_seconds}
+        out = {
+            "final_seconds": self.final_seconds,
+            "publish_pipeline_seconds": self.publisher.round_trip,
+        }
         if self.scheduler is not None:
             timings = self.scheduler.timings
             for kind, histogram in timings.engine_call.items():

@@ -276,6 +276,8 @@ async def test_histograms_count_the_sessions_finals_and_decodes(
     assert m["final_seconds_sum"] > 0
     assert m["packs_total"] == 0 and m["batches_total"] == 0
     assert m["final_queue_wait_seconds_count"] == m["decodes_final_total"] >= finals
+    # One per answered pipeline of publishes (finals and interims, several per pipeline).
+    assert m["publish_pipeline_seconds_count"] == worker.publisher.pipelines >= 1
     for kind in ("final", "interim"):
         calls = m[f'engine_call_seconds_count{{kind="{kind}"}}']
         assert calls == m[f"decodes_{kind}_total"], kind

@@ -152,6 +152,9 @@ async def test_a_connection_error_reaches_every_caller_and_a_retry_stores() -> N
     )
     assert [r.next_seq for r in again] == [1, 1]
     assert store.next_seq == {"a": 1, "b": 1}
+    # Only the answered pipeline's round trip is in the histogram (`/metrics`).
+    assert len(store.pipelines) == 2
+    assert batcher.pipelines == batcher.round_trip.count == 1
     await batcher.close()
 
 
