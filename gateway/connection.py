@@ -473,7 +473,7 @@ class Connection:
         the key's fleet total made fresh first)."""
         usage = self.ctx.usage
         assert usage is not None
-        await self.ctx.sync_usage(only=key)
+        await self._with_retries(lambda: self.ctx.sync_usage(only=key))  # idempotent
         if usage.spent(key):
             self.ctx.metrics.inc("audio_over_budget_total")
             raise RateLimited(self._over_budget(usage))
