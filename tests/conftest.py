@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ class Service:
         return self.gateway.url
 
 
-ServiceFactory = Callable[..., Any]
+ServiceFactory = Callable[..., Awaitable[Service]]
 
 
 @pytest.fixture

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from shared import envelope, keys
-from shared.envelope import AudioChunk, Control
+from shared.envelope import AudioChunk, Control, Envelope
 from shared.keys import SessionId
 from shared.wavfile import WavAudio, read_wav
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, Service
 
 
 @dataclass
@@ -68,6 +69,34 @@ async def started(ws: ClientConnection) -> dict[str, Any]:
     msg = json.loads(await ws.recv())
     assert msg["type"] == "session.started", msg
     return dict(msg)
+
+
+# redis-py types a command for its sync and its asyncio client at once (`Awaitable[T] | T`),
+# and its hash reads as if responses were decoded (`str`). The tests' clients are asyncio
+# ones that return bytes: these name that type, as shared/store.py does with `cast`.
+
+
+def hget(redis: aioredis.Redis, name: str, key: str) -> Awaitable[bytes | None]:
+    """`redis.hget(name, key)`, typed as the tests' clients return it."""
+    return cast(Awaitable[bytes | None], redis.hget(name, key))
+
+
+def hgetall(redis: aioredis.Redis, name: str) -> Awaitable[dict[bytes, bytes]]:
+    """`redis.hgetall(name)`, typed as the tests' clients return it."""
+    return cast(Awaitable[dict[bytes, bytes]], redis.hgetall(name))
+
+
+def audio_chunk(item: Envelope) -> AudioChunk:
+    """`item`, where the test expects audio (not a control mark or another envelope)."""
+    assert isinstance(item, AudioChunk), item
+    return item
+
+
+def gateway_connections(svc: Service) -> set[ServerConnection]:
+    """The open WebSocket connections of a started gateway."""
+    server = svc.gateway._server
+    assert server is not None, "the gateway has not started"
+    return server.connections
 
 
 def fixture(name: str) -> WavAudio:

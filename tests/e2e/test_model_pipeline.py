@@ -22,7 +22,7 @@ from shared.protocol import SessionParams
 from shared.scoring import wer
 from shared.wavfile import read_wav
 from tests.conftest import FIXTURES, ServiceFactory
-from tests.helpers import reference
+from tests.helpers import hget, reference
 from worker.audio import AudioConverter
 from worker.engine import WhisperEngine
 from worker.language import TOP_LANGUAGES
@@ -245,7 +245,7 @@ async def test_multilingual_base_serves_german_and_english_sessions_at_once(
         stream(svc.url, "s2.wav", realtime=True, language="auto", ids=ids["auto"]),
     )
     locked = {
-        name: await redis.hget(keys.meta(SessionId(sid)), "language_locked")
+        name: await hget(redis, keys.meta(SessionId(sid)), "language_locked")
         for name, [sid] in ids.items()
     }
     assert locked == {"de": None, "en": None, "auto": b"en"}
@@ -326,6 +326,7 @@ async def test_an_auto_session_whose_detections_disagree_is_not_fixed_on_a_langu
     finals, closed = await stream(
         svc.url, "de1.wav", realtime=False, language="auto", ids=ids, repeat=3
     )
-    assert closed.audio_seconds > svc.worker.config.language_lock_s  # type: ignore[union-attr]
+    assert svc.worker is not None
+    assert closed.audio_seconds > svc.worker.config.language_lock_s
     assert len(finals) >= 4, finals
-    assert await redis.hget(keys.meta(SessionId(ids[0])), "language_locked") is None
+    assert await hget(redis, keys.meta(SessionId(ids[0])), "language_locked") is None

@@ -40,7 +40,7 @@ def _words(text: str) -> set[str]:
 def sentences(name: str) -> list[tuple[Audio, str]]:
     """The clip's two sentences: cut at the longest quiet stretch in its middle."""
     audio = read_wav(FIXTURES / f"{name}.wav")
-    samples = np.frombuffer(audio.data, np.int16).astype(np.float32) / 32768
+    samples = np.frombuffer(audio.data, np.int16).astype(np.float32) / np.float32(32768)
     hop = SAMPLE_RATE // 50
     energy = np.array(
         [np.abs(samples[i : i + hop]).max() for i in range(0, len(samples) - hop, hop)]

@@ -4,8 +4,10 @@ queue limits, priority lanes served strictly first, priority allowed per API key
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
@@ -13,7 +15,7 @@ from websockets.asyncio.client import ClientConnection
 from shared import keys
 from shared.keys import SessionId
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, fixture, open_ws, started
+from tests.helpers import drain, fixture, hget, open_ws, started
 from tests.integration.test_takeover import until
 
 
@@ -26,7 +28,7 @@ async def next_of(ws: ClientConnection, kind: str) -> dict[str, Any]:
 
 
 async def epoch(redis: aioredis.Redis, sid: str) -> int:
-    return int(await redis.hget(keys.meta(SessionId(sid)), "epoch") or 0)
+    return int(await hget(redis, keys.meta(SessionId(sid)), "epoch") or 0)
 
 
 async def finish(ws: ClientConnection) -> Any:
@@ -65,9 +67,10 @@ async def test_waiting_sessions_get_their_positions_and_are_admitted_in_order(
     assert out_b.code == 1000 and not out_b.of_type("queued")
     out_c = await finish(ws_c)
     assert out_c.code == 1000
-    assert int(await redis.hget(keys.meta(SessionId(sid_c)), "claimed_ms")) >= int(
-        await redis.hget(keys.meta(SessionId(sid_b)), "claimed_ms")
-    )
+    claimed_c = await hget(redis, keys.meta(SessionId(sid_c)), "claimed_ms")
+    claimed_b = await hget(redis, keys.meta(SessionId(sid_b)), "claimed_ms")
+    assert claimed_c is not None and claimed_b is not None
+    assert int(claimed_c) >= int(claimed_b)
 
 
 async def test_queue_length_limit_refuses_with_1013(
@@ -179,7 +182,7 @@ async def test_session_a_free_worker_takes_at_once_is_never_told_it_is_queued(
         sockets = [await open_ws(svc.url) for _ in range(8)]
         sids = [(await started(ws))["session_id"] for ws in sockets]
         for sid in sids:
-            await until(lambda sid=sid: epoch(redis, sid), "the session to be claimed")
+            await until(functools.partial(epoch, redis, sid), "the session to be claimed")
         for ws in sockets:
             out = await finish(ws)
             assert out.code == 1000
@@ -198,8 +201,12 @@ async def test_resuming_does_not_restart_the_queue_wait(
     sid = first["session_id"]
     await ws.close()
     # As if the session had joined the queue two minutes ago.
-    created = int(await redis.hget(keys.meta(SessionId(sid)), "created_ms"))
-    await redis.hset(keys.meta(SessionId(sid)), "created_ms", created - 120_000)
+    created = await hget(redis, keys.meta(SessionId(sid)), "created_ms")
+    assert created is not None
+    await cast(
+        Awaitable[int],
+        redis.hset(keys.meta(SessionId(sid)), "created_ms", str(int(created) - 120_000)),
+    )
     ws2 = await open_ws(svc.url, f"session_id={sid}")
     resume = {"session_id": sid, "resume_token": first["resume_token"], "last_result_id": -1}
     await ws2.send(json.dumps({"type": "resume", **resume}))

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from shared import keys
 from shared.keys import WorkerId
 from tests.conftest import ServiceFactory
-from tests.helpers import open_ws, started
+from tests.helpers import hgetall, open_ws, started
 from tests.integration.test_admission import epoch, finish, next_of, occupy
 
 
@@ -31,7 +31,7 @@ async def test_auto_slots_are_measured_advertised_and_honoured(
     assert worker is not None and worker.slots == 3
     assert worker.calibration is not None and worker.calibration.rate > 0
     assert worker.calibration.words > 0  # the null engine "hears" a word a second
-    info = await redis.hgetall(keys.worker_info(WorkerId(worker.worker_id)))
+    info = await hgetall(redis, keys.worker_info(WorkerId(worker.worker_id)))
     assert int(info[b"slots"]) == 3
     assert float(info[b"slots_auto_rate"]) > 0
     assert any("-> 3 slots" in r.getMessage() for r in caplog.records)
@@ -56,5 +56,5 @@ async def test_fixed_slots_skip_the_measurement(
     svc = await service_factory(slots=2)
     assert svc.worker is not None and svc.worker.slots == 2
     assert svc.worker.calibration is None
-    info = await redis.hgetall(keys.worker_info(WorkerId(svc.worker.worker_id)))
+    info = await hgetall(redis, keys.worker_info(WorkerId(svc.worker.worker_id)))
     assert int(info[b"slots"]) == 2 and info[b"slots_auto_rate"] == b""

@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection
 from shared import keys
 from shared.keys import WorkerId
 from tests.conftest import Service, ServiceFactory
-from tests.helpers import fixture, open_ws, started
+from tests.helpers import fixture, hgetall, open_ws, started
 from tests.integration.test_admission import epoch, finish, next_of, occupy
 from tests.integration.test_takeover import until
 from worker.engine import Audio, NullEngine, Segment
@@ -89,7 +89,7 @@ async def test_no_new_session_while_finals_wait_then_claimed_after_catching_up(
         await until(gate_closed, "the worker to stop taking sessions")
         assert worker.scheduler.final_wait_s() > 0.3
         await worker._heartbeat_once()
-        info = await redis.hgetall(keys.worker_info(WorkerId(worker.worker_id)))
+        info = await hgetall(redis, keys.worker_info(WorkerId(worker.worker_id)))
         assert info[b"claiming"] == b"closed" and float(info[b"final_wait_s"]) > 0.3
         assert len(worker.owned) == 2 < worker.slots  # free slots, yet:
 
@@ -140,7 +140,7 @@ async def test_near_capacity_new_sessions_come_one_per_probe_interval(
         assert (await next_of(ws_c, "queued"))["position"] == 1
         assert await epoch(redis, sid_c) == 0
         await worker._heartbeat_once()
-        info = await redis.hgetall(keys.worker_info(WorkerId(worker.worker_id)))
+        info = await hgetall(redis, keys.worker_info(WorkerId(worker.worker_id)))
         assert info[b"claiming"] == b"probing" and float(info[b"engine_busy_finals"]) > 0
         assert float(info[b"claim_spacing_s"]) >= 3600
     finally:

@@ -11,10 +11,12 @@ import itertools
 import json
 import ssl
 import weakref
+from collections.abc import Iterable
 
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
 from websockets.frames import Close, CloseCode, Frame, Opcode
 
 from gateway.wsconn import (
@@ -24,7 +26,15 @@ from gateway.wsconn import (
     thread_scratch,
 )
 from tests.conftest import ServiceFactory
-from tests.helpers import await_ack, drain, indexed_frame, open_ws, started, stored_order
+from tests.helpers import (
+    await_ack,
+    drain,
+    gateway_connections,
+    indexed_frame,
+    open_ws,
+    started,
+    stored_order,
+)
 
 pcm = indexed_frame
 
@@ -73,7 +83,7 @@ async def test_frames_split_anyhow_are_stored_in_order(
     svc = await service_factory(with_worker=False)
     ws = await open_ws(svc.url)
     sid = (await started(ws))["session_id"]
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     assert isinstance(conn, GatewayServerConnection)
     wire = Wire(ws, conn)
     sent: list[object] = []
@@ -129,7 +139,7 @@ async def test_frame_over_the_limit_arriving_in_pieces_closes_1009(
     svc = await service_factory(max_frame_bytes=4000)
     ws = await open_ws(svc.url)
     await started(ws)
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     assert isinstance(conn, GatewayServerConnection)
     wire = Wire(ws, conn)
     await wire.write(raw(Opcode.BINARY, b"\x00" * 4000), [2, 1, 4500])  # at the limit
@@ -166,7 +176,7 @@ async def test_the_transport_reads_into_the_connections_buffer(
     svc = await service_factory(with_worker=False, tls=tls)
     ws = await open_ws(svc.url, ssl_ctx=client_ssl if tls else None)
     sid = (await started(ws))["session_id"]
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     assert isinstance(conn, GatewayServerConnection)
     assert isinstance(conn.transport.get_protocol(), BufferedReads)
     for seq in range(20):
@@ -187,7 +197,7 @@ async def test_bytes_given_to_data_received_are_framed_the_same(
     svc = await service_factory(with_worker=False)
     ws = await open_ws(svc.url)
     sid = (await started(ws))["session_id"]
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     assert isinstance(conn, GatewayServerConnection)
     data = b"".join(raw(Opcode.BINARY, pcm(seq)) for seq in range(6))  # > READ_BUFFER_BYTES
     assert len(data) > READ_BUFFER_BYTES
@@ -209,7 +219,7 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(
     svc = await service_factory(with_worker=False, tls=tls)
     ws = await open_ws(svc.url, ssl_ctx=client_ssl if tls else None)
     await started(ws)
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     ref = weakref.ref(conn)
     freed = asyncio.Event()
     weakref.finalize(conn, freed.set)
@@ -226,13 +236,11 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(
         gc.enable()
 
 
-def connection_of(svc_connections: object, ws: ClientConnection) -> GatewayServerConnection:
+def connection_of(
+    svc_connections: Iterable[ServerConnection], ws: ClientConnection
+) -> GatewayServerConnection:
     """The gateway's side of the client connection `ws`."""
-    [conn] = [
-        c
-        for c in svc_connections  # type: ignore[attr-defined]
-        if c.remote_address == ws.local_address
-    ]
+    [conn] = [c for c in svc_connections if c.remote_address == ws.local_address]
     assert isinstance(conn, GatewayServerConnection)
     return conn
 
@@ -252,7 +260,7 @@ async def test_connections_take_turns_at_the_scratch_buffer(
     ssl_ctx = client_ssl if tls else None
     ws_a, ws_b = await open_ws(svc.url, ssl_ctx=ssl_ctx), await open_ws(svc.url, ssl_ctx=ssl_ctx)
     sid_a, sid_b = (await started(ws_a))["session_id"], (await started(ws_b))["session_id"]
-    conns = svc.gateway._server.connections
+    conns = gateway_connections(svc)
     a, b = connection_of(conns, ws_a), connection_of(conns, ws_b)
     assert a._scratch is b._scratch is thread_scratch()
     assert a._buf is None and b._buf is None  # nothing held by an idle connection
@@ -293,7 +301,7 @@ async def test_a_read_that_brings_nothing_leaves_the_scratch_to_the_next(
     svc = await service_factory(with_worker=False)
     ws_a, ws_b = await open_ws(svc.url), await open_ws(svc.url)
     sid_a, sid_b = (await started(ws_a))["session_id"], (await started(ws_b))["session_id"]
-    conns = svc.gateway._server.connections
+    conns = gateway_connections(svc)
     a, b = connection_of(conns, ws_a), connection_of(conns, ws_b)
     scratch = thread_scratch()
     assert a.get_buffer(-1) is scratch.view  # lent to A, and no update follows
@@ -321,7 +329,7 @@ async def test_no_read_goes_into_the_scratch_while_it_is_being_framed(
     ws_a, ws_b = await open_ws(svc.url), await open_ws(svc.url)
     sid_a = (await started(ws_a))["session_id"]
     await started(ws_b)
-    conns = svc.gateway._server.connections
+    conns = gateway_connections(svc)
     a, b = connection_of(conns, ws_a), connection_of(conns, ws_b)
     scratch = thread_scratch()
     hook = a.on_binary
@@ -363,7 +371,7 @@ async def test_frames_behind_a_close_frame_in_the_same_read_are_dropped_cleanly(
     svc = await service_factory(with_worker=False, tls=tls)
     ws = await open_ws(svc.url, ssl_ctx=client_ssl if tls else None)
     sid = (await started(ws))["session_id"]
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     assert isinstance(conn, GatewayServerConnection)
     into_scratch_while_framing: list[bool] = []
     inner = conn.get_buffer

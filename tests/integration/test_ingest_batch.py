@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,7 +20,7 @@ from shared.keys import SessionId
 from shared.protocol import SessionParams
 from shared.store import IngestResult, SeqGap, SessionGone, Store
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, open_ws, started
+from tests.helpers import audio_chunk, drain, hget, open_ws, started
 
 FRAME_BYTES = 3200  # 100 ms of 16 kHz s16le mono
 
@@ -33,7 +35,7 @@ def chunk(seq: int, tag: int = 0) -> AudioChunk:
 
 async def stored_seqs(redis: aioredis.Redis, session: SessionId) -> list[int]:
     entries = await redis.xrange(keys.audio(session))
-    return [envelope.decode_entry(fields).seq for _, fields in entries]  # type: ignore[union-attr]
+    return [audio_chunk(envelope.decode_entry(fields)).seq for _, fields in entries]
 
 
 async def test_ingest_many_gives_each_call_what_ingest_would(redis: aioredis.Redis) -> None:
@@ -43,7 +45,7 @@ async def test_ingest_many_gives_each_call_what_ingest_would(redis: aioredis.Red
     for n in range(4):
         await store.create_session(sid(n), SessionParams(), "tokenhash", "conn")
     await store.ingest(sid(1), [chunk(0), chunk(1)])
-    await redis.hset(keys.meta(sid(3)), "state", "closed")  # type: ignore[misc]
+    await cast(Awaitable[int], redis.hset(keys.meta(sid(3)), "state", "closed"))
     out = await store.ingest_many(
         [
             (sid(0), [chunk(0), chunk(1), chunk(2)]),
@@ -115,7 +117,7 @@ async def test_a_failure_on_one_sessions_keys_is_that_sessions_alone(
     assert out[0] == out[2] == IngestResult(next_seq=2, stored=2, audio_bytes=2 * 8)
     assert isinstance(out[1], ResponseError) and "WRONGTYPE" in str(out[1])
     assert await stored_seqs(redis, sid(0)) == await stored_seqs(redis, sid(2)) == [0, 1]
-    assert await redis.hget(keys.meta(sid(1)), "next_seq") == b"0"  # type: ignore[misc]
+    assert await hget(redis, keys.meta(sid(1)), "next_seq") == b"0"
 
 
 async def test_a_pipeline_cut_off_before_its_replies_leaves_no_stale_reply(
@@ -133,8 +135,10 @@ async def test_a_pipeline_cut_off_before_its_replies_leaves_no_stale_reply(
     admin = aioredis.Redis(
         connection_pool=aioredis.ConnectionPool(**redis.connection_pool.connection_kwargs)
     )
+    # redis-py leaves `execute_command` unannotated; a raw command's reply is the server's.
+    command = cast(Callable[..., Awaitable[object]], admin.execute_command)
     try:
-        await admin.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+        await command("CLIENT", "PAUSE", 20000, "WRITE")
         held = asyncio.create_task(store.ingest_many([(sid(0), [chunk(1)])]))
         for _ in range(500):  # until the server holds the EVALSHA (bounded)
             clients = await admin.client_list()
@@ -146,10 +150,10 @@ async def test_a_pipeline_cut_off_before_its_replies_leaves_no_stale_reply(
         held.cancel()
         with pytest.raises(asyncio.CancelledError):
             await held
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await command("CLIENT", "UNPAUSE")
         out = await store.ingest_many([(sid(1), [chunk(1), chunk(2)])])
     finally:
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await command("CLIENT", "UNPAUSE")
         await admin.aclose()
         await admin.connection_pool.disconnect()
     assert out == [IngestResult(next_seq=3, stored=2, audio_bytes=3 * 8)]
@@ -184,12 +188,9 @@ async def test_concurrent_sessions_store_their_own_audio_in_order(
     assert acked == [frames - 1] * sessions
     for i, session in enumerate(sids):
         entries = await redis.xrange(keys.audio(session))
-        items = [envelope.decode_entry(fields) for _, fields in entries]
-        assert [item.seq for item in items] == list(range(frames))  # type: ignore[union-attr]
-        assert all(
-            item.pcm == bytes([i, item.seq]) * (FRAME_BYTES // 2)  # type: ignore[union-attr]
-            for item in items
-        )
+        items = [audio_chunk(envelope.decode_entry(fields)) for _, fields in entries]
+        assert [item.seq for item in items] == list(range(frames))
+        assert all(item.pcm == bytes([i, item.seq]) * (FRAME_BYTES // 2) for item in items)
     batcher = svc.gateway.batcher
     assert batcher.calls >= sessions and 1 <= batcher.pipelines <= batcher.calls
     # Audio alone, every ack written at once: each call was made and acked from
@@ -213,9 +214,9 @@ async def test_storage_errors_reach_only_their_own_connection(
     sids = {name: SessionId((await started(ws))["session_id"]) for name, ws in sockets.items()}
     for i, ws in enumerate(sockets.values()):
         assert await _stream(ws, i, 3) == 2
-    await redis.hset(keys.meta(sids["closed"]), "state", "closed")  # type: ignore[misc]
+    await cast(Awaitable[int], redis.hset(keys.meta(sids["closed"]), "state", "closed"))
     await redis.delete(keys.meta(sids["expired"]))
-    await redis.hset(keys.meta(sids["gap"]), "next_seq", 1)  # type: ignore[misc]
+    await cast(Awaitable[int], redis.hset(keys.meta(sids["gap"]), "next_seq", "1"))
     for ws in sockets.values():
         await ws.send(bytes(FRAME_BYTES))
     outcomes = dict(

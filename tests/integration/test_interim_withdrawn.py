@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from shared import keys
 from shared.keys import WorkerId
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, open_ws, started
+from tests.helpers import drain, hgetall, open_ws, started
 from tests.integration.test_admission import epoch
 from tests.integration.test_claim_gate import HeldEngine as ClaimGateEngine
 from tests.integration.test_takeover import until
@@ -96,7 +96,7 @@ async def test_a_queued_interim_is_withdrawn_when_its_sessions_final_is_due(
         assert sched.counters.interim_withdrawn == worker.interims_set_aside == 1
         assert engine.kinds == ["final"]  # nothing but A's decode has reached the engine
         await worker._heartbeat_once()
-        info = await redis.hgetall(keys.worker_info(WorkerId(worker.worker_id)))
+        info = await hgetall(redis, keys.worker_info(WorkerId(worker.worker_id)))
         assert info[b"interims_withdrawn"] == info[b"interims_set_aside"] == b"1"
     finally:
         engine.go.set()

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from shared.cli import build_parser, main
 from shared.loadstats import LoadReport
 from shared.loadtest import Options
 from tests.conftest import FIXTURES, ServiceFactory
+from tests.helpers import hget
 
 S1, S2, S1_STEREO = (str(FIXTURES / n) for n in ("s1.wav", "s2.wav", "s1_8k_stereo.wav"))
 
@@ -171,7 +173,7 @@ async def test_language_reaches_the_gateway(service_factory: ServiceFactory) -> 
 
 
 async def test_high_share_reaches_the_gateway_per_lane(
-    service_factory: ServiceFactory, redis: Any
+    service_factory: ServiceFactory, redis: aioredis.Redis
 ) -> None:
     """--high-share 0.5 opens every second session with priority=high: the gateway stores
     that priority with each session, and the report gives each lane its own counts."""
@@ -187,7 +189,7 @@ async def test_high_share_reaches_the_gateway_per_lane(
     assert [s.priority for s in report.per_session] == ["normal", "high"] * 2
     for s in report.per_session:
         assert s.session_id is not None
-        stored = await redis.hget(keys.meta(s.session_id), "priority")
+        stored = await hget(redis, keys.meta(keys.SessionId(s.session_id)), "priority")
         assert stored is not None and stored.decode() == s.priority
     assert list(report.lanes) == ["high", "normal"]
     firsts = sum(lane.first_interim.count for lane in report.lanes.values())

@@ -8,7 +8,8 @@ here; the lock's decisions on real detections are in tests/e2e/test_model_pipeli
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -70,7 +71,7 @@ async def test_a_claimed_session_decodes_in_its_locked_language(
         ws = await open_ws(svc.url, "language=auto")
         sid = SessionId((await started(ws))["session_id"])
         if locked is not None:
-            await redis.hset(keys.meta(sid), "language_locked", locked)
+            await cast(Awaitable[int], redis.hset(keys.meta(sid), "language_locked", locked))
         for frame in frames:
             await ws.send(frame)
         await await_ack(ws, len(frames) - 1)

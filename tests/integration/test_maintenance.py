@@ -5,7 +5,8 @@ reason, a dead gateway's sessions get their resume grace, and the arq cron reall
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import msgpack
 import redis.asyncio as aioredis
@@ -17,7 +18,7 @@ from shared.keys import GatewayId, SessionId
 from shared.protocol import SessionParams
 from shared.store import Store
 from tests.conftest import ServiceFactory, make_config
-from tests.helpers import drain, fixture, open_ws, started
+from tests.helpers import drain, fixture, hget, hgetall, open_ws, started
 from tests.integration.test_takeover import until
 from worker.maintenance import Maintenance, deserialize, run_maintenance, serialize
 
@@ -93,7 +94,7 @@ async def test_failing_session_is_dead_lettered(
         "max": None,
         "consumers": [],
     }
-    meta = await redis.hgetall(keys.meta(sid))
+    meta = await hgetall(redis, keys.meta(sid))
     assert meta[b"state"] == b"closed" and meta[b"closed_reason"] == b"failed"
     assert await redis.ttl(keys.meta(sid)) > 0, "a failed session's keys expire"
     ws2 = await open_ws(svc.url, f"session_id={sid}")
@@ -120,7 +121,7 @@ async def test_sessions_under_the_limit_are_left_alone(redis: aioredis.Redis) ->
     reply = await redis.xreadgroup(keys.DISPATCH_GROUP, "w1", {keys.DISPATCH: ">"}, count=1)
     await redis.xclaim(keys.DISPATCH, keys.DISPATCH_GROUP, "w2", 0, [reply[0][1][0][0]])
     assert await Fleet(redis).dead_letter_failing(max_attempts=2, ttl_s=60) == []
-    assert (await redis.hget(keys.meta(sid_n(1)), "state")) == b"open"
+    assert (await hget(redis, keys.meta(sid_n(1)), "state")) == b"open"
 
 
 async def test_dead_gateways_sessions_get_their_grace_then_are_reaped(
@@ -141,10 +142,10 @@ async def test_dead_gateways_sessions_get_their_grace_then_are_reaped(
     assert gone == {dead: [sid_n(1)]}
     assert await fleet.alive_gateways(10) == [alive]
     assert not await redis.exists(keys.gateway_sessions(dead))
-    assert (await redis.hget(keys.meta(sid_n(1)), "conn")) == b""
-    assert (await redis.hget(keys.meta(sid_n(2)), "conn")) == b"gw-alive/b"
+    assert (await hget(redis, keys.meta(sid_n(1)), "conn")) == b""
+    assert (await hget(redis, keys.meta(sid_n(2)), "conn")) == b"gw-alive/b"
     assert await store.reap_detached() == [sid_n(1)]
-    assert (await redis.hget(keys.meta(sid_n(1)), "state")) == b"closing"
+    assert (await hget(redis, keys.meta(sid_n(1)), "state")) == b"closing"
 
 
 async def test_arq_cron_runs_maintenance_with_msgpack(
@@ -224,4 +225,5 @@ async def test_session_left_while_redis_was_unreachable_is_still_detached(
     await until(lambda: redis.zscore(keys.DETACHED, sid), "the heartbeat to detach it")
     assert calls["n"] == 2
     assert svc.gateway.ctx.unreleased == []
-    assert not await redis.sismember(keys.gateway_sessions(svc.gateway.gateway_id), sid)
+    gid = svc.gateway.gateway_id
+    assert not await cast(Awaitable[int], redis.sismember(keys.gateway_sessions(gid), sid))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +17,7 @@ from gateway.connection import key_id
 from shared import keys
 from shared.config import Config
 from shared.errors import ConfigError
+from shared.keys import SessionId
 from shared.status import Query, collect, render, to_json
 from shared.status_model import QuotaRow, QuotasInfo
 from shared.status_render import render_quotas
@@ -154,12 +156,14 @@ async def test_the_heartbeat_never_counts_an_ended_session_again_nor_cuts_one_sh
     later = int(time.time() * 1000) + 100_000
     await redis.zadd(quota, {"detached": later, "held": 1})
     await redis.pexpireat(quota, later)
-    await store.quota_hold({"0123456789abcdef": ["ended", "detached", "held"]}, 15, renew=True)
+    held = [SessionId("ended"), SessionId("detached"), SessionId("held")]
+    await store.quota_hold({"0123456789abcdef": held}, 15, renew=True)
     scores = dict(await redis.zrange(quota, 0, -1, withscores=True))
     assert set(scores) == {b"detached", b"held"}  # "ended" is not counted again
     assert scores[b"detached"] == later and scores[b"held"] > time.time() * 1000
-    assert await redis.pexpiretime(quota) == later  # the key lives as long as its last
-    await store.quota_hold({"0123456789abcdef": ["ended"]}, 15)
+    expires = await cast(Awaitable[int], redis.pexpiretime(quota))  # redis-py types it `int`
+    assert expires == later  # the key lives as long as its last
+    await store.quota_hold({"0123456789abcdef": [SessionId("ended")]}, 15)
     assert await redis.zscore(quota, "ended") is not None
     await redis.delete(quota)
 

@@ -11,7 +11,14 @@ import redis.asyncio as aioredis
 
 from gateway.wsconn import GatewayServerConnection
 from tests.conftest import ServiceFactory
-from tests.helpers import await_ack, indexed_frame, open_ws, started, stored_order
+from tests.helpers import (
+    await_ack,
+    gateway_connections,
+    indexed_frame,
+    open_ws,
+    started,
+    stored_order,
+)
 
 frame = indexed_frame
 
@@ -42,7 +49,7 @@ async def test_audio_and_text_are_stored_in_the_order_sent(
     assert stored == sent
     # Both ways were taken: frames in the protocol callback, and frames (and the text)
     # through the reader task while the small queue was full.
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
     assert isinstance(conn, GatewayServerConnection)
     assert conn.direct > 0, conn.direct
     if pending < 256:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,6 +20,12 @@ from tests.conftest import ServiceFactory, make_config
 from tests.helpers import fixture, stream_session
 from tests.integration.test_takeover import until
 from worker.service import Worker
+
+
+def blpop(client: aioredis.Redis, key: str) -> Awaitable[tuple[bytes, bytes]]:
+    """`BLPOP key 0`: redis-py types it `list`, but returns a (key, value) tuple (and
+    never None without a timeout)."""
+    return cast(Awaitable[tuple[bytes, bytes]], client.blpop([key], timeout=0))
 
 
 async def named(redis: aioredis.Redis, name: str, cmd: str | None = None) -> int:
@@ -37,18 +45,18 @@ async def test_commands_beyond_the_limit_wait_for_a_connection(
     client = connect(redis_url, name, max_connections=limit, pool_wait_s=30)
     lists = [f"ss-test:{name}:l{i}" for i in range(4)]
     try:
-        reads = [asyncio.ensure_future(client.blpop([key], timeout=0)) for key in lists]
+        reads = [asyncio.ensure_future(blpop(client, key)) for key in lists]
         first = 2 if limit else 4
         await until(lambda: _at_least(redis, name, first), f"{first} blocking reads")
         assert await named(redis, name) == first
-        await redis.rpush(lists[0], b"a")
-        await redis.rpush(lists[1], b"b")
+        await cast(Awaitable[int], redis.rpush(lists[0], b"a"))
+        await cast(Awaitable[int], redis.rpush(lists[1], b"b"))
         if limit:
             # The two that waited now block on the same two connections.
             await until(lambda: _at_least(redis, name, 2), "the waiting reads to block")
             assert await named(redis, name) == 2
-        await redis.rpush(lists[2], b"c")
-        await redis.rpush(lists[3], b"d")
+        await cast(Awaitable[int], redis.rpush(lists[2], b"c"))
+        await cast(Awaitable[int], redis.rpush(lists[3], b"d"))
         got = await asyncio.wait_for(asyncio.gather(*reads), 30)
         assert [value for _key, value in got] == [b"a", b"b", b"c", b"d"]
         assert await named(redis, name) == (2 if limit else 4)
@@ -71,11 +79,11 @@ async def test_a_command_that_waits_too_long_fails_as_if_redis_were_down(
     client = connect(redis_url, name, max_connections=1, pool_wait_s=0.2)
     key = f"ss-test:{name}:l"
     try:
-        read = asyncio.ensure_future(client.blpop([key], timeout=0))
+        read = asyncio.ensure_future(blpop(client, key))
         await until(lambda: _at_least(redis, name, 1), "the blocking read")
         with pytest.raises(RedisConnectionError, match="No connection available"):
             await client.ping()
-        await redis.rpush(key, b"x")
+        await cast(Awaitable[int], redis.rpush(key, b"x"))
         assert await asyncio.wait_for(read, 30) == (key.encode(), b"x")
         assert await client.ping()
     finally:

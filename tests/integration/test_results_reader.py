@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from gateway.results import ResultsReader
 from shared import envelope, keys
@@ -28,7 +29,7 @@ async def test_batched_reads_match_single_reads(redis: aioredis.Redis) -> None:
     for n, sid in enumerate(sids):
         ids[sid] = []
         for rid in range(n + 1):
-            entry = {
+            entry: dict[FieldT, EncodableT] = {
                 "t": "final",
                 "rid": str(rid),
                 "m": envelope.encode(final(rid, f"{sid} {rid}")),

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from shared import keys
 from shared.keys import SessionId
 from tests.conftest import ServiceFactory
-from tests.helpers import drain, fixture, open_ws, started
+from tests.helpers import drain, fixture, hget, open_ws, started
 
 # On uvloop too: the loop `streamscribe gateway` and `worker` run on (tests/conftest.py).
 pytestmark = pytest.mark.uvloop
@@ -154,7 +154,7 @@ async def test_session_keys_expire_after_close(
     await ws.send(fixture("s1.wav").frames(100)[0])
     await ws.send(json.dumps({"type": "close_stream"}))
     await drain(ws)
-    assert await redis.hget(keys.meta(sid), "state") == b"closed"
+    assert await hget(redis, keys.meta(sid), "state") == b"closed"
     for key in (keys.meta(sid), keys.results(sid), keys.audio(sid)):
         assert 0 < await redis.ttl(key) <= 120
     assert not await redis.exists(keys.lease(sid))

@@ -7,7 +7,8 @@ import asyncio
 import io
 import json
 import socket
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -34,7 +35,7 @@ from shared.status_model import (
 )
 from shared.store import Store
 from tests.conftest import ServiceFactory
-from tests.helpers import fixture, open_ws, started
+from tests.helpers import fixture, hgetall, open_ws, started
 
 ORPHAN = SessionId("0a" * 16)
 WAITING = SessionId("0b" * 16)
@@ -131,7 +132,7 @@ async def test_status_numbers_match_redis(
     rows = {row.worker_id: row for row in workers.rows}
     assert set(rows) == {wid, GONE_WORKER} and workers.alive == 1
     live, gone = rows[wid], rows[GONE_WORKER]
-    info = await redis.hgetall(keys.worker_info(keys.WorkerId(wid)))
+    info = await hgetall(redis, keys.worker_info(keys.WorkerId(wid)))
     assert live.alive and live.heartbeat_age_ms is not None
     assert (
         (live.slots, live.owned, live.queued_decodes)
@@ -147,7 +148,7 @@ async def test_status_numbers_match_redis(
     assert live.claim_spacing_s == float(info[b"claim_spacing_s"]) == 0.0  # not probing
     assert live.pending == 1 and gone.pending == 1
     assert not gone.alive and gone.heartbeat_age_ms is None and gone.engine_busy is None
-    meta = await redis.hgetall(keys.meta(sid))
+    meta = await hgetall(redis, keys.meta(sid))
     received = int(meta[b"audio_bytes"]) / 32000
     committed = int(meta[b"ckpt_sample"]) / 16000
     assert live.max_uncommitted_s is not None
@@ -160,7 +161,8 @@ async def test_status_numbers_match_redis(
     gid = svc.gateway.gateway_id
     assert set(by_id) == {gid, DEAD_GATEWAY} and gateways.alive == 1
     assert by_id[gid].alive and by_id[gid].sessions == 1
-    assert await redis.smembers(keys.gateway_sessions(gid)) == {sid.encode()}
+    members = await cast(Awaitable[set[bytes]], redis.smembers(keys.gateway_sessions(gid)))
+    assert members == {sid.encode()}
     assert not by_id[DEAD_GATEWAY].alive and by_id[DEAD_GATEWAY].sessions == 1
     assert by_id[DEAD_GATEWAY].heartbeat_age_ms == report.now_ms - 1
 

@@ -15,6 +15,7 @@ from shared.envelope import AudioChunk, Transcript
 from shared.keys import SessionId, WorkerId
 from shared.protocol import SessionParams
 from shared.store import ClaimResult, Contested, SeqGap, Store
+from tests.helpers import audio_chunk, hget, hgetall
 
 SID = SessionId("ab" * 16)
 
@@ -46,7 +47,7 @@ async def test_racing_appends_store_each_seq_once_in_order(redis: aioredis.Redis
 
     await asyncio.gather(*(writer() for _ in range(6)))
     entries = await redis.xrange(keys.audio(SID))
-    seqs = [envelope.decode_entry(fields).seq for _, fields in entries]  # type: ignore[union-attr]
+    seqs = [audio_chunk(envelope.decode_entry(fields)).seq for _, fields in entries]
     assert seqs == list(range(n))
     meta = await store.load_meta(SID)
     assert meta is not None and meta.next_seq == n and meta.audio_bytes == 16 * n
@@ -79,7 +80,7 @@ async def test_fenced_worker_cannot_publish(redis: aioredis.Redis) -> None:
     await redis.delete(keys.lease(SID))  # w1's lease expires (paused, partitioned...)
     second = await store.claim(SID, WorkerId("w2"), lease_s=5)
     assert isinstance(second, ClaimResult) and second.epoch == 2
-    meta = await redis.hgetall(keys.meta(SID))
+    meta = await hgetall(redis, keys.meta(SID))
     assert meta[b"owner"] == b"w2" and int(meta[b"claimed_ms"]) > 0
     final = Transcript(0, True, 0.0, 1.0, "stale words")
     assert await store.publish_final(SID, "w1:1", final, "0-1", 100, 0) == -1
@@ -105,9 +106,9 @@ async def test_a_final_records_the_language_it_locked_and_only_its_owner_can(
     assert isinstance(await store.claim(SID, WorkerId("w2"), lease_s=5), ClaimResult)
     final = Transcript(0, True, 0.0, 1.0, "guten tag")
     assert await store.publish_final(SID, "w1:1", final, "0-1", 100, 0, "th") == -1
-    assert await redis.hget(keys.meta(SID), "language_locked") is None
+    assert await hget(redis, keys.meta(SID), "language_locked") is None
     assert await store.publish_final(SID, "w2:2", final, "0-1", 100, 0) == 1
-    assert await redis.hget(keys.meta(SID), "language_locked") is None  # none given
+    assert await hget(redis, keys.meta(SID), "language_locked") is None  # none given
     second = Transcript(1, True, 1.0, 2.0, "wie geht es")
     assert await store.publish_final(SID, "w2:2", second, "0-1", 200, 0, "de") == 2
     meta = await store.load_meta(SID)
@@ -120,6 +121,7 @@ async def test_final_numbering_cannot_skip(redis: aioredis.Redis) -> None:
     await _new_session(store)
     claim = await store.claim(SID, WorkerId("w1"), lease_s=5)
     assert claim is not None
+    assert isinstance(claim, ClaimResult)
     token = f"w1:{claim.epoch}"
     assert await store.publish_final(SID, token, Transcript(1, True, 0, 1, "x"), "0-1", 0, 0) == -2
     assert await store.publish_final(SID, token, Transcript(0, True, 0, 1, "x"), "0-1", 0, 0) == 1
@@ -232,7 +234,7 @@ async def test_create_session_writes_meta_then_one_dispatch_entry_with_its_place
     assert [fields[b"sid"] for _, fields in entries] == [SID.encode(), other.encode()]
     assert len(await redis.xrange(keys.dispatch("high"))) == 1
     for sid, (entry_id, _), place in ((SID, entries[0], b"1"), (other, entries[1], b"2")):
-        meta = await redis.hgetall(keys.meta(sid))  # type: ignore[misc]
+        meta = await hgetall(redis, keys.meta(sid))
         assert meta[b"state"] == b"open" and meta[b"next_seq"] == b"0"
         assert meta[b"dispatch_id"] == entry_id and meta[b"dispatch_index"] == place
     loaded = await store.load_meta(other)

@@ -17,13 +17,22 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Close, CloseCode, Frame, Opcode
 
+from gateway.wsconn import GatewayServerConnection
 from shared import envelope, keys
 from shared.config import Config
 from shared.envelope import Control
 from shared.errors import ConfigError
 from shared.keys import SessionId
 from tests.conftest import Service, ServiceFactory
-from tests.helpers import drain, indexed_frame, open_ws, started, stored_order
+from tests.helpers import (
+    drain,
+    gateway_connections,
+    hget,
+    indexed_frame,
+    open_ws,
+    started,
+    stored_order,
+)
 from tests.integration.test_takeover import until
 
 pytestmark = pytest.mark.uvloop
@@ -50,7 +59,8 @@ async def detached(redis: aioredis.Redis, sid: SessionId) -> None:
 async def write_read(svc: Service, ws: ClientConnection, data: bytes) -> None:
     """Write `data` (at most one read's worth) and wait until the gateway has read it:
     its connection's `buffer_updated` is watched, not slept on."""
-    [conn] = svc.gateway._server.connections
+    [conn] = gateway_connections(svc)
+    assert isinstance(conn, GatewayServerConnection)
     read = asyncio.Event()
     inner = conn.buffer_updated
 
@@ -80,7 +90,7 @@ async def test_frames_before_a_close_frame_are_all_stored(
     assert out.code == CloseCode.NORMAL_CLOSURE
     await detached(redis, sid)
     assert await stored_order(redis, sid) == list(range(FRAMES))
-    assert int(await redis.hget(keys.meta(sid), "next_seq") or 0) == FRAMES
+    assert int(await hget(redis, keys.meta(sid), "next_seq") or 0) == FRAMES
     acked = {m["seq"] for m in out.messages if m["type"] == "ack"}
     stored_after = svc.gateway.metrics.counters["audio_frames_stored_after_close_total"]
     assert stored_after == FRAMES - len(acked) > 0  # the rest were stored after the close
@@ -114,7 +124,7 @@ async def test_frames_read_before_a_drain_are_stored(
     out = await drain(ws)
     assert out.code == 1012
     assert await stored_order(redis, sid) == list(range(FRAMES))
-    assert int(await redis.hget(keys.meta(sid), "next_seq") or 0) == FRAMES
+    assert int(await hget(redis, keys.meta(sid), "next_seq") or 0) == FRAMES
 
 
 async def test_close_stream_before_the_client_left_still_ends_the_session(

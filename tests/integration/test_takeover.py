@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,7 +17,7 @@ from shared import envelope, keys
 from shared.keys import SessionId
 from shared.store import Store
 from tests.conftest import ServiceFactory, make_config
-from tests.helpers import drain, fixture, open_ws, started
+from tests.helpers import drain, fixture, hget, hgetall, open_ws, started
 from worker.engine import NullEngine
 from worker.service import Worker
 
@@ -117,7 +117,7 @@ async def test_dead_workers_session_is_taken_over(
     tokens = [token for _, token in by]
     cut = tokens.index("wb:2")
     assert cut >= 1 and set(tokens[:cut]) == {"wa:1"} and set(tokens[cut:]) == {"wb:2"}
-    meta = await redis.hgetall(keys.meta(SessionId(sid)))
+    meta = await hgetall(redis, keys.meta(SessionId(sid)))
     assert meta[b"owner"] == b"wb" and meta[b"epoch"] == b"2"
     assert meta[b"state"] == b"closed"
     assert await redis.xpending(keys.DISPATCH, keys.DISPATCH_GROUP) == {
@@ -153,8 +153,8 @@ async def test_stopping_worker_hands_its_sessions_back(
     out = await drain(ws)
     assert out.code == 1000
     assert [f["result_id"] for f in out.finals] == list(range(len(out.finals)))
-    assert (await redis.hget(keys.meta(sid), "owner")) == b"wb"
-    assert await redis.hget(keys.meta(sid), "epoch") == b"2"
+    assert (await hget(redis, keys.meta(sid), "owner")) == b"wb"
+    assert await hget(redis, keys.meta(sid), "epoch") == b"2"
 
 
 async def test_contested_lease_is_retried_when_it_runs_out(
@@ -169,7 +169,7 @@ async def test_contested_lease_is_retried_when_it_runs_out(
     # A silent owner: it read the entry and holds a lease, but never renews or touches.
     reply = await redis.xreadgroup(keys.DISPATCH_GROUP, "ghost", {keys.DISPATCH: ">"}, count=1)
     [(_stream, [(entry_id, _fields)])] = reply
-    await redis.hincrby(keys.meta(sid), "epoch", 1)
+    await cast(Awaitable[int], redis.hincrby(keys.meta(sid), "epoch", 1))
     await redis.set(keys.lease(sid), "ghost:1", px=1500)
     await redis.xclaim(
         keys.DISPATCH, keys.DISPATCH_GROUP, "ghost", 0, [entry_id], idle=60_000, justid=True
@@ -182,7 +182,7 @@ async def test_contested_lease_is_retried_when_it_runs_out(
     assert out.code == 1000
     assert out.messages[-1]["final_results"] == len(out.finals) >= 1
     assert worker_b.takeovers == 1
-    meta = await redis.hgetall(keys.meta(sid))
+    meta = await hgetall(redis, keys.meta(sid))
     assert meta[b"owner"] == b"wb" and meta[b"epoch"] == b"2"
 
 
@@ -206,7 +206,7 @@ async def test_live_owner_keeps_its_session(
     out = await drain(ws)
     assert out.code == 1000
     assert worker_b.takeovers == 0 and worker_a.takeovers == 0
-    meta = await redis.hgetall(keys.meta(sid))
+    meta = await hgetall(redis, keys.meta(sid))
     assert meta[b"owner"] == b"wa" and meta[b"epoch"] == b"1"
 
 

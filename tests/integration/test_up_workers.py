@@ -86,9 +86,9 @@ def test_up_starts_several_workers_that_all_serve_and_all_stop(tmp_path: Path) -
         for _, url in metrics:
             with urllib.request.urlopen(url, timeout=30) as answer:
                 body = answer.read().decode()
-            finals += float(
-                re.search(r"^streamscribe_worker_decodes_final_total (\S+)$", body, re.M)[1]
-            )
+            found = re.search(r"^streamscribe_worker_decodes_final_total (\S+)$", body, re.M)
+            assert found is not None
+            finals += float(found[1])
         assert finals > 0
     finally:
         os.killpg(up.pid, signal.SIGINT)

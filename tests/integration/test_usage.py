@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,7 +28,7 @@ from shared.status_model import UsageInfo, UsageRow
 from shared.status_render import render_usage
 from shared.wavfile import WavAudio
 from tests.conftest import ServiceFactory
-from tests.helpers import Outcome, await_ack, drain, fixture, open_ws, started
+from tests.helpers import Outcome, await_ack, drain, fixture, hgetall, open_ws, started
 
 KEYS = ("k-one", "k-two")
 FRAME = b"\x00\x00" * 1600  # 100 ms at 16 kHz
@@ -45,7 +47,7 @@ def usage_of(gateway: Gateway, api_key: str) -> str:
 
 
 async def fields(redis: aioredis.Redis, name: str) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in (await redis.hgetall(name)).items()}
+    return {k.decode(): int(v) for k, v in (await hgetall(redis, name)).items()}
 
 
 async def send_until_closed(ws: ClientConnection, frames: int) -> Outcome:
@@ -174,7 +176,9 @@ async def test_status_shows_each_keys_audio_per_window(
         assert (await send_until_closed(ws, frames)).code == 1000
     await svc.gateway.ctx.sync_usage()
     old = keys.usage("feedfacefeedface", 86400)
-    await redis.hset(old, mapping={"gw-gone": 2 * 10**6, "gw-other": 5 * 10**5})
+    await cast(
+        Awaitable[int], redis.hset(old, mapping={"gw-gone": 2 * 10**6, "gw-other": 5 * 10**5})
+    )
     window = usage_of(svc.gateway, "k-one").rsplit(":", 1)[1]
     report = await collect(redis, Query(url=redis_url))
     assert report.sections["usage"] == UsageInfo(
@@ -213,7 +217,7 @@ def test_budget_and_window_settings_are_checked() -> None:
 
 
 async def _finals_until_failure(
-    url: str, api_key: str, audio: WavAudio, **options: float
+    url: str, api_key: str, audio: WavAudio, **options: Any
 ) -> tuple[list[Transcript], SessionError]:
     """Stream `audio` with the SDK; the finals it delivered and the error it ended with."""
     finals: list[Transcript] = []

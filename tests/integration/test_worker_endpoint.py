@@ -18,7 +18,7 @@ from shared.config import Config, host_port
 from shared.errors import ConfigError
 from shared.metrics import Histogram
 from tests.conftest import ServiceFactory, make_config
-from tests.helpers import fixture, stream_session
+from tests.helpers import fixture, hgetall, stream_session
 from tests.integration.test_takeover import until
 from worker.endpoint import COUNTERS, MAX_CLIENTS, MAX_HEAD_BYTES, Endpoint, render
 from worker.engine import NullEngine
@@ -169,7 +169,7 @@ async def test_metrics_show_the_heartbeat_after_a_session(
         if field not in ("info", "claiming"):
             assert field.removesuffix("_total") in documented, f"{field} not in redis-layout.md"
     await worker._heartbeat_once()
-    stored = await redis.hgetall(keys.worker_info(worker.worker_id))
+    stored = await hgetall(redis, keys.worker_info(worker.worker_id))
     _, _, body = await request(port, get("/metrics"))
     assert samples(body)["streamscribe_worker_slots"] == float(stored[b"slots"])
     assert samples(body)["streamscribe_worker_decodes_final_total"] == float(

@@ -80,9 +80,12 @@ def scheduler(engine: object, batch: int, pack: PackPolicy | None = None) -> Sch
     return s
 
 
+Pending = asyncio.Future[list[Segment] | None]
+
+
 async def hold_then_queue(
     engine: BatchEngine, sched: Scheduler, requests: list[tuple[DecodeRequest, str | None]]
-) -> tuple[asyncio.Future[object], list[asyncio.Future[object]]]:
+) -> tuple[Pending, list[Pending]]:
     """A final of session "a" holds the engine; then `requests` (request, language), one
     session each, queue up behind it."""
     first = asyncio.ensure_future(sched.decode(request("final", 0.1), "en", session="a"))
@@ -92,7 +95,7 @@ async def hold_then_queue(
         await asyncio.sleep(0)
     else:
         raise AssertionError("the first decode never started")
-    waiting = [
+    waiting: list[Pending] = [
         asyncio.ensure_future(sched.decode(req, lang, session=f"s{i}"))
         for i, (req, lang) in enumerate(requests)
     ]
@@ -100,8 +103,8 @@ async def hold_then_queue(
     return first, waiting
 
 
-def texts(results: list[object]) -> list[str | None]:
-    return [r[0].text if r else None for r in results]  # type: ignore[index]
+def texts(results: Sequence[list[Segment] | None]) -> list[str | None]:
+    return [r[0].text if r else None for r in results]
 
 
 async def test_finals_waiting_together_go_in_one_batch_each_with_its_own_result() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bench.soak import Sample, growth_per_1000, key_kind, progress_line, wave_line, wave_result
@@ -59,7 +61,9 @@ def test_progress_line_shows_each_process_and_valkey() -> None:
     )
 
 
-def _report(lag: dict[str, float], unqueued: dict[str, float] | None, queued: int) -> dict:
+def _report(
+    lag: dict[str, float], unqueued: dict[str, float] | None, queued: int
+) -> dict[str, Any]:
     metrics: dict[str, dict[str, float]] = {"final_lag_s": lag}
     if unqueued is not None:
         metrics["final_lag_unqueued_s"] = unqueued

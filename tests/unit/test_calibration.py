@@ -9,7 +9,7 @@ import threading
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -18,7 +18,6 @@ from shared.config import Config, load_config
 from shared.envelope import Word
 from shared.errors import ConfigError
 from worker.calibration import (
-    CLIP_NAMES,
     ROUNDS,
     auto_slots,
     calibrate,
@@ -27,6 +26,7 @@ from worker.calibration import (
     round_groups,
 )
 from worker.engine import SAMPLE_RATE, Audio, Segment
+from worker.samples import CLIP_NAMES
 
 
 @pytest.mark.parametrize(
@@ -222,9 +222,9 @@ def test_slots_setting_takes_auto_and_numbers() -> None:
     [("auto_slots_factor", 0.0, 0.01), ("auto_slots_max", 0, 1)],
 )
 def test_auto_slots_settings_must_be_positive(name: str, bad: float, good: float) -> None:
-    assert getattr(Config(**{name: good}), name) == good
+    assert getattr(Config(**cast(dict[str, Any], {name: good})), name) == good
     with pytest.raises(ConfigError, match=name.replace("_", "-")):
-        Config(**{name: bad})
+        Config(**cast(dict[str, Any], {name: bad}))
 
 
 def test_the_clips_ship_in_the_wheel() -> None:

@@ -3,11 +3,13 @@ at every edge of its three settings, on an injected time."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from shared.config import Config
 from shared.errors import ConfigError
-from worker.claimgate import ClaimGate, ClaimPolicy
+from worker.claimgate import ClaimGate, ClaimPolicy, State
 
 # With 8 sessions held and finals at 80% of the engine, one session is a tenth of it:
 # probing spaces new sessions 0.1 x 50 s = 5 s apart.
@@ -33,7 +35,7 @@ def test_closed_while_a_final_waits_longer_than_the_limit() -> None:
     assert gate.allowed(1000.0, final_wait_s=3.0, final_busy=1.0, sessions=N) == 0
     assert gate.state == "closed"
     assert gate.allowed(1000.0, final_wait_s=0.2, final_busy=0.2, sessions=N) is None  # caught up
-    assert gate.state == "open"
+    assert cast(State, gate.state) == "open"  # (mypy keeps `closed` across the call above)
 
 
 def test_probing_takes_one_session_per_spacing() -> None:
@@ -160,6 +162,6 @@ def test_policy_refuses_bad_settings(kwargs: dict[str, float]) -> None:
     ],
 )
 def test_config_checks_the_gate_settings_at_their_edges(name: str, bad: float, good: float) -> None:
-    assert getattr(Config(**{name: good}), name) == good
+    assert getattr(Config(**cast(dict[str, Any], {name: good})), name) == good
     with pytest.raises(ConfigError, match=name.replace("_", "-")):
-        Config(**{name: bad})
+        Config(**cast(dict[str, Any], {name: bad}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -293,8 +294,8 @@ def test_up_shares_the_cores_out_among_its_workers(
 @pytest.mark.parametrize("field", ["prompt_chars", "read_interval_ms"])
 def test_zero_to_a_thousand_options_at_their_edges(field: str) -> None:
     """prompt_chars and read_interval_ms: 0 (off) and 1000 are taken; -1 and 1001 are not."""
-    assert getattr(Config(**{field: 0}), field) == 0
-    assert getattr(Config(**{field: 1000}), field) == 1000
+    assert getattr(Config(**cast(dict[str, Any], {field: 0})), field) == 0
+    assert getattr(Config(**cast(dict[str, Any], {field: 1000})), field) == 1000
     assert names_both(config_error(**{field: -1}), field)
     assert names_both(config_error(**{field: 1001}), field)
 

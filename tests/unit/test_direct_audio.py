@@ -13,6 +13,7 @@ from gateway.pending import PendingQueue
 from shared.errors import BadRequest
 from shared.metrics import Metrics
 from shared.protocol import ServerSession, SessionParams
+from tests.helpers import audio_chunk
 
 FRAME = b"\x00\x00" * 1600
 
@@ -36,7 +37,7 @@ async def test_a_frame_is_taken_while_the_queue_has_room_and_the_reader_is_idle(
     conn = connection(pending=2)
     assert conn._direct_audio(FRAME)
     assert conn._direct_audio(FRAME)
-    assert [conn.pending.get_nowait().seq for _ in range(2)] == [0, 1]
+    assert [audio_chunk(conn.pending.get_nowait()).seq for _ in range(2)] == [0, 1]
     assert conn.ctx.metrics.counters["audio_frames_total"] == 2
 
 

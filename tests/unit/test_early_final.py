@@ -55,6 +55,7 @@ def test_early_final_becomes_the_final_when_the_silence_goes_on() -> None:
     req = early_request(t)
     out = t.complete(req, said("hello there"))
     assert [type(o) for o in out] == [Interim]  # meanwhile: an interim of the utterance
+    assert out[0].transcript is not None
     assert out[0].transcript.text == "hello there" and not out[0].transcript.is_final
     t.push_audio(silence(8))  # 15 silent windows: still open
     assert t.take_ready() == [] and t.next_request() is None
@@ -137,6 +138,7 @@ def test_speech_resuming_while_the_early_final_decodes() -> None:
     t.push_audio(speech(10))  # speech again before the decode returns
     out = t.complete(req, said("hello"))
     assert [type(o) for o in out] == [Interim]
+    assert out[0].transcript is not None
     assert out[0].transcript.result_id == 0
     t.push_audio(silence(7))  # a second pause: a second early request, for more audio
     second = t.next_request()

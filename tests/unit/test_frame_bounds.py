@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from shared.wsframes import frame_bounds, parser_at_boundary
@@ -64,6 +65,7 @@ def opened(extra: bytes = b"") -> ServerProtocol:
     protocol = ServerProtocol()
     protocol.receive_data(REQUEST + extra)
     request = protocol.events_received()[0]  # then any whole frame that followed it
+    assert isinstance(request, Request)
     protocol.send_response(protocol.accept(request))
     return protocol
 

@@ -173,7 +173,7 @@ async def test_a_caller_that_gave_up_is_left_out() -> None:
     store.release.set()
     await asyncio.gather(first, kept)
     assert store.pipelines == [["a"], ["c"]]
-    assert store.next_seq["b"] == 0
+    assert store.next_seq[sid("b")] == 0
     await batcher.close()
 
 
@@ -235,7 +235,7 @@ async def test_start_ingest_gives_a_future_that_joins_the_same_pipelines() -> No
     assert (await awaited).next_seq == 1
     assert answered == [1] and first.result().next_seq == 1
     assert store.pipelines == [["a"], ["b"]]
-    assert store.next_seq["c"] == 0
+    assert store.next_seq[sid("c")] == 0
     await batcher.close()
     late = batcher.start_ingest(sid("a"), frames(1))
     assert late.done() and isinstance(late.exception(), BatcherClosed)

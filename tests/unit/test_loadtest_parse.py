@@ -9,9 +9,10 @@ import json
 import pytest
 
 from gateway.connection import ack_text
+from shared.envelope import Transcript
 from shared.loadstats import LoadRecorder
 from shared.loadtest import _parse
-from shared.protocol import Ack, Transcript, build_server_message, parse_server_text
+from shared.protocol import Ack, build_server_message, parse_server_text
 
 
 def _read(raw: str | bytes) -> tuple[object, dict[int, list[str]]]:

@@ -142,8 +142,8 @@ def test_prometheus_client_parses_counters_gauges_and_histograms() -> None:
         ]
         assert [le for le, _ in buckets][-1] == "+Inf"
         assert len(buckets) == len(LATENCY_BOUNDS_S) + 1
-        values = [v for _, v in buckets]
-        assert values == sorted(values) and values[-1] == count
+        cumulative = [v for _, v in buckets]
+        assert cumulative == sorted(cumulative) and cumulative[-1] == count
         (total,) = [
             s.value
             for s in calls.samples

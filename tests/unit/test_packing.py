@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -188,7 +189,7 @@ def test_pack_policy_fits_by_count_and_by_window() -> None:
 )
 def test_config_refuses_bad_pack_settings_and_names_them(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=field.upper()):
-        Config(**{field: value})
+        Config(**cast(dict[str, Any], {field: value}))
 
 
 def test_config_accepts_the_pack_edges() -> None:
@@ -266,7 +267,7 @@ def final(level: float, seconds: float = 1.0, tag: str = "") -> DecodeRequest:
     return DecodeRequest("final", 0, len(audio), audio, 0, prompt=tag or f"p{level}")
 
 
-async def started(engine: LevelEngine, sched: Scheduler, first: asyncio.Future[object]) -> None:
+async def started(engine: LevelEngine, sched: Scheduler, first: Pending) -> None:
     """Wait until the first decode holds the engine (the queue is then free to fill)."""
     for _ in range(1000):
         if engine.alone or engine.windows or sched.busy_fraction() > 0:
@@ -277,7 +278,7 @@ async def started(engine: LevelEngine, sched: Scheduler, first: asyncio.Future[o
 
 def sched_with(engine: LevelEngine, pack: PackPolicy, batch: int = 1) -> Scheduler:
     policy = InterimPolicy(interval_s=60.0, stale_s=60.0)
-    s = Scheduler(engine, beam_size=1, policy=policy, pack=pack, batch=batch)  # type: ignore[arg-type]
+    s = Scheduler(engine, beam_size=1, policy=policy, pack=pack, batch=batch)
     s.start()
     return s
 
@@ -292,7 +293,7 @@ async def hold_then_queue(
     `requests`, one session each, so they wait together."""
     first = asyncio.ensure_future(sched.decode(final(0.1), "en", session="a"))
     await started(engine, sched, first)
-    waiting = [
+    waiting: list[Pending] = [
         asyncio.ensure_future(sched.decode(req, "en", session=f"s{i}"))
         for i, req in enumerate(requests)
     ]

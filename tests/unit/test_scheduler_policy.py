@@ -17,7 +17,7 @@ import pytest
 
 from shared.config import Config
 from shared.errors import ConfigError
-from worker.engine import Audio, Segment
+from worker.engine import Audio, RawWord, Segment
 from worker.scheduler import DecodeQueue, InterimPolicy, Job, Kind, LoadMeter, Scheduler
 from worker.stream import DecodeRequest
 
@@ -547,6 +547,7 @@ class GateEngine:
     """Records each decode and holds it until the test releases it (no sleeps)."""
 
     name = "gate"
+    can_pack = False
 
     def __init__(self) -> None:
         self.calls: queue.Queue[str] = queue.Queue()
@@ -565,6 +566,11 @@ class GateEngine:
         if not self.release.acquire(timeout=10):
             raise TimeoutError("test never released the decode")
         return [Segment(0.0, 0.1, prompt or "", ())]
+
+    def transcribe_words(
+        self, audio: Audio, *, language: str | None, beam_size: int
+    ) -> list[RawWord]:
+        raise AssertionError("the scheduler policy tests decode no packed windows")
 
     async def next_call(self) -> str:
         return await asyncio.to_thread(self.calls.get, True, 10)
@@ -691,7 +697,7 @@ async def test_scheduler_answers_a_withdrawn_interim_with_none_and_never_decodes
 
 def test_scheduler_refuses_no_decode_threads() -> None:
     with pytest.raises(ValueError):
-        Scheduler(GateEngine(), beam_size=1, policy=POLICY, concurrency=0)  # type: ignore[arg-type]
+        Scheduler(GateEngine(), beam_size=1, policy=POLICY, concurrency=0)
 
 
 # --- latency histograms (the worker's /metrics) --------------------------------------------
