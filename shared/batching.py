@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -145,14 +146,14 @@ class GroupCommit(Generic[Req, Res]):
         live = [call for call in batch if not call[1].done()]
         if not live:
             return
-        assert self._loop is not None
-        started = self._loop.time()
+        # Not the loop's clock: uvloop's counts whole milliseconds.
+        started = time.perf_counter()
         try:
             results = await self._send_many([request for request, _ in live])
         except Exception as exc:  # connection errors and the like: nothing is known
             self._fail_all(live, exc)
             return
-        self.round_trip.observe(self._loop.time() - started)
+        self.round_trip.observe(time.perf_counter() - started)
         self.pipelines += 1
         self.calls += len(live)
         for (_, fut), result in zip(live, results, strict=True):
