@@ -38,7 +38,7 @@ from importlib import resources
 import numpy as np
 
 from shared.wavfile import read_wav
-from worker.engine import SAMPLE_RATE, Audio, Engine
+from worker.engine import SAMPLE_RATE, Audio, Engine, batch_engine
 from worker.samples import CLIP_NAMES, clip_files
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def measure(
     """Decode the clips as the scheduler decodes finals, `rounds + 1` times; time all but
     the first. `batch` above 1 needs an engine with `transcribe_batch`."""
     groups = round_groups(clips, threads, batch)
+    batcher = batch_engine(engine)
     audio_s = sum(len(a) for g in groups for a in g) / SAMPLE_RATE
 
     def call(group: list[Audio]) -> int:
@@ -118,7 +119,8 @@ def measure(
                 )
             ]
         else:
-            results = engine.transcribe_batch(  # type: ignore[attr-defined]
+            assert batcher is not None  # groups of several only with a batching engine
+            results = batcher.transcribe_batch(
                 group, language=language, word_timestamps=True, beam_size=beam_size
             )
         return sum(len(seg.text.split()) for segs in results for seg in segs)
@@ -139,6 +141,6 @@ def measure(
 
 def calibrate(engine: Engine, *, threads: int, batch: int, beam_size: int) -> Calibration:
     """`measure` on the shipped clips; batches only where the engine can batch."""
-    if not getattr(engine, "can_batch", False):
+    if batch_engine(engine) is None:
         batch = 1
     return measure(engine, load_clips(), threads=threads, batch=batch, beam_size=beam_size)

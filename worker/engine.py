@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,27 @@ class Engine(Protocol):
     def transcribe_words(
         self, audio: Audio, *, language: str | None, beam_size: int
     ) -> list[RawWord]: ...
+
+
+class BatchEngine(Engine, Protocol):
+    """An engine that decodes several requests in one call, one window each."""
+
+    can_batch: bool
+
+    def transcribe_batch(
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        beam_size: int,
+        prompt: str | None = None,
+    ) -> list[list[Segment]]: ...
+
+
+def batch_engine(engine: Engine) -> BatchEngine | None:
+    """`engine` where it says it can batch (`can_batch`), else None."""
+    return cast(BatchEngine, engine) if getattr(engine, "can_batch", False) else None
 
 
 # The encoder window. faster-whisper pads every call's features to Whisper's 30 s (3000

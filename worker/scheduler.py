@@ -57,7 +57,7 @@ from typing import Generic, Literal, TypeVar
 
 from shared.config import Config
 from shared.metrics import Histogram
-from worker.engine import SAMPLE_RATE, Engine, Segment
+from worker.engine import SAMPLE_RATE, Engine, Segment, batch_engine
 from worker.packing import MIN_GUARD_S, layout, pack_audio, packed_samples, split
 from worker.stream import DecodeRequest
 
@@ -503,8 +503,8 @@ class Scheduler:
         # takes precedence over batching (separate windows stacked in one call), which is
         # on by default (batch_decodes 2).
         self._packs = self.pack.enabled and bool(getattr(engine, "can_pack", False))
-        can_batch = bool(getattr(engine, "can_batch", False)) and not self._packs
-        self.batch = batch if can_batch else 1
+        self._batcher = None if self._packs else batch_engine(engine)
+        self.batch = batch if self._batcher is not None else 1
         self.queue: DecodeQueue[_Work] = DecodeQueue(
             policy, clock, load_window_s=load_window_s, concurrency=concurrency
         )
@@ -656,8 +656,9 @@ class Scheduler:
         """One batched engine call for several sessions' finals (or interims): each gets
         the segments of its own window."""
         final = jobs[0].kind == "final"
+        assert self._batcher is not None  # batches are made only with a batching engine
         call = functools.partial(
-            self.engine.transcribe_batch,  # type: ignore[attr-defined]
+            self._batcher.transcribe_batch,
             [j.payload.request.audio for j in jobs],
             language=jobs[0].payload.language,
             word_timestamps=final,
