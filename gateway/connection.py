@@ -22,6 +22,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, NoReturn, TypeVar
@@ -60,7 +61,7 @@ from shared.errors import (
 )
 from shared.fleet import Fleet
 from shared.keys import GatewayId, SessionId
-from shared.metrics import Metrics
+from shared.metrics import ROUND_TRIP_BOUNDS_S, Histogram, Metrics
 from shared.modelinfo import english_only
 from shared.protocol import (
     ACK_TEXT,
@@ -212,6 +213,9 @@ class GatewayContext:
     quota_held: dict[SessionId, tuple[str, str]] = field(default_factory=dict)
     #: Audio stored per API key (`api_keys` set; gateway/usage.py), else None.
     usage: UsageMeter | None = None
+    #: Each ack's wait: from the arrival of the oldest frame it acknowledges to its
+    #: sending (`/metrics`: `ack_seconds`).
+    ack_seconds: Histogram = field(default_factory=lambda: Histogram(ROUND_TRIP_BOUNDS_S))
 
     @property
     def quota_hold_s(self) -> float:
@@ -289,6 +293,11 @@ class Connection:
         self.usage_key: str | None = None
         self._unstored_us = 0
         self._bytes_per_s = 0  # the session's, set as the reader starts
+        # When each queued audio frame arrived (`perf_counter`), in queue order, and the
+        # first of the batch being stored: for `ack_seconds`. One batch at a time is
+        # taken (`_take_audio`), and only after the one before it was acked or dropped.
+        self._arrivals: deque[float] = deque()
+        self._batch_arrived = 0.0
         self._limit: AudioRateLimit | None = None  # with max_audio_rate, from the reader on
         # An audio frame that failed in the protocol callback; the reader raises it.
         self._direct_error: Exception | None = None
@@ -614,6 +623,7 @@ class Connection:
         if self.usage_key is not None and self.cfg.audio_budget_s:
             self._check_budget(self.usage_key, len(chunk.pcm) * US // self._bytes_per_s)
         self.ctx.metrics.inc("audio_frames_total")
+        self._arrivals.append(time.perf_counter())
         return chunk
 
     async def _text(self, message: str) -> None:
@@ -690,6 +700,7 @@ class Connection:
                 await self._store_control(control)
             elif session.server_ended:
                 self.pending.get_nowait()  # in-flight audio is dropped unacked
+                self._arrivals.popleft()
             else:
                 await self._store_audio(self._take_audio())
 
@@ -697,13 +708,15 @@ class Connection:
         """The audio at the head of the queue (at least one frame), up to the next
         command or MAX_BATCH_FRAMES."""
         batch: list[AudioChunk] = []
-        pending = self.pending
+        pending, arrivals = self.pending, self._arrivals
+        self._batch_arrived = arrivals[0]
         while len(batch) < MAX_BATCH_FRAMES and not pending.empty():
             chunk = pending.peek()
             if not isinstance(chunk, AudioChunk):
                 break
             batch.append(chunk)
             pending.get_nowait()
+            arrivals.popleft()
         return batch
 
     async def _park(self) -> None:
@@ -754,6 +767,7 @@ class Connection:
                 if result.audio_bytes < self._max_audio_bytes and send_now(
                     self.ws, ack_text(result.next_seq - 1)
                 ):
+                    self.ctx.ack_seconds.observe(time.perf_counter() - self._batch_arrived)
                     self._ingesting = None
                     self._metered(ingesting[1], result.stored)
                     self.ctx.metrics.inc('audio_writes_total{path="callback"}')
@@ -809,6 +823,7 @@ class Connection:
         if not self._acks_off:
             try:
                 await self._send_text(ack_text(result.next_seq - 1))
+                self.ctx.ack_seconds.observe(time.perf_counter() - self._batch_arrived)
             except ConnectionClosed:
                 # The connection is ending: the reader may still hand over frames that
                 # came before its end, which are stored all the same (`_store_rest`).

@@ -222,6 +222,7 @@ class Gateway:
             self.metrics.set("ingest_calls", self.batcher.calls)
             self.metrics.set("results_pipelines", self.results.pipelines)
             self.metrics.set("results_reads", self.results.calls)
+            self.metrics.histogram("ack_seconds", self.ctx.ack_seconds)
             self.metrics.histogram("ingest_pipeline_seconds", self.batcher.round_trip)
             self.metrics.histogram("results_pipeline_seconds", self.results.round_trip)
             return _text(ws, http.HTTPStatus.OK, self.metrics.render())

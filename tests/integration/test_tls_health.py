@@ -112,6 +112,15 @@ async def test_every_metric_the_gateway_exposes_is_documented(
     rows = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
     documented = {row.split("{", 1)[0] for row in rows}  # a row stands for all its labels
     assert {"ingest_pipeline_seconds_count", "results_pipeline_seconds_count"} <= names
+    figures = {
+        line.split(" ", 1)[0].removeprefix("streamscribe_gateway_"): float(line.split(" ")[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+    # One wait per ack sent: one per stored batch of audio, by either path.
+    writes = sum(v for k, v in figures.items() if k.startswith("audio_writes_total"))
+    assert figures["ack_seconds_count"] == writes >= 1
+    assert figures['ack_seconds_bucket{le="+Inf"}'] == writes
 
     def row_of(name: str) -> str:  # a histogram's row stands for its _bucket, _sum, _count
         base = name.split("{", 1)[0]

@@ -5,6 +5,7 @@ connection is built without a socket: only the state this decision reads."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ def connection(pending: int) -> Connection:
     conn.loop = asyncio.get_running_loop()
     conn._limit = None
     conn.usage_key = None  # no API keys: nothing metered
+    conn._arrivals = deque()
     conn._direct_error = None
     conn._reader_busy = False
     conn._writer_wake = None  # the writer task is busy: frames wait in `pending`
