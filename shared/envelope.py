@@ -209,7 +209,7 @@ def decode(data: bytes) -> Envelope:
             )
         if tag == "replaced":
             return Replaced(conn=str(body["conn"]))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf): overflow
         raise EnvelopeError(f"malformed {tag!r} envelope: {exc!r}") from None
     raise EnvelopeError(f"unknown envelope tag {tag!r}")
 

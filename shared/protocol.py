@@ -76,12 +76,18 @@ def _single(query: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
+#: A whole-number query parameter longer than this is refused before it is read.
+MAX_INT_DIGITS = 18
+
+
 def _int_param(query: Mapping[str, Sequence[str]], name: str, default: int) -> int:
     raw = _single(query, name)
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()):
         raise BadRequest(f"query parameter {name!r} must be a whole number, got {raw!r}")
+    if len(raw) > MAX_INT_DIGITS:  # int() refuses past 4,300 digits, with a ValueError
+        raise BadRequest(f"query parameter {name!r} has too many digits ({len(raw)})")
     return int(raw)
 
 

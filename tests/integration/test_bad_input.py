@@ -51,6 +51,8 @@ def _assert_error(out: Outcome, code: int, error: str) -> None:
         "bogus=1",
         "sample_rate=16000&sample_rate=8000",
         "model=large-v3",
+        "sample_rate=" + "9" * 4301,  # past int()'s 4,300 digits: once a ValueError, 1011
+        "channels=" + "0" * 18 + "1",  # one digit over MAX_INT_DIGITS
     ],
 )
 async def test_invalid_query_parameter_closes_4400(

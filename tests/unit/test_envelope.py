@@ -205,3 +205,18 @@ def test_decode_fields_reads_the_m_field_of_a_flat_list() -> None:
 def test_decode_fields_without_m_field_is_rejected(fields: list[bytes]) -> None:
     with pytest.raises(EnvelopeError, match="'m'"):
         decode_fields(fields)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"v": 1, "t": "audio", "seq": float("inf"), "pcm": b""},
+        {"v": 1, "t": "closed", "reason": "x", "audio_s": 1.0, "finals": float("-inf")},
+    ],
+)
+def test_an_infinite_number_where_a_whole_one_belongs_is_an_envelope_error(
+    body: dict[str, object],
+) -> None:
+    """int(inf) raises OverflowError, which once escaped decode (hypothesis found it)."""
+    with pytest.raises(EnvelopeError, match="malformed"):
+        decode(msgpack.packb(body))

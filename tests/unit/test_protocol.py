@@ -686,3 +686,10 @@ def test_invalid_json_awaiting_resume_is_forbidden() -> None:
     session = new_session(f"session_id={SID}", resuming=True)
     with pytest.raises(Forbidden):
         session.receive_text("{")
+
+
+def test_a_whole_number_parameter_has_at_most_max_int_digits() -> None:
+    """18 digits are read (then range-checked); 19 are refused before int() sees them."""
+    assert parse_query("sample_rate=" + "0" * 13 + "16000").sample_rate == 16000
+    with pytest.raises(BadRequest, match="too many digits"):
+        parse_query("sample_rate=" + "0" * 14 + "16000")
