@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.ratelimit import AudioRateLimit
 
@@ -76,3 +78,46 @@ def test_a_resumed_session_starts_with_what_it_has_left() -> None:
     idle = AudioRateLimit(2.0, 1.0, BPS, now=0.0, age_s=3600.0, stored_bytes=BPS)
     assert idle.take(BPS, 0.0)
     assert not idle.take(2, 0.0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.floats(1.0, 4.0),
+    st.floats(0.5, 20.0),
+    st.floats(0.0, 30.0),
+    st.floats(0.0, 1.0),
+    st.lists(st.tuples(st.floats(0.0, 2.0), st.integers(1, 64_000)), max_size=80),
+)
+def test_a_session_never_stores_more_than_burst_plus_rate_times_age(
+    rate: float, burst_s: float, age_s: float, used: float, arrivals: list[tuple[float, int]]
+) -> None:
+    """Any arrivals (gaps and sizes), on a new connection or a resumed one that stored
+    `used` of what its age allowed: the audio taken up to any moment is at most
+    burst + rate * (age + elapsed) less what was stored before."""
+    stored = int(used * (burst_s + rate * age_s) * BPS)
+    limit = AudioRateLimit(rate, burst_s, BPS, 0.0, age_s=age_s, stored_bytes=stored)
+    now, taken = 0.0, 0
+    for gap, nbytes in arrivals:
+        now += gap
+        if limit.take(nbytes, now):
+            taken += nbytes
+            assert stored + taken <= (burst_s + rate * (age_s + now)) * BPS + 1e-6
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(1.0, 4.0),
+    st.floats(0.5, 20.0),
+    st.lists(st.tuples(st.floats(0.01, 1.0), st.floats(0.0, 1.0)), max_size=80),
+)
+def test_audio_paced_within_the_rate_is_never_refused(
+    rate: float, burst_s: float, frames: list[tuple[float, float]]
+) -> None:
+    """A client that sends each frame no faster than `rate` allows since the one before
+    (and none longer than the burst) is never refused, however irregular its frames."""
+    limit = AudioRateLimit(rate, burst_s, BPS, 0.0)
+    now = 0.0
+    for gap, share in frames:
+        now += gap
+        nbytes = max(1, int(share * min(gap * rate, burst_s) * BPS))
+        assert limit.take(nbytes, now), (gap, nbytes)
