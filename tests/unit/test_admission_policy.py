@@ -4,6 +4,8 @@ the 1013 verdicts at the edges of max_queue_length and max_queue_wait_s."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.admission import LaneState, admit, lanes_at_or_above, queue_position
 from shared.errors import Overloaded
@@ -70,3 +72,30 @@ def test_head_of_an_empty_lane_is_ignored() -> None:
     """A stale head time on a lane with nobody waiting refuses nothing."""
     state = {"high": LaneState(5, 5, head_ms=0), "normal": LaneState(0, 0)}
     admit("normal", state, 10**9, max_queue_length=100, max_queue_wait_s=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["high", "normal", "read"]), max_size=60))
+def test_positions_are_the_order_workers_take_sessions_in(events: list[str]) -> None:
+    """Sessions join either lane and workers read the next one (the high lane first), in
+    any order: each waiting session's position, from the lanes' counters alone, is its
+    place in the order workers will take them (hypothesis)."""
+    lanes: dict[str, list[int]] = {"high": [], "normal": []}  # unread entries, oldest first
+    added = {"high": 0, "normal": 0}
+    read = {"high": 0, "normal": 0}
+    for event in events:
+        if event == "read":
+            lane = "high" if lanes["high"] else "normal"
+            if lanes[lane]:
+                lanes[lane].pop(0)
+                read[lane] += 1
+            continue
+        added[event] += 1
+        lanes[event].append(added[event])
+        state = {p: LaneState(added[p], read[p]) for p in lanes}
+        order = [("high", i) for i in lanes["high"]] + [("normal", i) for i in lanes["normal"]]
+        for place, (lane, index) in enumerate(order, start=1):
+            assert queue_position(lane, index, state) == place
+        for lane in lanes:
+            for index in range(1, read[lane] + 1):
+                assert queue_position(lane, index, state) == 0  # taken already
