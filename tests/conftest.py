@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 from gateway.server import Gateway
 from shared.config import Config
@@ -21,6 +22,13 @@ from worker.engine import Engine, NullEngine
 from worker.service import Worker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+
+# Property tests (hypothesis) draw the same examples on every run by default, so a CI run
+# cannot fail on a draw the one before did not make; HYPOTHESIS_PROFILE=explore draws new
+# ones, 20 times as many, to look for what the fixed ones miss.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=300)
+settings.register_profile("explore", deadline=None, max_examples=6000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_asyncio_loop_factories(

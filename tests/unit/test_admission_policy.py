@@ -4,7 +4,7 @@ the 1013 verdicts at the edges of max_queue_length and max_queue_wait_s."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.admission import LaneState, admit, lanes_at_or_above, queue_position
@@ -74,7 +74,6 @@ def test_head_of_an_empty_lane_is_ignored() -> None:
     admit("normal", state, 10**9, max_queue_length=100, max_queue_wait_s=30)
 
 
-@settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(["high", "normal", "read"]), max_size=60))
 def test_positions_are_the_order_workers_take_sessions_in(events: list[str]) -> None:
     """Sessions join either lane and workers read the next one (the high lane first), in

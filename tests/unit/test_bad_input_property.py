@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from shared import envelope
@@ -53,8 +53,8 @@ queries = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
 @given(queries)
+@example("sample_rate=" + "9" * 4301)  # found by this test: int() refuses past 4,300 digits
 def test_any_query_string_gives_params_or_a_bad_request(query: str) -> None:
     try:
         params = parse_query(query)
@@ -101,7 +101,6 @@ def _json(value: Any) -> str:
     return json.dumps(value)
 
 
-@settings(max_examples=400, deadline=None)
 @given(st.lists(texts, min_size=1, max_size=4), st.booleans())
 def test_any_text_messages_give_a_message_or_a_protocol_error(
     messages: list[str], resuming: bool
@@ -115,7 +114,6 @@ def test_any_text_messages_give_a_message_or_a_protocol_error(
             return
 
 
-@settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=6))
 def test_any_audio_frames_give_chunks_in_order_or_a_protocol_error(frames: list[bytes]) -> None:
     session = ServerSession(SessionParams(), resuming=False)
@@ -187,8 +185,8 @@ def damaged(draw: st.DrawFn) -> bytes:
     return bytes(msgpack.packb(body))
 
 
-@settings(max_examples=500, deadline=None)
 @given(st.one_of(damaged(), st.binary(max_size=64), envelope_fields.map(msgpack.packb)))
+@example(msgpack.packb({"v": VERSION, "t": "audio", "seq": float("inf"), "pcm": b""}))  # found
 def test_any_stream_entry_gives_an_envelope_or_an_envelope_error(data: bytes) -> None:
     try:
         envelope.decode(data)

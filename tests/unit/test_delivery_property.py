@@ -13,7 +13,7 @@ caller does what gateway/connection.py does: it offers each live message, and wh
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.delivery import Delivery, Result
@@ -52,7 +52,6 @@ def stream_until(published: list[Result], upto: int, after: int) -> list[Result]
     ]
 
 
-@settings(max_examples=500, deadline=None)
 @given(sessions())
 def test_each_final_once_in_order_then_the_summary_whatever_pubsub_loses(
     case: tuple[list[Result], list[int], int, bool],

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.engine import SAMPLE_RATE, RawWord
@@ -59,7 +59,6 @@ def cases(draw: st.DrawFn) -> tuple[Layout, list[RawWord]]:
     return lay, draw(words_for(lay))
 
 
-@settings(max_examples=400, deadline=None)
 @given(cases())
 def test_no_word_is_ever_handed_to_an_utterance_it_could_not_come_from(
     case: tuple[Layout, list[RawWord]],
@@ -96,7 +95,6 @@ def test_no_word_is_ever_handed_to_an_utterance_it_could_not_come_from(
     assert handed == [t for t in order if t in set(handed)], "the engine's order changed"
 
 
-@settings(max_examples=200, deadline=None)
 @given(cases())
 def test_a_word_between_two_slots_sends_both_alone(case: tuple[Layout, list[RawWord]]) -> None:
     """Whenever a word starts in a guard outside the lead margin, or runs into the next

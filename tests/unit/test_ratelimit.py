@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.ratelimit import AudioRateLimit
@@ -80,7 +80,6 @@ def test_a_resumed_session_starts_with_what_it_has_left() -> None:
     assert not idle.take(2, 0.0)
 
 
-@settings(max_examples=400, deadline=None)
 @given(
     st.floats(1.0, 4.0),
     st.floats(0.5, 20.0),
@@ -104,7 +103,6 @@ def test_a_session_never_stores_more_than_burst_plus_rate_times_age(
             assert stored + taken <= (burst_s + rate * (age_s + now)) * BPS + 1e-6
 
 
-@settings(max_examples=300, deadline=None)
 @given(
     st.floats(1.0, 4.0),
     st.floats(0.5, 20.0),

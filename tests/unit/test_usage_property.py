@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.usage import SyncItem, UsageMeter
@@ -54,7 +54,6 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=400, deadline=None)
 @given(ops)
 def test_the_fleet_count_never_passes_what_was_stored_and_meets_it_once_synced(
     steps: list[tuple[object, ...]],
