@@ -152,6 +152,7 @@ class SessionTranscriber:
         self._clock = clock  # read once per ended utterance, for `Final.due_at`
         self._neg_threshold = max(options.vad_threshold - 0.15, 0.01)
         self._min_silence = int(options.min_silence_s * SAMPLE_RATE)
+        self._min_speech = int(MIN_SPEECH_S * SAMPLE_RATE)  # shorter: a blip, never decoded
         self._pad = int(options.speech_pad_s * SAMPLE_RATE)
         self._max_utt = int(options.max_utterance_s * SAMPLE_RATE)
         self._interim_every = int(options.interim_interval_s * SAMPLE_RATE)
@@ -209,13 +210,21 @@ class SessionTranscriber:
             self._vad_pos += whole
         self._trim()
 
-    def finalize(self) -> None:
+    def finalize(self, *, end_of_stream: bool = False) -> None:
         """End the open utterance now (client `finalize`, or end of stream).
 
         In a pause already long enough for an early final, the utterance ends where it
         would have had the silence gone on (so its early decode, if made, is its final):
-        the rest is judged silence, plus at most one VAD window not yet judged."""
+        the rest is judged silence, plus at most one VAD window not yet judged.
+
+        An utterance with less than MIN_SPEECH_S of speech so far stays open, unless the
+        stream ends: ended now it would be a blip, never decoded, and a `finalize` in the
+        first moments of a word would lose them (and, the word going on, its rest too:
+        one short word cut in two blips). Open, it joins the speech that follows, or
+        silence ends it as the blip it is."""
         if self._utt_start is None:
+            return
+        if not end_of_stream and self._last_speech_end - self._utt_start < self._min_speech:
             return
         paused = self._vad_pos - self._last_speech_end >= self._early_after > 0
         self._end_utterance(self._last_speech_end + self._tail if paused else self._total)
@@ -224,7 +233,7 @@ class SessionTranscriber:
         """No more audio: finalize what is open; `done` turns true once all is decoded."""
         if tail is not None and tail.size and not self.closing:
             self.push_audio(tail)
-        self.finalize()
+        self.finalize(end_of_stream=True)
         self.closing = True
 
     @property
@@ -282,7 +291,7 @@ class SessionTranscriber:
         end = min(end, self._total)
         speech = min(self._last_speech_end, end) - self._utt_start
         early, self._early_done, self._early_at = self._early_done, None, None
-        if speech >= MIN_SPEECH_S * SAMPLE_RATE and end > start:
+        if speech >= self._min_speech and end > start:
             if (
                 early is not None
                 and not self._pending
@@ -461,7 +470,7 @@ class SessionTranscriber:
             and not self._pending
             and self._early_at != self._last_speech_end
             and self._vad_pos - self._last_speech_end >= self._early_after
-            and self._last_speech_end - self._utt_start >= MIN_SPEECH_S * SAMPLE_RATE
+            and self._last_speech_end - self._utt_start >= self._min_speech
         )
 
     def _open_start(self) -> int:

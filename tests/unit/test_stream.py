@@ -624,3 +624,20 @@ def test_vad_only_sees_whole_windows() -> None:
     assert all(s % W == 0 and s > 0 for s in sizes)
     assert sum(sizes) == 3000 // W * W
     assert t.total_samples == 3000
+
+
+def test_finalize_early_in_a_word_keeps_its_start_for_the_rest() -> None:
+    """A `finalize` 64 ms into a 192 ms word: ended there, both halves would be blips and
+    the word lost (tests/unit/test_stream_property.py found it); the start stays open and
+    the word is one final. At the end of the stream a blip is still dropped."""
+    t = transcriber()
+    push(t, speech(2))
+    t.finalize()
+    assert t.next_request() is None
+    push(t, speech(4), silence(40))
+    finals = finals_of(t)
+    assert [(r.start, r.end) for r in finals] == [(0, 6 * W + PAD)]
+    t2 = transcriber()
+    push(t2, speech(2))
+    t2.close()
+    assert finals_of(t2) == [] and t2.done
