@@ -22,22 +22,11 @@ from hypothesis import strategies as st
 from shared import envelope
 from shared.envelope import VERSION
 from shared.errors import EnvelopeError, StreamscribeError
-from shared.protocol import ServerSession, SessionParams, parse_query
+from shared.protocol import QUERY_PARAMS, ServerSession, SessionParams, parse_query
 
 PROTOCOL_CLOSE_CODES = {1008, 1009, 4400, 4403}
 
-QUERY_NAMES = [
-    "sample_rate",
-    "encoding",
-    "channels",
-    "language",
-    "interim_results",
-    "model",
-    "session_id",
-    "priority",
-    "access_token",
-    "other",
-]
+QUERY_NAMES = [*sorted(QUERY_PARAMS), "other"]
 query_values = st.one_of(
     st.text(max_size=20),
     st.integers(-(2**70), 2**70).map(str),
