@@ -16,7 +16,7 @@ import wave
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -594,3 +594,35 @@ async def test_the_example_in_docs_client_md_runs(
     assert await namespace["main"](str(wav), str(tmp_path)) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\d+ finals, 1\.5s audio, 0 reconnect\(s\)$", out, re.M), out
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("max_reconnects", -1),
+        ("backoff_s", 0.0),
+        ("max_buffered_frames", 0),
+        ("keepalive_s", 0.0),
+        ("retain_acked_s", -0.001),
+        ("collect_after_limit_s", -0.001),
+    ],
+)
+def test_bad_sdk_settings_are_refused_and_their_edges_taken(setting: str, value: float) -> None:
+    """Each of the SDK's checked settings just past its edge raises ValueError naming it;
+    at the edge (0 where 0 is allowed, 1 frame, 1 ms) the session is built."""
+    url = "ws://127.0.0.1:9/v1/listen"  # never connected: only the settings are checked
+    with pytest.raises(ValueError, match=setting):
+        StreamingSession(url, **cast(dict[str, Any], {setting: value}))
+    edge = {
+        "max_reconnects": 0,
+        "backoff_s": 0.001,
+        "max_buffered_frames": 1,
+        "keepalive_s": 0.001,
+        "retain_acked_s": 0.0,
+        "collect_after_limit_s": 0.0,
+    }[setting]
+    session = StreamingSession(url, **cast(dict[str, Any], {setting: edge}))
+    if setting == "retain_acked_s":
+        assert session._retain_bytes == 0
+    else:
+        assert getattr(session, setting) == edge
