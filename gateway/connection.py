@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed, PayloadTooBig
 from websockets.protocol import State
 
 from gateway.admission import Admission
+from gateway.auth import authenticate, listed
 from gateway.ingest import BatcherClosed, IngestBatcher
 from gateway.pending import PendingQueue
 from gateway.relay import RECONCILE, Relay
@@ -57,7 +58,6 @@ from shared.errors import (
     RateLimited,
     SessionFailed,
     StreamscribeError,
-    Unauthorized,
 )
 from shared.fleet import Fleet
 from shared.keys import GatewayId, SessionId
@@ -358,28 +358,16 @@ class Connection:
             await self._resume(params)
 
     def _authenticate(self, params: SessionParams) -> None:
-        if not self.cfg.api_keys:
-            return
-        presented = params.access_token
-        header = self.ws.request.headers.get("Authorization") if self.ws.request else None
-        if header is not None:
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() == "bearer" and value:
-                presented = value.strip()
+        headers = self.ws.request.headers if self.ws.request else None
+        presented = authenticate(self.cfg.api_keys, headers, params.access_token)
         if presented is None:
-            raise Unauthorized(
-                "missing API key: send 'Authorization: Bearer <key>' or access_token"
-            )
-        if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.api_keys):
-            raise Unauthorized("invalid API key")
+            return
         if self.cfg.max_sessions_per_key:
             self.quota_key = key_id(presented)
         if self.ctx.usage is not None:
             self.usage_key = key_id(presented)
             self.ctx.usage.opened(self.usage_key)
-        if params.priority == "high" and not any(
-            hmac.compare_digest(presented.encode(), k.encode()) for k in self.cfg.high_priority_keys
-        ):
+        if params.priority == "high" and not listed(presented, self.cfg.high_priority_keys):
             raise BadRequest("priority=high is not allowed for this API key")
 
     async def _start_new(self, params: SessionParams) -> None:

@@ -1,5 +1,9 @@
 """The gateway process: WebSocket server, health endpoints, relay and heartbeat.
 
+One port serves: `/v1/listen` (live sessions, gateway/connection.py), `/v1/jobs` (file
+job uploads) and `GET /v1/jobs/<job_id>` (their results, plain HTTP; gateway/jobs.py),
+and `/healthz`, `/readyz`, `/metrics`.
+
 The gateway registers itself in `ss:gateways` every `heartbeat_s`; if it dies, the
 maintenance job (worker/maintenance.py) detaches the sessions it held so they can be
 resumed elsewhere or reaped. Reaping abandoned sessions is the maintenance job's work.
@@ -30,6 +34,7 @@ from websockets.http11 import Request, Response
 from gateway.admission import Admission
 from gateway.connection import Connection, GatewayContext, release_session
 from gateway.ingest import IngestBatcher
+from gateway.jobs import JOBS_PATH, Jobs, json_body
 from gateway.memory import Trimmed, TrimPolicy, fix_mmap_threshold, resident_mib, trim
 from gateway.relay import Relay
 from gateway.results import ResultsReader
@@ -38,6 +43,7 @@ from gateway.usage import UsageMeter
 from gateway.wsconn import GatewayServerConnection
 from shared.config import Config
 from shared.fleet import Fleet
+from shared.jobs import JobStore
 from shared.keys import GatewayId, client_name
 from shared.metrics import Metrics
 from shared.store import Store, connect
@@ -87,6 +93,7 @@ class Gateway:
                 else None
             ),
         )
+        self.jobs = Jobs(self.ctx, JobStore(self.redis))
         self._server: Server | None = None
         self._open = 0  # connections being handled
         self.heap_trim = TrimPolicy(config.heap_trim_drop)
@@ -170,7 +177,11 @@ class Gateway:
         self._open += 1
         self.heap_trim.opened(self._open)
         try:
-            await Connection(ws, self.ctx).run()
+            path = ws.request.path.split("?", 1)[0] if ws.request else LISTEN_PATH
+            if path == JOBS_PATH:
+                await self.jobs.upload(ws)
+            else:
+                await Connection(ws, self.ctx).run()
         finally:
             self._open -= 1
 
@@ -202,8 +213,14 @@ class Gateway:
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == LISTEN_PATH:
-            return None
+        if path in (LISTEN_PATH, JOBS_PATH):
+            return None  # the WebSocket handshake (`_handle`)
+        if path.startswith(JOBS_PATH + "/"):
+            status, body = await self.jobs.result(request.path, request.headers)
+            response = _respond(ws, status, json_body(body), "application/json")
+            if status == http.HTTPStatus.UNAUTHORIZED:
+                response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         if path == "/healthz":
             return _text(ws, http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -227,7 +244,10 @@ class Gateway:
             self.metrics.histogram("results_pipeline_seconds", self.results.round_trip)
             return _text(ws, http.HTTPStatus.OK, self.metrics.render())
         return _text(
-            ws, http.HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {LISTEN_PATH}\n"
+            ws,
+            http.HTTPStatus.NOT_FOUND,
+            f"not found; WebSocket endpoints are {LISTEN_PATH} (live streams) and "
+            f"{JOBS_PATH} (file jobs; results: GET {JOBS_PATH}/<job_id>)\n",
         )
 
     async def _readiness(self) -> tuple[bool, str]:
@@ -261,11 +281,17 @@ class Gateway:
 
 
 def _text(ws: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
+    return _respond(ws, status, body, "text/plain; charset=utf-8")
+
+
+def _respond(
+    ws: ServerConnection, status: http.HTTPStatus, body: str, content_type: str
+) -> Response:
     response = ws.respond(status, body)
     response.headers = Headers(
         [(k, v) for k, v in response.headers.raw_items() if k.lower() != "content-type"]
     )
-    response.headers["Content-Type"] = "text/plain; charset=utf-8"
+    response.headers["Content-Type"] = content_type
     return response
 
 

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     from shared.loadtest import add_loadtest_parser
 
     add_loadtest_parser(sub)
+
+    from shared.jobs_cli import add_jobs_parser
+
+    add_jobs_parser(sub)
     return parser
 
 
@@ -147,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from shared.loadtest import run_loadtest
 
             return run_loadtest(args)
+        if args.command == "jobs":
+            from shared.jobs_cli import run_jobs
+
+            return run_jobs(args)
         config = load_config(_config_args(args))
     except ConfigError as exc:
         parser.error(str(exc))

@@ -55,7 +55,8 @@ class Config:
     redis_max_connections: int = _opt(
         256,
         "Most connections to Redis one gateway or worker process opens (its pool, pub/sub "
-        "and kept connections included; a worker's maintenance job takes 4 of them). A "
+        "and kept connections included; a worker's maintenance job takes 4 of them, its "
+        "file jobs 2). A "
         "command that finds them all busy waits for one to come free (redis_pool_wait_s). "
         "0: no limit; else at least 16 (a process keeps up to 8 for itself: pub/sub, a "
         "blocking read, connections kept for hot paths).",
@@ -117,7 +118,10 @@ class Config:
         4096, "Largest JSON control message, bytes (larger: close 1009).", GATEWAY
     )
     idle_timeout_s: float = _opt(
-        30.0, "Close a session when no audio and no keepalive arrive for this long.", GATEWAY
+        30.0,
+        "Close a session, or a file job's upload, when no audio and no keepalive arrive "
+        "for this long.",
+        GATEWAY,
     )
     resume_grace_s: float = _opt(
         60.0,
@@ -157,6 +161,26 @@ class Config:
         "applies, seconds; windows are aligned on the Unix epoch (86400: UTC days). At "
         "least 60.",
         GATEWAY,
+    )
+    job_max_audio_s: float = _opt(
+        3600.0,
+        "Most audio one file job (`/v1/jobs`) may upload, seconds; one byte more: "
+        "bad_request and close 4400. The audio waits in Redis until the job is done, so "
+        "this also bounds the memory one job takes there (3600 s of 16 kHz pcm_s16le: "
+        "115 MB).",
+        GATEWAY,
+    )
+    job_max_queued: int = _opt(
+        100,
+        "Most file jobs waiting or running across the fleet; a job submitted beyond it: "
+        "overloaded and close 1013.",
+        GATEWAY,
+    )
+    job_ttl_s: float = _opt(
+        86400.0,
+        "How long a finished file job's result stays readable (GET /v1/jobs/<id>), and "
+        "how long an upload that was never submitted is kept, seconds.",
+        COMMON,
     )
     audio_burst_s: float = _opt(
         10.0,
@@ -201,7 +225,10 @@ class Config:
         GATEWAY,
     )
     queue_update_s: float = _opt(
-        1.0, "How often a waiting session's client is told its queue position, seconds.", GATEWAY
+        1.0,
+        "How often a waiting session's client is told its queue position, and a file job's "
+        "connected client its progress, seconds.",
+        GATEWAY,
     )
     ping_interval_s: float = _opt(20.0, "WebSocket ping interval, seconds.", GATEWAY)
     ping_timeout_s: float = _opt(20.0, "Close a connection whose pong is this late.", GATEWAY)
@@ -504,6 +531,33 @@ class Config:
     maintenance_interval_s: int = _opt(
         5, "Seconds between maintenance runs; must divide 60 (arq cron).", WORKER
     )
+    file_jobs: str = _opt(
+        "on",
+        "Transcribe file jobs (`/v1/jobs`, on arq) in this worker: on or off. They run at a "
+        "lower priority than live sessions: a file's decode starts only when no final or "
+        "interim waits, one at a time, and only while live decoding keeps the engine under "
+        "job_max_busy.",
+        WORKER,
+    )
+    job_max_busy: float = _opt(
+        0.5,
+        "A file job's next decode waits while live sessions' decodes keep the engine at "
+        "least this busy (fraction of its capacity over the load window), in (0, 1].",
+        WORKER,
+    )
+    job_slice_s: float = _opt(
+        60.0,
+        "Longest a file job runs on one worker before it queues its continuation behind "
+        "the other waiting jobs (so long files take turns and a crashed worker's job is "
+        "taken up again within about this long plus 30 s), seconds.",
+        WORKER,
+    )
+    job_max_tries: int = _opt(
+        3,
+        "Times a file job may be started after a failure or a worker crash before it is "
+        "marked failed.",
+        WORKER,
+    )
     worker_metrics: str = _opt(
         "",
         "HOST:PORT of the worker's HTTP endpoint: GET /metrics (its heartbeat's figures in "
@@ -574,6 +628,11 @@ class Config:
             "max_queue_wait_s",
             "queue_update_s",
             "maintenance_interval_s",
+            "job_max_audio_s",
+            "job_max_queued",
+            "job_ttl_s",
+            "job_slice_s",
+            "job_max_tries",
         )
         for name in positive:
             value = getattr(self, name)
@@ -682,12 +741,15 @@ class Config:
                 f"{_where('audio_budget_s')} counts audio per API key: it needs "
                 f"{_where('api_keys')}"
             )
+        if not 0 < self.job_max_busy <= 1:
+            raise ConfigError(f"{_where('job_max_busy')} must be in (0, 1]")
         if self.usage_window_s < 60:
             raise ConfigError(f"{_where('usage_window_s')} must be >= 60 s")
         if self.worker_metrics:
             host_port(self.worker_metrics, "worker_metrics")
         choices = {
             "maintenance": ("on", "off"),
+            "file_jobs": ("on", "off"),
             "device": ("auto", "cpu", "cuda"),
             "engine": ("whisper", "null"),
             "vad": ("silero", "energy"),

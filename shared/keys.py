@@ -15,6 +15,7 @@ from typing import NewType
 SessionId = NewType("SessionId", str)
 WorkerId = NewType("WorkerId", str)
 GatewayId = NewType("GatewayId", str)
+JobId = NewType("JobId", str)
 
 PREFIX = "ss"
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -96,6 +97,41 @@ DEADLETTER_MAXLEN = 10_000
 #: The arq queue of maintenance jobs (arq adds its own `arq:job:*`, `arq:in-progress:*`,
 #: `arq:result:*`, `arq:retry:*` keys; see docs/redis-layout.md).
 ARQ_QUEUE = f"{PREFIX}:arq:queue"
+
+# --- file jobs (one hash slot per job) ---------------------------------------------------
+# TTL: `job_ttl_s` while the audio is uploaded; none once submitted (the job is in `JOBS`);
+# `job_ttl_s` on the hash and segments once the job is done or failed (the audio is
+# deleted then). Written by the scripts in shared/scripts.py, JOB_* (shared/jobs.py).
+
+
+def job(jid: JobId) -> str:
+    """Hash: a file job's parameters, state, progress (`done_bytes`), epoch, error."""
+    return f"{PREFIX}:job:{{{jid}}}"
+
+
+def job_audio(jid: JobId) -> str:
+    """String: the job's uploaded audio, raw bytes in its declared format."""
+    return f"{PREFIX}:job:{{{jid}}}:audio"
+
+
+def job_segments(jid: JobId) -> str:
+    """List: the job's transcribed segments so far (msgpack, in order)."""
+    return f"{PREFIX}:job:{{{jid}}}:segments"
+
+
+def job_keys(jid: JobId) -> tuple[str, str, str]:
+    """Every key of one job: hash, audio, segments (the order the JOB_* scripts take)."""
+    return job(jid), job_audio(jid), job_segments(jid)
+
+
+#: Sorted set: job_id -> unix ms of its submission, for every file job submitted and not
+#: yet done or failed; its size is what `job_max_queued` bounds, a job's rank its
+#: position.
+JOBS = f"{PREFIX}:jobs"
+
+#: The arq queue of file jobs (separate from maintenance's, so that a long file never
+#: holds up a maintenance tick); its arq job IDs are `file:<job_id>:<done_bytes>:<epoch>`.
+JOBS_ARQ_QUEUE = f"{PREFIX}:arq:jobs"
 
 #: Sorted set: worker_id -> last heartbeat (unix ms). Entries older than
 #: `worker_alive_s` are dead workers; the heartbeat removes very old ones.

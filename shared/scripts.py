@@ -287,3 +287,76 @@ if lag == 0 then return {read, read, ''} end
 local first = redis.call('XRANGE', KEYS[1], after, '+', 'COUNT', 1)
 return {read + lag, read, first[1] and first[1][1] or ''}
 """
+
+# --- file jobs (shared/jobs.py) ---------------------------------------------------------
+# Each touches one job's keys only: KEYS = job hash, audio, segments (keys.job_keys).
+
+# ARGV: data, max_bytes, ttl_ms. Appends uploaded audio while the job is `uploading`,
+# renewing the upload's expiry. Returns the audio's new size, -1 if it would pass
+# max_bytes (nothing appended), -2 if the job is not being uploaded.
+JOB_APPEND = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'uploading' then return -2 end
+local size = redis.call('STRLEN', KEYS[2])
+if size + string.len(ARGV[1]) > tonumber(ARGV[2]) then return -1 end
+size = redis.call('APPEND', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'audio_bytes', size)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return size
+"""
+
+# ARGV: now_ms. Ends the upload: state `queued`, and no expiry until the job is finished.
+# Returns 1, or -1 if the job is not being uploaded.
+JOB_SUBMIT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'uploading' then return -1 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'submitted_ms', ARGV[1])
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""
+
+# ARGV: worker, now_ms. A run takes the job: state `running`, a new epoch (fencing
+# token), one more run. Returns {epoch, done_bytes}, or {0, 0} if the job is unknown,
+# still uploading, or finished.
+JOB_START = """
+local m = redis.call('HMGET', KEYS[1], 'state', 'done_bytes')
+if m[1] ~= 'queued' and m[1] ~= 'running' then return {0, 0} end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HINCRBY', KEYS[1], 'runs', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[2])
+return {epoch, tonumber(m[2] or '0')}
+"""
+
+# ARGV: epoch, from_bytes, to_bytes, then each segment (msgpack). Records the segments of
+# audio [from_bytes, to_bytes) if the run still holds the job (its epoch) and the job's
+# progress is at from_bytes. Returns 1, or 0 (nothing written).
+JOB_PROGRESS = """
+local m = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'done_bytes')
+if m[1] ~= 'running' or m[2] ~= ARGV[1] or m[3] ~= ARGV[2] then return 0 end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'done_bytes', ARGV[3])
+return 1
+"""
+
+# KEYS: job hash. ARGV: arq job ID. Records the job's latest queued run, if the job exists.
+JOB_QUEUED_RUN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'queued_run', ARGV[1])
+return 1
+"""
+
+# ARGV: epoch (-1: any run), state (`done` or `failed`), error, now_ms, ttl_ms. Finishes
+# the job: drops its audio; the hash and segments expire after ttl_ms. Returns 1, or 0
+# if the job is unknown, finished already, or held by another epoch.
+JOB_FINISH = """
+local m = redis.call('HMGET', KEYS[1], 'state', 'epoch')
+if not m[1] or m[1] == 'done' or m[1] == 'failed' or m[1] == 'uploading' then return 0 end
+if ARGV[1] ~= '-1' and m[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_ms', ARGV[4])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+redis.call('DEL', KEYS[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return 1
+"""

@@ -4,8 +4,8 @@ It answers what docs/redis-layout.md answers with `redis-cli` recipes: how many 
 wait for a worker in each dispatch lane, which workers are alive and how much each holds,
 how far each is behind, which gateways are alive or dead and how many sessions each holds,
 which sessions wait for their client, how many sessions each API key holds against
-`max_sessions_per_key`, how much audio each API key stored per usage window, which
-sessions were dead-lettered and why, and
+`max_sessions_per_key`, how much audio each API key stored per usage window, which file
+jobs wait or run and how far each is, which sessions were dead-lettered and why, and
 (`--session ID`) who owns one session and where it stands.
 
 The command is four modules:
@@ -49,6 +49,7 @@ from shared.status_collect import (
     collect_detached,
     collect_dispatch,
     collect_gateways,
+    collect_jobs,
     collect_quotas,
     collect_server,
     collect_session,
@@ -68,6 +69,7 @@ from shared.status_render import (
     render_detached,
     render_dispatch,
     render_gateways,
+    render_jobs,
     render_quotas,
     render_report,
     render_server,
@@ -112,6 +114,7 @@ FLEET_SECTIONS: tuple[Section, ...] = (
     Section("detached", collect_detached, render_detached),
     Section("quotas", collect_quotas, render_quotas),
     Section("usage", collect_usage, render_usage),
+    Section("jobs", collect_jobs, render_jobs),
     Section("deadletter", collect_deadletter, render_deadletter),
 )
 SESSION_SECTION = Section(SESSION_SECTION_NAME, collect_session, render_session)

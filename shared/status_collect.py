@@ -26,6 +26,8 @@ from shared.status_model import (
     DispatchInfo,
     GatewayRow,
     GatewaysInfo,
+    JobRow,
+    JobsInfo,
     LaneInfo,
     Query,
     QuotaRow,
@@ -287,6 +289,45 @@ async def collect_usage(p: Probe) -> UsageInfo:
         rows.append(UsageRow(key_id, window, sum(int(v) for v in fields) / 1e6, len(fields)))
     rows.sort(key=lambda row: (-row.window, -row.audio_s, row.key_id))
     return UsageInfo(len(rows), tuple(rows[: p.query.limit]))
+
+
+async def collect_jobs(p: Probe) -> JobsInfo:
+    """File jobs not yet finished, oldest first, with each one's progress."""
+    from shared.jobs import JobParams
+    from shared.keys import JobId
+
+    pipe = p.redis.pipeline(transaction=False)
+    pipe.zcard(keys.JOBS)
+    pipe.zcard(keys.JOBS_ARQ_QUEUE)
+    pipe.zrange(keys.JOBS, 0, p.query.limit - 1, withscores=True)
+    unfinished, arq_queued, first = await pipe.execute()
+    pipe = p.redis.pipeline(transaction=False)
+    for jid, _ in first:
+        pipe.hgetall(keys.job(JobId(_s(jid))))
+    hashes = await pipe.execute() if first else []
+    rows = []
+    for (jid, submitted), raw in zip(first, hashes, strict=True):
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        if not h:
+            continue  # finished and expired between the two reads
+        params = JobParams(
+            sample_rate=_int(h.get("sample_rate")) or 16000,
+            encoding=h.get("encoding") or "pcm_s16le",
+            channels=_int(h.get("channels")) or 1,
+        )
+        rows.append(
+            JobRow(
+                job_id=_s(jid),
+                state=h.get("state", "?"),
+                name=h.get("name", ""),
+                audio_s=params.seconds(_int(h.get("audio_bytes")) or 0),
+                done_s=params.seconds(_int(h.get("done_bytes")) or 0),
+                waited_ms=max(0, p.now_ms - int(submitted)),
+                worker=h.get("worker", ""),
+                runs=_int(h.get("runs")) or 0,
+            )
+        )
+    return JobsInfo(int(unfinished), int(arq_queued), tuple(rows))
 
 
 async def collect_gateways(p: Probe) -> GatewaysInfo:

@@ -166,6 +166,28 @@ class UsageInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class JobRow:
+    job_id: str
+    state: str  # queued or running
+    name: str
+    audio_s: float  # the job's audio
+    done_s: float  # of which transcribed
+    waited_ms: int  # since it was submitted
+    worker: str  # the worker of its latest run ("" before the first)
+    runs: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobsInfo:
+    """File jobs waiting or running (ss:jobs, oldest first, each job's ss:job:{<id>}
+    hash) and the arq runs queued for them (ss:arq:jobs)."""
+
+    unfinished: int  # jobs in ss:jobs
+    arq_queued: int  # arq runs queued (one per waiting job or continuation)
+    rows: tuple[JobRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DetachedRow:
     session_id: str
     deadline_in_ms: int  # negative: overdue, the next maintenance run abandons it

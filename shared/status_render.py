@@ -19,6 +19,7 @@ from shared.status_model import (
     DetachedInfo,
     DispatchInfo,
     GatewaysInfo,
+    JobsInfo,
     QuotasInfo,
     Report,
     SectionError,
@@ -244,6 +245,31 @@ def render_usage(info: UsageInfo, _now_ms: int) -> list[str]:
     lines += _table(["KEY ID", "WINDOW FROM (UTC)", "AUDIO S", "GATEWAYS"], rows)
     if info.hashes > len(info.rows):
         lines.append(f"  ... and {info.hashes - len(info.rows)} more")
+    return lines
+
+
+def render_jobs(info: JobsInfo, _now_ms: int) -> list[str]:
+    if not info.unfinished:
+        return [f"jobs      no file job waiting or running ({info.arq_queued} arq run(s) queued)"]
+    lines = [
+        f"jobs      {info.unfinished} file job(s) waiting or running, oldest first "
+        f"({info.arq_queued} arq run(s) queued)"
+    ]
+    rows = [
+        [
+            r.job_id,
+            r.state,
+            r.name[:30],
+            f"{r.done_s:.0f}/{r.audio_s:.0f}",
+            f"{r.waited_ms / 1000:.0f}",
+            r.worker or "-",
+            str(r.runs),
+        ]
+        for r in info.rows
+    ]
+    lines += _table(["JOB", "STATE", "NAME", "DONE/AUDIO S", "AGE S", "WORKER", "RUNS"], rows)
+    if info.unfinished > len(info.rows):
+        lines.append(f"  ... and {info.unfinished - len(info.rows)} more")
     return lines
 
 

@@ -43,6 +43,7 @@ COUNTERS = frozenset(
         "engine_busy_s",
         "decodes_final",
         "decodes_interim",
+        "decodes_file",
         "interims_dropped_stale",
         "interims_dropped_load",
         "interims_set_aside",

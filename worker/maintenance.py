@@ -11,7 +11,9 @@ One run does, in order:
 1. detach the sessions of gateways that died without a word (their resume grace starts);
 2. reap sessions whose resume grace ended (close mark `abandoned`; a worker finalizes);
 3. dead-letter sessions delivered to workers more than `max_session_attempts` times;
-4. trim acknowledged history off the dispatch stream (MINID below anything pending).
+4. trim acknowledged history off the dispatch stream (MINID below anything pending);
+5. reconcile file jobs (`JobStore.reconcile`): forget finished or failed submits in
+   `ss:jobs`, and queue a new run for a waiting job whose arq run is gone.
 Audio streams are trimmed by the worker as finals commit (PUBLISH_FINAL, MINID at the
 checkpoint) and closed sessions' keys expire after `session_ttl_s`.
 """
@@ -32,6 +34,7 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.config import Config
 from shared.fleet import Fleet
+from shared.jobs import JobStore
 from shared.store import connection_pool
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 # worker's own pool gets the rest. arq polls its queue and the job runs its commands one at
 # a time, so it rarely has more than two in flight; a command beyond the limit waits.
 MAINTENANCE_CONNECTIONS = 4
+# How long after its submit a file job must be before `JobStore.reconcile` repairs it: far
+# longer than the moment between a submit's writes.
+JOB_GRACE_MS = 60_000
 
 
 def serialize(job: dict[str, Any]) -> bytes:
@@ -62,12 +68,17 @@ async def run_maintenance(fleet: Fleet, config: Config) -> dict[str, int]:
     for d in dead:
         log.warning("session %s dead-lettered: %s", d.session_id, d.why)
     trimmed = await fleet.trim_dispatch()
+    jobs = await JobStore(fleet.redis).reconcile(grace_ms=JOB_GRACE_MS)
+    if jobs["requeued"]:
+        log.warning("file jobs: %d without a queued run were queued again", jobs["requeued"])
     return {
         "dead_gateways": len(gone),
         "detached": sum(len(s) for s in gone.values()),
         "abandoned": len(reaped),
         "dead_lettered": len(dead),
         "dispatch_trimmed": trimmed,
+        "jobs_removed": jobs["removed"],
+        "jobs_requeued": jobs["requeued"],
     }
 
 

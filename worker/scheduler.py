@@ -27,6 +27,15 @@ tiny.en's small matrices poorly).
 
 A dropped interim is answered with None; the session asks again after more audio.
 
+File jobs (worker/filejobs.py) decode through the same queue as a third kind, `file`,
+below everything live: a file decode starts only when no final or due interim waits, no
+other file decode runs, and the live decodes have kept the engine under
+`file_max_busy` over the load window (`job_max_busy`). One that may not start yet stays
+queued, and the shell looks again every `FILE_RECHECK_S` (nothing else would wake it
+when the load falls). File decodes are left out of both load meters: they must neither
+shed interims nor close the claim gate, which measure what live sessions ask. A file
+decode is never packed or batched with another decode.
+
 For the worker's claim gate (worker/claimgate.py) the queue also measures what finals
 alone ask of the engine: their share of its capacity over the load window (`final_load`)
 and how long they wait for it (`final_wait_s`).
@@ -43,6 +52,7 @@ with finals); an interim that cannot be attributed is skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import itertools
@@ -53,22 +63,30 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from shared.config import Config
 from shared.metrics import Histogram
-from worker.engine import SAMPLE_RATE, Engine, Segment, batch_engine
+from worker.engine import SAMPLE_RATE, Audio, Engine, Segment, batch_engine
 from worker.packing import MIN_GUARD_S, layout, pack_audio, packed_samples, split
 from worker.stream import DecodeRequest
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+#: What a live session asks for (`DecodeRequest.kind`).
 Kind = Literal["final", "interim"]
+#: What the queue decodes: a session's final or interim, or a window of a file job.
+JobKind = Literal["final", "interim", "file"]
 T = TypeVar("T")
 R = TypeVar("R")
 
 LOAD_WINDOW_S = 4.0  # long enough to smooth single decodes (~0.3 s), short enough to react
+# How often the shell looks again at a file decode that the live load holds back: the
+# load falls as time passes, with no event to say so.
+FILE_RECHECK_S = 0.25
+# The queue order of each kind (lower first); -1 is a pack's final put back to go alone.
+_PRIORITY: dict[JobKind, int] = {"final": 0, "interim": 1, "file": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +259,9 @@ class PackPolicy:
 
 @dataclass(order=True)
 class Job(Generic[T]):
-    priority: int  # 0: final, 1: interim
+    priority: int  # -1: a pack's final to decode alone, 0: final, 1: interim, 2: file
     order: int  # arrival order among all jobs
-    kind: Kind = field(compare=False)
+    kind: JobKind = field(compare=False)
     session: str = field(compare=False)
     queued_at: float = field(compare=False)
     payload: T = field(compare=False)
@@ -266,6 +284,7 @@ class QueueCounters:
     pack_retries: int = 0  # finals of a pack that had to be decoded again alone
     batches: int = 0  # batched engine calls: several sessions' windows stacked
     batched: int = 0  # finals and interims decoded in those calls
+    file: int = 0  # file jobs' windows decoded (worker/filejobs.py)
 
 
 @dataclass
@@ -274,8 +293,8 @@ class QueueTimings:
     `/metrics`: docs/architecture.md, *Worker metrics*)."""
 
     # Each engine call, start to end, by its kind: a packed or batched call counts once.
-    engine_call: dict[Kind, Histogram] = field(
-        default_factory=lambda: {"final": Histogram(), "interim": Histogram()}
+    engine_call: dict[JobKind, Histogram] = field(
+        default_factory=lambda: {"final": Histogram(), "interim": Histogram(), "file": Histogram()}
     )
     # Each final, from its push to the start of its first decode (a pack's final decoded
     # again alone is not counted twice).
@@ -292,9 +311,15 @@ class DecodeQueue(Generic[T]):
         *,
         load_window_s: float = LOAD_WINDOW_S,
         concurrency: int = 1,
+        file_max_busy: float = 0.5,
     ) -> None:
+        if not 0 < file_max_busy <= 1:
+            raise ValueError(f"need 0 < file_max_busy <= 1, got {file_max_busy}")
         self.policy = policy
         self.clock = clock
+        # A file decode starts only while the live load is under this (`job_max_busy`).
+        self.file_max_busy = file_max_busy
+        self.files_running = 0  # file decodes in the engine now (at most one)
         self.load = LoadMeter(load_window_s, concurrency)
         # The same for finals alone: the work the engine must do (interims fill what is
         # left), and so the measure of how close the worker is to its capacity.
@@ -317,13 +342,17 @@ class DecodeQueue(Generic[T]):
     def finals_waiting(self) -> int:
         return sum(1 for job in self._heap if job.kind == "final")
 
-    def push(self, kind: Kind, session: str, payload: T, *, unseen_s: float = 0.0) -> Job[T]:
+    @property
+    def files_waiting(self) -> int:
+        return sum(1 for job in self._heap if job.kind == "file")
+
+    def push(self, kind: JobKind, session: str, payload: T, *, unseen_s: float = 0.0) -> Job[T]:
         """Queue a decode. `unseen_s`, for an interim: seconds of its utterance's audio
         since the client last saw text of it (see `InterimPolicy.floor_s`)."""
         now = self.clock()
         if kind == "interim":
             self._last_interim.setdefault(session, now - self.policy.interval_s)
-        priority = 0 if kind == "final" else 1
+        priority = _PRIORITY[kind]
         job = Job(priority, next(self._order), kind, session, now, payload, unseen_s=unseen_s)
         heapq.heappush(self._heap, job)
         return job
@@ -339,10 +368,32 @@ class DecodeQueue(Generic[T]):
             job = heapq.heappop(self._heap)
             if job.kind == "final":
                 return job, dropped
+            if job.kind == "file":
+                # Files come last: no final and no due interim is left (those not due
+                # were dropped on the way).
+                if self.file_may_start(now):
+                    return job, dropped
+                heapq.heappush(self._heap, job)  # not yet: it keeps its place
+                return None, dropped
             if self._interim_due(job, now, dropped):
                 self._last_interim[job.session] = job.queued_at
                 return job, dropped
         return None, dropped
+
+    def file_may_start(self, now: float) -> bool:
+        """Whether a file decode may start now (no final or due interim waiting aside):
+        no other file decode runs, and live decodes keep the engine under
+        `file_max_busy`."""
+        return self.files_running == 0 and self.load.busy_fraction(now) < self.file_max_busy
+
+    def withdraw(self, job: Job[T]) -> bool:
+        """Take `job` off the queue if it has not started; whether it was there."""
+        kept = [j for j in self._heap if j is not job]
+        if len(kept) == len(self._heap):
+            return False
+        self._heap = kept
+        heapq.heapify(self._heap)
+        return True
 
     def _interim_due(self, job: Job[T], now: float, dropped: list[Job[T]]) -> bool:
         """Whether a popped interim may run now; if not it is counted and put in `dropped`."""
@@ -424,6 +475,10 @@ class DecodeQueue(Generic[T]):
 
     def started(self, job: Job[T], others: Sequence[Job[T]] = ()) -> None:
         """`job` (with `others` in the same engine call) starts decoding."""
+        if job.kind == "file":  # not live work: in neither load meter
+            job.started_at = self.clock()
+            self.files_running += 1
+            return
         job.started_at = self.load.started(self.clock())
         if job.kind == "final":
             self.final_load.started(job.started_at)
@@ -448,8 +503,12 @@ class DecodeQueue(Generic[T]):
     def finished(self, job: Job[T], count: int = 1) -> None:
         """`job`'s engine call (with `count` jobs in all) ended, in success or failure."""
         now = self.clock()
-        self.load.finished(now, job.started_at)
         self.timings.engine_call[job.kind].observe(now - job.started_at)
+        if job.kind == "file":
+            self.files_running -= 1
+            self.counters.file += count
+            return
+        self.load.finished(now, job.started_at)
         if job.kind == "final":
             self.final_load.finished(now, job.started_at)
             self.counters.final += count
@@ -470,7 +529,8 @@ _Future = asyncio.Future[list[Segment] | None]
 
 @dataclass(frozen=True, slots=True)
 class _Work:
-    request: DecodeRequest
+    audio: Audio
+    prompt: str
     language: str | None
     future: _Future
 
@@ -490,6 +550,7 @@ class Scheduler:
         clock: Clock = time.monotonic,
         load_window_s: float = LOAD_WINDOW_S,
         concurrency: int = 1,
+        file_max_busy: float = 0.5,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -506,7 +567,11 @@ class Scheduler:
         self._batcher = None if self._packs else batch_engine(engine)
         self.batch = batch if self._batcher is not None else 1
         self.queue: DecodeQueue[_Work] = DecodeQueue(
-            policy, clock, load_window_s=load_window_s, concurrency=concurrency
+            policy,
+            clock,
+            load_window_s=load_window_s,
+            concurrency=concurrency,
+            file_max_busy=file_max_busy,
         )
         self._clock = clock
         self._wake = asyncio.Event()
@@ -551,11 +616,42 @@ class Scheduler:
     ) -> list[Segment] | None:
         """Segments of the request's audio; None when an interim was dropped."""
         future: _Future = asyncio.get_running_loop().create_future()
-        self.queue.push(
-            request.kind, session, _Work(request, language, future), unseen_s=request.unseen_s
-        )
+        work = _Work(request.audio, request.prompt, language, future)
+        self.queue.push(request.kind, session, work, unseen_s=request.unseen_s)
         self._wake.set()
         return await future
+
+    async def decode_file(
+        self,
+        audio: Audio,
+        *,
+        language: str | None,
+        prompt: str,
+        timeout_s: float,
+        give_up: asyncio.Event | None = None,
+    ) -> list[Segment] | None:
+        """Segments of one window of a file job, decoded at the lowest priority (see the
+        module docstring), alone, with word times and the worker's beam. None when it
+        could not start within `timeout_s`, or before `give_up` was set: it is then taken
+        off the queue. Once started it runs to its end, however long that takes.
+        Cancelled while queued, it is withdrawn."""
+        future: _Future = asyncio.get_running_loop().create_future()
+        job = self.queue.push("file", "", _Work(audio, prompt, language, future))
+        self._wake.set()
+        stop = asyncio.ensure_future(give_up.wait()) if give_up is not None else None
+        try:
+            waits: set[asyncio.Future[Any]] = {future} if stop is None else {future, stop}
+            first = asyncio.FIRST_COMPLETED
+            await asyncio.wait(waits, timeout=max(0.0, timeout_s), return_when=first)
+            if not future.done() and self.queue.withdraw(job):
+                future.cancel()
+                return None
+            return await future  # done, or started meanwhile: its end is not far
+        finally:
+            if stop is not None:
+                stop.cancel()
+            if self.queue.withdraw(job):  # cancelled while queued
+                future.cancel()
 
     def withdraw_interim(self, session: str) -> bool:
         """Answer the session's queued interim None at once, if it has not started; whether
@@ -577,7 +673,9 @@ class Scheduler:
             except BaseException:
                 self._free.release()
                 raise
-            if self.batch > 1:
+            if job.kind == "file":  # never shares a call
+                decode = self._decode_file(job)
+            elif self.batch > 1:
                 more = self._batch_with(job)
                 decode = self._decode_batch([job, *more]) if more else self._decode_one(job)
             else:
@@ -596,7 +694,11 @@ class Scheduler:
                     gone.payload.future.set_result(None)
             if job is None:
                 self._wake.clear()
-                await self._wake.wait()
+                if self.queue.files_waiting:  # held back by the load: look again soon
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), FILE_RECHECK_S)
+                else:
+                    await self._wake.wait()
                 continue
             if job.payload.future.done():  # the session went away
                 continue
@@ -618,7 +720,7 @@ class Scheduler:
 
         def fits(more: list[Job[_Work]]) -> bool:
             return all(j.payload.language == language for j in more) and self.pack.fits(
-                [len(j.payload.request.audio) for j in (job, *more)]
+                [len(j.payload.audio) for j in (job, *more)]
             )
 
         return self._take_more(job, fits, self.pack.max_items - 1)
@@ -631,8 +733,7 @@ class Scheduler:
 
         def fits(more: list[Job[_Work]]) -> bool:
             return all(
-                j.payload.language == first.language
-                and j.payload.request.prompt == first.request.prompt
+                j.payload.language == first.language and j.payload.prompt == first.prompt
                 for j in more
             )
 
@@ -659,11 +760,11 @@ class Scheduler:
         assert self._batcher is not None  # batches are made only with a batching engine
         call = functools.partial(
             self._batcher.transcribe_batch,
-            [j.payload.request.audio for j in jobs],
+            [j.payload.audio for j in jobs],
             language=jobs[0].payload.language,
             word_timestamps=final,
             beam_size=self.beam_size if final else 1,  # as `_decode_one`
-            prompt=jobs[0].payload.request.prompt,
+            prompt=jobs[0].payload.prompt,
         )
         results = await self._run_engine(jobs[0], call, len(jobs), others=jobs[1:])
         if results is None:
@@ -679,11 +780,26 @@ class Scheduler:
         final = job.kind == "final"
         call = functools.partial(
             self.engine.transcribe,
-            work.request.audio,
+            work.audio,
             language=work.language,
             word_timestamps=final,
             beam_size=self.beam_size if final else 1,
-            prompt=work.request.prompt,
+            prompt=work.prompt,
+        )
+        segments = await self._run_engine(job, call, 1)
+        if segments is not None and not work.future.done():
+            work.future.set_result(segments)
+
+    async def _decode_file(self, job: Job[_Work]) -> None:
+        """A file job's window: alone, with word times and the full beam (as a final)."""
+        work = job.payload
+        call = functools.partial(
+            self.engine.transcribe,
+            work.audio,
+            language=work.language,
+            word_timestamps=True,
+            beam_size=self.beam_size,
+            prompt=work.prompt,
         )
         segments = await self._run_engine(job, call, 1)
         if segments is not None and not work.future.done():
@@ -692,7 +808,7 @@ class Scheduler:
     async def _decode_pack(self, jobs: list[Job[_Work]]) -> None:
         """One engine call for several sessions' finals (or interims). A final that cannot
         be attributed goes again alone; such an interim is skipped (answered None)."""
-        audios = [j.payload.request.audio for j in jobs]
+        audios = [j.payload.audio for j in jobs]
         lay = layout([len(a) for a in audios], int(self.pack.guard_s * SAMPLE_RATE))
         call = functools.partial(
             self.engine.transcribe_words,

@@ -11,7 +11,9 @@ Loops (all on one event loop; decoding and VAD run in threads):
   pending dispatch entries (XCLAIM JUSTID resets their idle time: a live owner's entries
   never look idle);
 - heartbeat: registers the worker and its capacity in `ss:workers`;
-- maintenance: an arq worker running the fleet's periodic jobs (worker/maintenance.py).
+- maintenance: an arq worker running the fleet's periodic jobs (worker/maintenance.py);
+- file jobs: an arq worker transcribing whole files through the same scheduler, behind
+  every live decode (worker/filejobs.py).
 Every publish goes through a Lua script that checks the lease token (fencing): a worker
 that lost its lease cannot publish anything.
 """
@@ -52,6 +54,7 @@ from worker.claimgate import ClaimGate, ClaimPolicy
 from worker.endpoint import Endpoint
 from worker.endpoint import render as render_metrics
 from worker.engine import SAMPLE_RATE, Engine, load_engine, make_vad
+from worker.filejobs import FILE_JOBS_CONNECTIONS, FileJobs
 from worker.maintenance import MAINTENANCE_CONNECTIONS, Maintenance
 from worker.scheduler import InterimPolicy, PackPolicy, Scheduler
 from worker.stream import DecodeRequest, Final, Interim, Output, SessionTranscriber, StreamOptions
@@ -167,6 +170,7 @@ class Worker:
         self._contested: dict[bytes, tuple[str, dict[bytes, bytes], float]] = {}
         self._takeover_cursor: dict[str, bytes] = {}
         self.maintenance: Maintenance | None = None
+        self.filejobs: FileJobs | None = None
         self.endpoint: Endpoint | None = None
         self.takeovers = 0
         self.early_decodes = 0  # early finals decoded (see worker/stream.py)
@@ -228,6 +232,7 @@ class Worker:
                 self.config.decode_threads,
                 getattr(self.engine, "workers", self.config.decode_threads),
             ),
+            file_max_busy=self.config.job_max_busy,
         )
         if self.slots == 0:
             await self._calibrate_slots()
@@ -267,6 +272,16 @@ class Worker:
                 self.redis_connections()[1],
             )
             self.maintenance.start()
+        if self.config.file_jobs == "on":
+            self.filejobs = FileJobs(
+                self.config,
+                self.config.require_redis_url(),
+                self.scheduler,
+                self.worker_id,
+                keys.client_name("filejobs", self.worker_id),
+                self.redis_connections()[2],
+            )
+            self.filejobs.start()
         log.info(
             "worker %s ready: engine %s, %d slots",
             self.worker_id,
@@ -274,13 +289,16 @@ class Worker:
             self.slots,
         )
 
-    def redis_connections(self) -> tuple[int, int]:
-        """The most Redis connections of the worker's own pool and of its maintenance
-        pool (0: no limit): together at most `redis_max_connections`."""
+    def redis_connections(self) -> tuple[int, int, int]:
+        """The most Redis connections of the worker's own pool, of its maintenance pool
+        and of its file jobs' pool (0: no limit): together at most
+        `redis_max_connections`."""
         limit = self.config.redis_max_connections
-        if limit == 0 or self.config.maintenance != "on":
-            return limit, 0
-        return limit - MAINTENANCE_CONNECTIONS, MAINTENANCE_CONNECTIONS
+        if limit == 0:
+            return 0, 0, 0
+        maintenance = MAINTENANCE_CONNECTIONS if self.config.maintenance == "on" else 0
+        files = FILE_JOBS_CONNECTIONS if self.config.file_jobs == "on" else 0
+        return limit - maintenance - files, maintenance, files
 
     def slots_text(self) -> str:
         """How many sessions this worker serves at once, and where the number comes from."""
@@ -348,6 +366,10 @@ class Worker:
         """
         log.info("worker %s stopping", self.worker_id)
         self._closing.set()  # loops finish their current Redis call and return
+        # A file job's run ends at its window's end meanwhile (it needs the scheduler).
+        files_stopped = (
+            asyncio.create_task(self.filejobs.stop()) if self.filejobs is not None else None
+        )
         if self.maintenance is not None:
             await self.maintenance.stop()
         _done, pending = await asyncio.wait(self._tasks, timeout=2.0) if self._tasks else ((), ())
@@ -372,6 +394,8 @@ class Worker:
             for s in released:
                 log.info("session %s released for another worker", s.sid)
             await self.store.unregister(self.worker_id)
+        if files_stopped is not None:
+            await files_stopped
         if self.scheduler is not None:
             await self.scheduler.close()
         self._cpu.shutdown(wait=True, cancel_futures=True)
@@ -1051,6 +1075,7 @@ class Worker:
             "engine_call_s": round(self.scheduler.mean_call_s() or 0.0, 3),
             "decodes_final": c.final,
             "decodes_interim": c.interim,
+            "decodes_file": c.file,
             "interims_dropped_stale": c.interim_stale,
             "interims_dropped_load": c.interim_shed,
             "interims_set_aside": self.interims_set_aside,

@@ -28,11 +28,13 @@ async def test_gateway_and_worker_connections_carry_their_names(
     # The pub/sub connection, the audio path's kept connection, and the pool's others.
     assert names.count(gateway) >= 2
     assert names.count(worker) >= 2
-    # The worker's maintenance job (arq) has a pool of its own, named too.
+    # The worker's maintenance job and file jobs (arq) have pools of their own, named too.
     maintenance = f"ss-maintenance:{svc.worker.worker_id}"
     await until(lambda: _named(redis, maintenance), "the maintenance pool to connect")
+    filejobs = f"ss-filejobs:{svc.worker.worker_id}"
+    await until(lambda: _named(redis, filejobs), "the file jobs' pool to connect")
     # Only the test's own client is unnamed.
-    others = {n for n in names if n not in (gateway, worker, maintenance)}
+    others = {n for n in names if n not in (gateway, worker, maintenance, filejobs)}
     assert others <= {""}, others
 
 

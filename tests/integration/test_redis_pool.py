@@ -95,9 +95,9 @@ async def test_a_service_at_the_smallest_limit_serves_sessions(
     service_factory: ServiceFactory,
 ) -> None:
     """Gateway and worker with `redis_max_connections` at its minimum serve two sessions
-    at once, start to finish, the worker's maintenance job taking 4 of its 16 (none with
-    maintenance off); a limit under the minimum (other than 0) is refused, naming the
-    flag, as is a wait that is not positive."""
+    at once, start to finish, the worker's maintenance job taking 4 of its 16 and its file
+    jobs 2 (none for either when off); a limit under the minimum (other than 0) is
+    refused, naming the flag, as is a wait that is not positive."""
     svc = await service_factory(redis_max_connections=MIN_REDIS_CONNECTIONS)
     audio = fixture("s1.wav")
     outs = await asyncio.wait_for(
@@ -106,16 +106,24 @@ async def test_a_service_at_the_smallest_limit_serves_sessions(
     for out in outs:
         assert out.code == 1000, (out.code, out.reason)
         assert out.of_type("session.closed")
-    # The worker's maintenance job shares the limit: 4 of the 16, the worker's pool 12.
+    # The worker's maintenance job and file jobs share the limit: 4 and 2 of the 16.
     assert svc.worker is not None
-    assert svc.worker.redis.connection_pool.max_connections == MIN_REDIS_CONNECTIONS - 4
+    assert svc.worker.redis.connection_pool.max_connections == MIN_REDIS_CONNECTIONS - 6
     assert svc.worker.maintenance is not None
     assert svc.worker.maintenance.max_connections == 4
-    for maintenance, split in (("on", (12, 4)), ("off", (MIN_REDIS_CONNECTIONS, 0))):
+    assert svc.worker.filejobs is not None
+    assert svc.worker.filejobs.max_connections == 2
+    for maintenance, file_jobs, split in (
+        ("on", "on", (10, 4, 2)),
+        ("on", "off", (12, 4, 0)),
+        ("off", "on", (14, 0, 2)),
+        ("off", "off", (MIN_REDIS_CONNECTIONS, 0, 0)),
+    ):
         alone = Worker(
             make_config(
                 svc.worker.config.require_redis_url(),
                 maintenance=maintenance,
+                file_jobs=file_jobs,
                 redis_max_connections=MIN_REDIS_CONNECTIONS,
             )
         )

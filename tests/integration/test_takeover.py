@@ -37,6 +37,8 @@ async def crash(worker: Worker) -> None:
     """Stop a worker the way SIGKILL would: no release, no hand-back, no unregister."""
     if worker.maintenance is not None:
         await worker.maintenance.stop()
+    if worker.filejobs is not None:
+        await worker.filejobs.stop()
     tasks = list(worker._tasks) + [s.task for s in worker.owned.values() if s.task]
     for task in tasks:
         task.cancel()
