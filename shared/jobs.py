@@ -26,7 +26,6 @@ import secrets
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
-from urllib.parse import parse_qs
 
 import msgpack
 import redis.asyncio as aioredis
@@ -35,7 +34,7 @@ from shared import keys, scripts
 from shared.envelope import Word
 from shared.errors import BadRequest
 from shared.keys import JobId
-from shared.protocol import ENCODINGS, SessionParams, parse_query
+from shared.protocol import ENCODINGS, SessionParams, parse_query, read_query
 
 JobState = Literal["uploading", "queued", "running", "done", "failed"]
 JOB_STATES: tuple[JobState, ...] = ("uploading", "queued", "running", "done", "failed")
@@ -96,15 +95,7 @@ class JobParams:
 
 def parse_job_query(query: str | Mapping[str, Sequence[str]]) -> JobParams:
     """Validate the query string of `GET /v1/jobs`; every problem raises `BadRequest`."""
-    if isinstance(query, str):
-        try:
-            parsed: Mapping[str, Sequence[str]] = parse_qs(
-                query, keep_blank_values=True, strict_parsing=False, max_num_fields=32
-            )
-        except ValueError as exc:
-            raise BadRequest(f"unreadable query string: {exc}") from None
-    else:
-        parsed = query
+    parsed = read_query(query)
     unknown = sorted(set(parsed) - JOB_QUERY_PARAMS)
     if unknown:
         raise BadRequest(f"unknown query parameter(s) for /v1/jobs: {', '.join(unknown)}")

@@ -98,17 +98,20 @@ def valid_language(language: str) -> bool:
     )
 
 
+def read_query(query: str | Mapping[str, Sequence[str]]) -> Mapping[str, Sequence[str]]:
+    """A query string's parameters (each with its values), at most 32 of them; an
+    unreadable one raises `BadRequest`. An already parsed mapping is returned as is."""
+    if not isinstance(query, str):
+        return query
+    try:
+        return parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
+    except ValueError as exc:
+        raise BadRequest(f"unreadable query string: {exc}") from None
+
+
 def parse_query(query: str | Mapping[str, Sequence[str]]) -> SessionParams:
     """Validate the query string; every problem raises `BadRequest` (close 4400)."""
-    if isinstance(query, str):
-        try:
-            parsed: Mapping[str, Sequence[str]] = parse_qs(
-                query, keep_blank_values=True, strict_parsing=False, max_num_fields=32
-            )
-        except ValueError as exc:
-            raise BadRequest(f"unreadable query string: {exc}") from None
-    else:
-        parsed = query
+    parsed = read_query(query)
     unknown = sorted(set(parsed) - QUERY_PARAMS)
     if unknown:
         raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}")

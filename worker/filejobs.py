@@ -41,7 +41,6 @@ same small error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Awaitable
@@ -69,7 +68,7 @@ from shared.jobs import (
     enqueue_run,
 )
 from shared.keys import JobId
-from shared.store import connection_pool
+from worker.arqservice import ArqService
 from worker.audio import AudioConverter
 from worker.engine import SAMPLE_RATE, VAD_WINDOW, Audio, Segment, make_vad
 from worker.filechunks import ChunkPolicy, plan
@@ -169,9 +168,13 @@ class _Progress:
         return True
 
 
-class FileJobs:
-    """An arq worker running file jobs inside a streamscribe worker process, restarted
-    after Redis outages (as `Maintenance`), on a pool of its own named `name`."""
+class FileJobs(ArqService):
+    """The file jobs' arq worker (worker/arqservice.py: its pool, restarts and stop),
+    connections named `ss-filejobs:<worker_id>`, one run at a time. On `stop` a running
+    run ends at its next window's end (waited for at most STOP_WAIT_S: `end_runs`) and
+    queues its continuation."""
+
+    label = "file jobs"
 
     def __init__(
         self,
@@ -182,98 +185,44 @@ class FileJobs:
         name: str | None = None,
         max_connections: int = 0,
     ) -> None:
-        self.config = config
-        self.redis_url = redis_url
+        super().__init__(config, redis_url, keys.JOBS_ARQ_QUEUE, name, max_connections)
         self.scheduler = scheduler
         self.worker_id = worker_id
-        self.name = name
-        self.max_connections = max_connections
         self.policy = ChunkPolicy.from_config(config)
-        self._task: asyncio.Task[None] | None = None
-        self._arq: ArqWorker | None = None
-        self._stopping = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._serve(), name="filejobs")
-
-    async def stop(self) -> None:
-        """Stop taking jobs; a running run ends at its next window's end (waited for at
-        most STOP_WAIT_S: `_end_runs`) and queues its continuation."""
-        self._stopping.set()
-        if self._arq is not None:
-            self._arq.allow_pick_jobs = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await self._task
 
     @property
     def arq_timeout_s(self) -> float:
         return self.config.job_slice_s + WINDOW_MARGIN_S
 
-    async def _serve(self) -> None:
-        delay = 0.5
-        while not self._stopping.is_set():
-            pool: ArqRedis | None = None
-            try:
-                pool = ArqRedis(
-                    connection_pool(
-                        self.redis_url,
-                        self.name,
-                        max_connections=self.max_connections,
-                        pool_wait_s=self.config.redis_pool_wait_s,
-                    ),
-                    job_serializer=arq_serialize,
-                    job_deserializer=arq_deserialize,
-                    default_queue_name=keys.JOBS_ARQ_QUEUE,
-                )
-                pool.auto_close_connection_pool = True  # aclose() closes it too
-                await pool.ping()
-                self._arq = ArqWorker(
-                    functions=[
-                        func(
-                            file_job,
-                            name=ARQ_FUNCTION,
-                            # One more than the tries: that one marks the job failed.
-                            max_tries=self.config.job_max_tries + 1,
-                            timeout=self.arq_timeout_s,
-                            keep_result=0,
-                        )
-                    ],
-                    redis_pool=pool,
-                    queue_name=keys.JOBS_ARQ_QUEUE,
-                    handle_signals=False,
-                    job_serializer=arq_serialize,
-                    job_deserializer=arq_deserialize,
-                    ctx={"filejobs": self, "store": JobStore(pool)},
-                    max_jobs=1,
-                    poll_delay=0.25,
+    def build(self, pool: ArqRedis) -> ArqWorker:
+        return ArqWorker(
+            functions=[
+                func(
+                    file_job,
+                    name=ARQ_FUNCTION,
+                    # One more than the tries: that one marks the job failed.
+                    max_tries=self.config.job_max_tries + 1,
+                    timeout=self.arq_timeout_s,
                     keep_result=0,
-                    log_results=False,
-                    health_check_key=f"{keys.JOBS_ARQ_QUEUE}:health-check",
                 )
-                delay = 0.5
-                await self._arq.async_run()
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    return
-                raise
-            except (RedisError, OSError) as exc:
-                log.warning("file jobs: redis unavailable (%s); restarting", exc)
-            finally:
-                await self._end_runs()
-                self._arq = None
-                if pool is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        await pool.aclose()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, 5.0)
+            ],
+            redis_pool=pool,
+            queue_name=keys.JOBS_ARQ_QUEUE,
+            handle_signals=False,
+            job_serializer=arq_serialize,
+            job_deserializer=arq_deserialize,
+            ctx={"filejobs": self, "store": JobStore(pool)},
+            max_jobs=1,
+            poll_delay=0.25,
+            keep_result=0,
+            log_results=False,
+            health_check_key=f"{keys.JOBS_ARQ_QUEUE}:health-check",
+        )
 
-    async def _end_runs(self) -> None:
+    async def end_runs(self, arq: ArqWorker) -> None:
         """Let arq finish with the runs it started (its bookkeeping needs the pool):
         those still running after STOP_WAIT_S are cancelled (arq runs them again)."""
-        running = list(self._arq.tasks.values()) if self._arq is not None else []
+        running = list(arq.tasks.values())
         if not running:
             return
         _, pending = await asyncio.wait(running, timeout=STOP_WAIT_S)

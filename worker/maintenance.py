@@ -20,22 +20,18 @@ checkpoint) and closed sessions' keys expire after `session_ttl_s`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from typing import Any, cast
+from typing import Any
 
-import msgpack
 from arq.connections import ArqRedis
 from arq.cron import cron
 from arq.worker import Worker as ArqWorker
-from redis.exceptions import RedisError
 
 from shared import keys
 from shared.config import Config
 from shared.fleet import Fleet
-from shared.jobs import JobStore
-from shared.store import connection_pool
+from shared.jobs import JobStore, arq_deserialize, arq_serialize
+from worker.arqservice import ArqService
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +44,9 @@ MAINTENANCE_CONNECTIONS = 4
 JOB_GRACE_MS = 60_000
 
 
-def serialize(job: dict[str, Any]) -> bytes:
-    return cast(bytes, msgpack.packb(job, use_bin_type=True, datetime=True))
-
-
-def deserialize(data: bytes) -> dict[str, Any]:
-    return cast(dict[str, Any], msgpack.unpackb(data, raw=False, timestamp=3))
+# The codec of streamscribe's arq queues (msgpack), under the names the tests use.
+serialize = arq_serialize
+deserialize = arq_deserialize
 
 
 async def run_maintenance(fleet: Fleet, config: Config) -> dict[str, int]:
@@ -87,98 +80,39 @@ async def maintain(ctx: dict[str, Any]) -> dict[str, int]:
     return await run_maintenance(ctx["fleet"], ctx["config"])
 
 
-class Maintenance:
-    """An arq worker inside a streamscribe worker process, restarted after Redis outages.
+class Maintenance(ArqService):
+    """The maintenance cron job's arq worker (worker/arqservice.py: its pool, restarts
+    and stop), connections named `ss-maintenance:<worker_id>`."""
 
-    Its Redis pool is streamscribe's own (`shared.store.connection_pool`), not arq's:
-    its connections are named `ss-maintenance:<worker_id>` in `CLIENT LIST`, and with
-    `max_connections` (> 0) it opens at most that many, a command beyond them waiting up to
-    `redis_pool_wait_s` as the worker's own commands do (arq's own `max_connections` makes
-    redis-py fail at once instead)."""
+    label = "maintenance"
 
     def __init__(
         self, config: Config, redis_url: str, name: str | None = None, max_connections: int = 0
     ) -> None:
-        self.config = config
-        self.redis_url = redis_url
-        self.name = name
-        self.max_connections = max_connections
-        self._task: asyncio.Task[None] | None = None
-        self._arq: ArqWorker | None = None
-        self._stopping = asyncio.Event()
+        super().__init__(config, redis_url, keys.ARQ_QUEUE, name, max_connections)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="maintenance")
-
-    async def _run(self) -> None:
-        delay = 0.5
-        while not self._stopping.is_set():
-            pool: ArqRedis | None = None
-            try:
-                pool = ArqRedis(
-                    connection_pool(
-                        self.redis_url,
-                        self.name,
-                        max_connections=self.max_connections,
-                        pool_wait_s=self.config.redis_pool_wait_s,
-                    ),
-                    job_serializer=serialize,
-                    job_deserializer=deserialize,
-                    default_queue_name=keys.ARQ_QUEUE,
+    def build(self, pool: ArqRedis) -> ArqWorker:
+        every = self.config.maintenance_interval_s
+        return ArqWorker(
+            functions=[],
+            cron_jobs=[
+                cron(
+                    maintain,
+                    name="streamscribe:maintain",
+                    second=set(range(0, 60, every)),
+                    unique=True,
+                    max_tries=1,
+                    timeout=max(30, every * 6),
                 )
-                pool.auto_close_connection_pool = True  # aclose() closes it too
-                await pool.ping()
-                fleet = Fleet(pool)
-                every = self.config.maintenance_interval_s
-                self._arq = ArqWorker(
-                    functions=[],
-                    cron_jobs=[
-                        cron(
-                            maintain,
-                            name="streamscribe:maintain",
-                            second=set(range(0, 60, every)),
-                            unique=True,
-                            max_tries=1,
-                            timeout=max(30, every * 6),
-                        )
-                    ],
-                    redis_pool=pool,
-                    queue_name=keys.ARQ_QUEUE,
-                    handle_signals=False,
-                    job_serializer=serialize,
-                    job_deserializer=deserialize,
-                    ctx={"fleet": fleet, "config": self.config},
-                    poll_delay=0.25,
-                    keep_result=0,
-                    log_results=False,
-                    health_check_key=f"{keys.ARQ_QUEUE}:health-check",
-                )
-                delay = 0.5
-                await self._arq.async_run()
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    return
-                raise
-            except (RedisError, OSError) as exc:
-                log.warning("maintenance: redis unavailable (%s); restarting", exc)
-            finally:
-                # Let a running job finish (arq shields its bookkeeping from cancellation)
-                # before the pool goes away under it.
-                jobs = list(self._arq.tasks.values()) if self._arq is not None else []
-                if jobs:
-                    await asyncio.wait(jobs, timeout=10)
-                self._arq = None
-                if pool is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        await pool.aclose()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, 5.0)
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-            await self._task
+            ],
+            redis_pool=pool,
+            queue_name=keys.ARQ_QUEUE,
+            handle_signals=False,
+            job_serializer=arq_serialize,
+            job_deserializer=arq_deserialize,
+            ctx={"fleet": Fleet(pool), "config": self.config},
+            poll_delay=0.25,
+            keep_result=0,
+            log_results=False,
+            health_check_key=f"{keys.ARQ_QUEUE}:health-check",
+        )
