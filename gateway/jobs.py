@@ -187,7 +187,9 @@ class JobUpload:
         )
         jid = new_job_id()
         await self._write(
-            self.store.begin_upload(jid, params, key_id=self.key_id, ttl_s=self.cfg.job_ttl_s),
+            self.store.begin_upload(
+                jid, params, key_id=self.key_id, ttl_s=self.cfg.job_upload_ttl_s
+            ),
             "the job was not created; try again later",
         )
         self.jid = jid
@@ -225,14 +227,14 @@ class JobUpload:
                 continue
             size = await self._write(
                 self.store.append(
-                    jid, message, max_bytes=upload.max_bytes, ttl_s=self.cfg.job_ttl_s
+                    jid, message, max_bytes=upload.max_bytes, ttl_s=self.cfg.job_upload_ttl_s
                 ),
                 "the upload was not kept; send the file again as a new job",
             )
             if size == -2:
                 raise NotFound(
-                    f"the upload expired (job_ttl_s {self.cfg.job_ttl_s:g} s); send the file "
-                    "again as a new job"
+                    f"the upload expired ({self.cfg.job_upload_ttl_s:g} s after its last message); "
+                    "send the file again as a new job"
                 )
             if size != upload.size:  # -1 or another size: its audio was written elsewhere
                 log.error("job %s: %d bytes received, %d stored", jid, upload.size, size)
@@ -260,8 +262,8 @@ class JobUpload:
             ) from None
         except LookupError:
             raise NotFound(
-                f"the upload expired (job_ttl_s {self.cfg.job_ttl_s:g} s); send the file "
-                "again as a new job"
+                f"the upload expired ({self.cfg.job_upload_ttl_s:g} s after its last message); "
+                "send the file again as a new job"
             ) from None
         finally:
             if reserved:
@@ -392,7 +394,7 @@ class JobUpload:
             log.info(
                 "job %s: client left before submit; the upload expires in %g s",
                 self.jid,
-                self.cfg.job_ttl_s,
+                self.cfg.job_upload_ttl_s,
             )
 
     async def _fail(self, err: StreamscribeError) -> None:

@@ -321,7 +321,11 @@ def up(config: Config) -> int:
             print(f"  {name}: {line.partition('ready, ')[2] or line}", flush=True)
         if cafile:
             print(f"  dev certificate (trust it or use --insecure): {cafile}", flush=True)
-        print("Try: streamscribe transcribe FILE.wav   (Ctrl-C stops everything)", flush=True)
+        print(
+            "Try: streamscribe transcribe FILE.wav   (a whole file as a job: streamscribe "
+            "jobs submit FILE.wav --wait; Ctrl-C stops everything)",
+            flush=True,
+        )
         while not stop["flag"]:
             for child in children:
                 if child.poll() is not None:

@@ -22,6 +22,8 @@ from shared.errors import ConfigError
 from shared.modelinfo import english_only
 from shared.protocol import valid_language as _valid_language
 
+#: An upload is kept this long past the gateway's idle timeout (see `job_upload_ttl_s`).
+UPLOAD_TTL_MARGIN_S = 60.0
 MIN_ENCODE_S = 10.0  # the least encode_min_s: with less Whisper loops and invents text
 
 ENV_PREFIX = "STREAMSCRIBE_"
@@ -171,15 +173,17 @@ class Config:
         GATEWAY,
     )
     job_max_queued: int = _opt(
-        100,
+        20,
         "Most file jobs waiting or running across the fleet; a job submitted beyond it: "
-        "overloaded and close 1013.",
+        "overloaded and close 1013. Their audio stays in Redis until each is done: at most "
+        "job_max_queued x job_max_audio_s (20 x 3600 s of 16 kHz pcm_s16le: 2.3 GB).",
         GATEWAY,
     )
     job_ttl_s: float = _opt(
         86400.0,
-        "How long a finished file job's result stays readable (GET /v1/jobs/<id>), and "
-        "how long an upload that was never submitted is kept, seconds.",
+        "How long a finished file job's result stays readable (GET /v1/jobs/<id>), "
+        "seconds. (An upload that is never submitted expires idle_timeout_s + 60 s after "
+        "its last message.)",
         COMMON,
     )
     audio_burst_s: float = _opt(
@@ -764,6 +768,12 @@ class Config:
             raise ConfigError(
                 f"{_where('redis_url')} must start with redis://, rediss:// or unix://"
             )
+
+    @property
+    def job_upload_ttl_s(self) -> float:
+        """How long a file job's upload is kept after its last message: the gateway drops
+        an upload silent for idle_timeout_s, and nothing can resume it."""
+        return self.idle_timeout_s + UPLOAD_TTL_MARGIN_S
 
     def require_tls_choice(self) -> None:
         """A gateway serves TLS unless `--certfile none` turns it off explicitly."""

@@ -99,7 +99,8 @@ DEADLETTER_MAXLEN = 10_000
 ARQ_QUEUE = f"{PREFIX}:arq:queue"
 
 # --- file jobs (one hash slot per job) ---------------------------------------------------
-# TTL: `job_ttl_s` while the audio is uploaded; none once submitted (the job is in `JOBS`);
+# TTL: `Config.job_upload_ttl_s` (idle_timeout_s + 60 s) from each message while the audio
+# is uploaded; none once submitted (the job is in `JOBS`);
 # `job_ttl_s` on the hash and segments once the job is done or failed (the audio is
 # deleted then). Written by the scripts in shared/scripts.py, JOB_* (shared/jobs.py).
 

@@ -476,8 +476,9 @@ async def test_a_connection_dropped_before_submit_leaves_the_upload_to_expire(
     service_factory: ServiceFactory, redis: aioredis.Redis, client_ssl: ssl.SSLContext
 ) -> None:
     """The client goes after sending audio, without `submit`: nothing is queued, the hash
-    stays `uploading`, and both it and the audio expire within `job_ttl_s`."""
-    svc = await start(service_factory, job_ttl_s=300.0)
+    stays `uploading`, and both it and the audio expire idle_timeout_s + 60 s after the
+    last message (`job_upload_ttl_s`), not after `job_ttl_s`."""
+    svc = await start(service_factory, job_ttl_s=3000.0, idle_timeout_s=40.0)
     ws = await open_job(svc, client_ssl)
     jid = await created(ws)
     await send_audio(ws, audio(SECOND))
@@ -488,7 +489,7 @@ async def test_a_connection_dropped_before_submit_leaves_the_upload_to_expire(
     await until(lambda: _no_connections(svc), "the gateway to end the connection")
     assert await state(redis, jid) == "uploading"
     for key in (keys.job(jid), keys.job_audio(jid)):
-        assert 0 < await redis.pttl(key) <= 300_000
+        assert 0 < await redis.pttl(key) <= 100_000
     assert await queued(redis) == [] and await arq_queued(redis) == []
 
 
