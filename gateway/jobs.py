@@ -78,6 +78,9 @@ class Jobs:
         #: the key's budget until the submit is answered, so that two submits at once
         #: cannot both take the budget's last seconds.
         self.reserved_us: Counter[str] = Counter()
+        #: Uploads on this gateway now, from `job.created` to the submit's answer or the
+        #: connection's end (`job_max_uploads`).
+        self.uploading = 0
 
     async def upload(self, ws: ServerConnection) -> None:
         await JobUpload(ws, self).run()
@@ -154,13 +157,19 @@ class JobUpload:
         self.upload: Upload | None = None
         self.key_id = ""  # the API key's ID (gateway.connection.key_id), with api_keys
         self.submitted = False
+        self.counted = False  # in `Jobs.uploading`
 
     async def run(self) -> None:
         self.ctx.metrics.inc("job_uploads_total")
         try:
-            await self._open()
-            await self._receive()
-            position = await self._submit()
+            try:
+                await self._open()
+                await self._receive()
+                position = await self._submit()
+            finally:
+                if self.counted:
+                    self.jobs.uploading -= 1
+                    self.counted = False
             await self._follow(position)
         except StreamscribeError as err:
             await self._fail(err)
@@ -185,6 +194,23 @@ class JobUpload:
             max_audio_s=self.cfg.job_max_audio_s,
             max_text_frame_bytes=self.cfg.max_text_frame_bytes,
         )
+        # Refused before any audio is sent: too many uploads here, or a full queue (the
+        # submit checks the queue again, exactly: jobs may be queued meanwhile).
+        if self.jobs.uploading >= self.cfg.job_max_uploads:
+            self.ctx.metrics.inc('jobs_refused_total{reason="uploads"}')
+            raise Overloaded(
+                f"overloaded: {self.jobs.uploading} uploads in progress on this gateway "
+                f"(job_max_uploads {self.cfg.job_max_uploads}); try again later"
+            )
+        unfinished = await self._read(self.store.unfinished)
+        if unfinished >= self.cfg.job_max_queued:
+            self.ctx.metrics.inc('jobs_refused_total{reason="queue_full"}')
+            raise Overloaded(
+                f"overloaded: {unfinished} file jobs are waiting or running "
+                f"(job_max_queued {self.cfg.job_max_queued}); try again later"
+            )
+        self.jobs.uploading += 1
+        self.counted = True
         jid = new_job_id()
         await self._write(
             self.store.begin_upload(

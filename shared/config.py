@@ -179,6 +179,12 @@ class Config:
         "job_max_queued x job_max_audio_s (20 x 3600 s of 16 kHz pcm_s16le: 2.3 GB).",
         GATEWAY,
     )
+    job_max_uploads: int = _opt(
+        8,
+        "Most file job uploads one gateway takes at once (each up to job_max_audio_s, held "
+        "in Redis until it is submitted or expires); one more: overloaded and close 1013.",
+        GATEWAY,
+    )
     job_ttl_s: float = _opt(
         86400.0,
         "How long a finished file job's result stays readable (GET /v1/jobs/<id>), "
@@ -634,6 +640,7 @@ class Config:
             "maintenance_interval_s",
             "job_max_audio_s",
             "job_max_queued",
+            "job_max_uploads",
             "job_ttl_s",
             "job_slice_s",
             "job_max_tries",

@@ -381,16 +381,20 @@ async def test_the_audio_limit_allows_exactly_job_max_audio_s(
 async def test_past_job_max_queued_a_submit_is_refused_and_nothing_of_it_is_queued(
     service_factory: ServiceFactory, redis: aioredis.Redis, client_ssl: ssl.SSLContext
 ) -> None:
-    """`job_max_queued` 2: the third submit gets `overloaded` and 1013 with the reason;
-    its upload stays (to expire), out of the queue and with no arq run."""
+    """`job_max_queued` 2: an upload opened while there was room but submitted third
+    gets `overloaded` and 1013 with the reason; its upload stays (to expire), out of
+    the queue and with no arq run. Once the queue is full, a new upload is refused at
+    once, before any audio is sent."""
     svc = await start(service_factory, job_max_queued=2)
     jids = []
-    for _ in range(2):
-        ws, jid, _ = await submitted_job(svc, client_ssl, SECOND)
-        jids.append(jid)
-        await ws.close()
-    third = await open_job(svc, client_ssl)
+    ws, jid, _ = await submitted_job(svc, client_ssl, SECOND)
+    jids.append(jid)
+    await ws.close()
+    third = await open_job(svc, client_ssl)  # opened with one job queued: room for it
     extra = await created(third)
+    ws, jid, _ = await submitted_job(svc, client_ssl, SECOND)
+    jids.append(jid)
+    await ws.close()
     await send_audio(third, audio(SECOND))
     await third.send(json.dumps({"type": "submit"}))
     out = await refused(third, 1013, "overloaded")
@@ -403,6 +407,35 @@ async def test_past_job_max_queued_a_submit_is_refused_and_nothing_of_it_is_queu
     assert await state(redis, extra) == "uploading"
     assert await redis.ttl(keys.job(extra)) > 0
     assert svc.gateway.metrics.counters['jobs_refused_total{reason="queue_full"}'] == 1
+    late = await refused(await open_job(svc, client_ssl), 1013, "overloaded")
+    assert not late.of_type("job.created")
+    assert "(job_max_queued 2); try again later" in late.of_type("error")[0]["message"]
+    assert svc.gateway.metrics.counters['jobs_refused_total{reason="queue_full"}'] == 2
+
+
+async def test_past_job_max_uploads_a_new_upload_is_refused_until_one_ends(
+    service_factory: ServiceFactory, redis: aioredis.Redis, client_ssl: ssl.SSLContext
+) -> None:
+    """`job_max_uploads` 2: a third upload at once gets `overloaded` and 1013 before any
+    audio (no job made for it); once one upload is submitted and another dropped, two
+    more are taken again."""
+    svc = await start(service_factory, job_max_uploads=2)
+    first = await open_job(svc, client_ssl)
+    await created(first)
+    second = await open_job(svc, client_ssl)
+    await created(second)
+    out = await refused(await open_job(svc, client_ssl), 1013, "overloaded")
+    assert not out.of_type("job.created")
+    message = out.of_type("error")[0]["message"]
+    assert "2 uploads in progress on this gateway (job_max_uploads 2)" in message
+    assert len(await redis.keys(f"{keys.PREFIX}:job:*")) == 2
+    await send_audio(first, audio(SECOND))
+    await submit(first)  # submitted: no longer an upload
+    await second.close()
+    await until(lambda: _no_connections_but(svc, 1), "the gateway to end the dropped upload")
+    for _ in range(2):
+        await created(await open_job(svc, client_ssl))
+    assert svc.gateway.metrics.counters['jobs_refused_total{reason="uploads"}'] == 1
 
 
 @pytest.mark.parametrize(
@@ -491,6 +524,10 @@ async def test_a_connection_dropped_before_submit_leaves_the_upload_to_expire(
     for key in (keys.job(jid), keys.job_audio(jid)):
         assert 0 < await redis.pttl(key) <= 100_000
     assert await queued(redis) == [] and await arq_queued(redis) == []
+
+
+async def _no_connections_but(svc: Service, n: int) -> bool:
+    return len(gateway_connections(svc)) == n
 
 
 async def _audio_bytes_are(redis: aioredis.Redis, jid: JobId, nbytes: int) -> bool:
