@@ -99,18 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         "results are shown in place, finals line by line. Without --url, uses the "
         "service started by `streamscribe up` on this machine.",
     )
+    from shared.transcribe_cli import add_service_arguments
+
     tr.add_argument("file", help="WAV file to transcribe")
-    tr.add_argument("--url", help="gateway URL, e.g. wss://host:8765/v1/listen")
-    tr.add_argument(
-        "--insecure", action="store_true", help="do not verify the server's TLS certificate"
-    )
-    tr.add_argument("--cafile", help="trust this CA/certificate file (PEM)")
+    add_service_arguments(tr, "gateway URL, e.g. wss://host:8765/v1/listen")
     tr.add_argument(
         "--realtime",
         action="store_true",
         help="send at real-time pace (default: as fast as the service acknowledges)",
     )
-    tr.add_argument("--api-key", help="API key (default: $STREAMSCRIBE_API_KEY)")
     tr.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
     tr.add_argument("--no-interim", action="store_true", help="ask for finals only")
     tr.add_argument(
@@ -119,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         "multilingual model such as base (default: the service's, en)",
     )
     tr.add_argument("--json", action="store_true", help="print every result as a JSON line")
-    tr.add_argument("--state-dir", default=None, help="where `up` wrote up.json")
 
     from shared.status import add_status_parser
 

@@ -34,7 +34,7 @@ from shared import keys, scripts
 from shared.envelope import Word
 from shared.errors import BadRequest
 from shared.keys import JobId
-from shared.protocol import ENCODINGS, SessionParams, parse_query, read_query
+from shared.protocol import SessionParams, parse_query, read_query
 
 JobState = Literal["uploading", "queued", "running", "done", "failed"]
 JOB_STATES: tuple[JobState, ...] = ("uploading", "queued", "running", "done", "failed")
@@ -73,11 +73,11 @@ class JobParams:
 
     @property
     def bytes_per_frame(self) -> int:
-        return ENCODINGS[self.encoding] * self.channels
+        return self.audio_params().bytes_per_frame
 
     @property
     def bytes_per_second(self) -> int:
-        return self.bytes_per_frame * self.sample_rate
+        return self.audio_params().bytes_per_second
 
     def audio_params(self) -> SessionParams:
         """The same format as a session's, for `worker.audio.AudioConverter`."""

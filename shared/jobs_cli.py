@@ -9,10 +9,9 @@ import json
 import sys
 from typing import Any, TextIO
 
-from shared.config import client_api_key
 from shared.errors import ConfigError
 from shared.jobs_client import JobError, get_job, submit_job, wait_job
-from shared.transcribe_cli import _ssl_context
+from shared.transcribe_cli import add_service_arguments, service_of
 from shared.wavfile import read_wav
 
 
@@ -50,28 +49,14 @@ def add_jobs_parser(sub: Any) -> None:
     get.add_argument("job_id", help="the ID `jobs submit` printed")
     get.add_argument("--wait", action="store_true", help="poll until the job is finished")
     for p in (submit, get):
-        p.add_argument("--url", help="the gateway's URL, e.g. wss://host:8765")
-        p.add_argument(
-            "--insecure", action="store_true", help="do not verify the server's TLS certificate"
-        )
-        p.add_argument("--cafile", help="trust this CA/certificate file (PEM)")
-        p.add_argument("--api-key", help="API key (default: $STREAMSCRIBE_API_KEY)")
+        add_service_arguments(p, "the gateway's URL, e.g. wss://host:8765")
         p.add_argument(
             "--json", action="store_true", help="print the job as JSON (segments, words)"
         )
-        p.add_argument("--state-dir", default=None, help="where `up` wrote up.json")
 
 
 def run_jobs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    from shared.cli import find_up
-
-    url, cafile = args.url, args.cafile
-    if url is None:
-        info = find_up(args.state_dir)
-        url = info["url"]
-        cafile = cafile or info.get("cafile")
-    ctx = _ssl_context(url, args.insecure, cafile)
-    api_key = args.api_key or client_api_key()
+    url, ctx, api_key = service_of(args)
     try:
         if args.jobs_command == "submit":
             return asyncio.run(_submit(args, url, ctx, api_key, out))

@@ -16,6 +16,31 @@ from shared.errors import ConfigError
 from shared.wavfile import read_wav
 
 
+def add_service_arguments(parser: argparse.ArgumentParser, url_help: str) -> None:
+    """The flags that say which service a client command talks to, and how: `--url`,
+    `--insecure`, `--cafile`, `--api-key`, `--state-dir` (see `service_of`)."""
+    parser.add_argument("--url", help=url_help)
+    parser.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's TLS certificate"
+    )
+    parser.add_argument("--cafile", help="trust this CA/certificate file (PEM)")
+    parser.add_argument("--api-key", help="API key (default: $STREAMSCRIBE_API_KEY)")
+    parser.add_argument("--state-dir", default=None, help="where `up` wrote up.json")
+
+
+def service_of(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | None, str | None]:
+    """The URL, TLS context and API key those flags give: without --url, the running
+    `streamscribe up` on this machine (and its development certificate)."""
+    from shared.cli import find_up
+
+    url, cafile = args.url, args.cafile
+    if url is None:
+        info = find_up(args.state_dir)
+        url = info["url"]
+        cafile = cafile or info.get("cafile")
+    return url, _ssl_context(url, args.insecure, cafile), args.api_key or client_api_key()
+
+
 def _ssl_context(url: str, insecure: bool, cafile: str | None) -> ssl.SSLContext | None:
     if not url.startswith("wss:"):
         return None
@@ -93,22 +118,13 @@ def _as_dict(result: Transcript | Closed) -> dict[str, object]:
 
 
 def transcribe_command(args: argparse.Namespace) -> int:
-    from shared.cli import find_up
-
-    url, cafile = args.url, args.cafile
-    if url is None:
-        info = find_up(args.state_dir)
-        url = info["url"]
-        cafile = cafile or info.get("cafile")
-    api_key = args.api_key or client_api_key()
+    url, ctx, api_key = service_of(args)
     try:
         read_wav(args.file)
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     try:
-        return asyncio.run(
-            stream_file(args, url, _ssl_context(url, args.insecure, cafile), api_key, sys.stdout)
-        )
+        return asyncio.run(stream_file(args, url, ctx, api_key, sys.stdout))
     except SessionError as exc:
         sys.stderr.write(f"streamscribe: {exc}\n")
         if exc.closed is not None:  # after a 4429: what the service kept was transcribed
